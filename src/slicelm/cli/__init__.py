@@ -1,0 +1,56 @@
+"""Command-line entry point: ``slicelm <command> ...``.
+
+Each sub-command lives in its own module exposing ``add_parser(subparsers)`` and ``run(args) -> int``,
+so commands can be added without touching the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from slicelm.errors import SlicelmError
+
+# Sub-command name -> module (relative to this package). Modules are imported lazily so that
+# `slicelm --help` stays fast and a broken optional dependency only affects its own command.
+COMMANDS: dict[str, str] = {
+    "slice": "slice_cmd",
+    "ppl": "ppl_cmd",
+    "eval": "eval_cmd",
+    "sweep": "sweep_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slicelm import __version__
+
+    parser = argparse.ArgumentParser(prog="slicelm", description="SliceGPT for Hugging Face language models.")
+    parser.add_argument("--version", action="version", version=f"slicelm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"slicelm.cli.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("slicelm.cli."):
+                continue  # command not shipped in this build
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except SlicelmError as exc:
+        print(f"slicelm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slicelm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

