@@ -1,0 +1,112 @@
+"""Saving and loading sliced models as ordinary Hugging Face folders.
+
+A sliced folder holds ``model.safetensors``, ``config.json`` (the original config plus a ``slicelm``
+section and an ``auto_map`` entry), ``modeling_slicelm.py`` (so plain transformers loads it with
+``trust_remote_code=True``), the tokenizer, ``slicing_plan.json`` and ``slicelm_report.json``.
+Folders are written beside the target and renamed into place, so a failure never leaves a
+half-written output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slicelm import modeling_slicelm
+from slicelm.errors import SlicelmError
+from slicelm.modeling_slicelm import SLICELM_KEY, sliced_model_class
+
+MODELING_FILE = "modeling_slicelm.py"
+PLAN_FILE = "slicing_plan.json"
+REPORT_FILE = "slicelm_report.json"
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any work) if ``out`` exists and may not be replaced."""
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise SlicelmError(f"output folder {out} already exists; choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise SlicelmError(f"output path {out} exists and is not a folder; remove it or choose another --out")
+    if not out.parent.exists():
+        raise SlicelmError(f"parent folder {out.parent} does not exist; create it first")
+    return out
+
+
+def save_sliced(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Write a sliced model (and tokenizer) to ``out`` atomically. Returns the folder.
+
+    metadata: recorded in ``config.json`` under ``slicelm`` (source model, calibration settings...).
+    report: written as ``slicelm_report.json``.
+    """
+    if not getattr(model, "_slicelm_model", False):
+        raise SlicelmError("model is not sliced; call slicelm.slice_model first")
+    out = check_output_dir(out, overwrite)
+    info = dict(getattr(model.config, SLICELM_KEY))
+    info.update(metadata or {})
+    base = type(model).__mro__[1].__name__  # Sliced<Base> -> Base
+    info["base_class"] = base
+    config = model.config
+    setattr(config, SLICELM_KEY, info)
+    config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.Sliced{base}"}
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copyfile(modeling_slicelm.__file__, tmp / MODELING_FILE)
+        (tmp / PLAN_FILE).write_text(json.dumps(info["plan"], indent=2) + "\n")
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        _check_no_pickles(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_no_pickles(folder: Path) -> None:
+    pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    if pickles:
+        raise RuntimeError(f"refusing to write pickled files: {pickles}")
+
+
+def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | None = None) -> nn.Module:
+    """Load a folder written by :func:`save_sliced` with slicelm's classes (no remote code)."""
+    import transformers
+    from transformers import AutoConfig
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    info = getattr(config, SLICELM_KEY, None)
+    if info is None:
+        raise SlicelmError(f"{path} is not a sliced model (config.json has no 'slicelm' section)")
+    base_name = info.get("base_class")
+    base = getattr(transformers, str(base_name), None)
+    if not isinstance(base, type):
+        raise SlicelmError(f"{path}: unknown architecture {base_name!r} in config.json")
+    model = sliced_model_class(base).from_pretrained(path, config=config, dtype=dtype, device_map=device)
+    return model.eval()

@@ -1,0 +1,72 @@
+"""Computational invariance, step one: fold every norm's affine part into its readers.
+
+After :func:`fuse_norms`, every norm that reads the residual stream is a weightless
+:class:`~slicelm.modeling_slicelm.RMSN` and the model computes the same function. RMS norms commute
+with orthogonal changes of basis (they only use ``||x||``), which is what lets the stream be rotated.
+
+LayerNorm also subtracts the mean. That is a projection, ``x -> x (I - 11^T/D)``; applying it to
+every module that *writes* the stream instead (embeddings and branch outputs) keeps the stream
+zero-mean, so the norm reduces to an RMS norm and the projection disappears from the readers' path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slicelm.arch import Layout, norm_eps
+from slicelm.modeling_slicelm import RMSN, get_module, in_out_weight, set_module
+from slicelm.rotate import center_writer, scale_reader_inputs
+
+
+def untie_head(model: nn.Module, layout: Layout) -> None:
+    """Give the head its own weight: the two ends of the stream are rotated by different bases."""
+    head = get_module(model, layout.head)
+    if any(head.weight is get_module(model, p).weight for p in layout.embeddings):
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", lambda: model.config)()
+    text_config.tie_word_embeddings = False
+
+
+def _fold(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
+    weight = getattr(norm, "weight", None)
+    bias = getattr(norm, "bias", None)
+    if weight is None and bias is None:
+        return
+    width = in_out_weight(readers[0]).shape[1]
+    scale = weight.to(torch.float64) + offset if weight is not None else torch.ones(width, dtype=torch.float64)
+    shift = bias.to(torch.float64) if bias is not None else None
+    for reader in readers:
+        scale_reader_inputs(reader, scale, shift)
+
+
+@torch.no_grad()
+def fuse_norms(model: nn.Module, layout: Layout) -> float:
+    """Fold norms into readers (and LayerNorm means into writers), in place. Returns the norm eps."""
+    hidden = model.config.hidden_size
+    eps = norm_eps(get_module(model, layout.final_norm))
+    untie_head(model, layout)
+    layers = get_module(model, layout.layers)
+
+    if layout.norm == "layer":
+        for path in layout.embeddings:
+            center_writer(get_module(model, path))
+        for layer in layers:
+            for path in layout.attn_outputs + layout.mlp_outputs:
+                center_writer(get_module(layer, path))
+
+    for layer in layers:
+        attn_readers = [get_module(layer, p) for p in layout.attn_inputs]
+        mlp_readers = [get_module(layer, p) for p in layout.mlp_inputs]
+        if layout.mlp_norm is None:  # one norm feeds both branches
+            _fold(get_module(layer, layout.attn_norm), attn_readers + mlp_readers, layout.norm_offset)
+        else:
+            _fold(get_module(layer, layout.attn_norm), attn_readers, layout.norm_offset)
+            _fold(get_module(layer, layout.mlp_norm), mlp_readers, layout.norm_offset)
+        for path in layout.norms:
+            set_module(layer, path, RMSN(hidden, eps))
+
+    _fold(get_module(model, layout.final_norm), [get_module(model, layout.head)], layout.norm_offset)
+    set_module(model, layout.final_norm, RMSN(hidden, eps))
+    return eps

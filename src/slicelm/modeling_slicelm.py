@@ -1,0 +1,277 @@
+"""Modeling code for sliced models, shared by slicelm and by plain ``transformers``.
+
+This file is copied verbatim into every sliced checkpoint, so that
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works on a machine without
+slicelm. It therefore imports nothing but ``torch`` and ``transformers``; slicelm imports the same
+file, so there is exactly one definition of what a sliced model is.
+
+A sliced model is the original Hugging Face model with three structural changes, all described by
+the ``slicelm`` section of ``config.json`` (the *layout*, naming the modules by role, and the *plan*,
+giving every width):
+
+* every norm that reads the residual stream is replaced by :class:`RMSN`, a weightless RMS norm
+  (its scale was folded into the linears that read it);
+* the modules that read or write the stream have fewer input or output features;
+* each decoder layer gets *shortcut* matrices on its residual connections, because consecutive
+  points of the stream are expressed in different (PCA) bases. The layer's ``forward`` is replaced
+  by :func:`sliced_block_forward`, which calls the layer's own attention, MLP and norm modules.
+
+The original architecture class stays in charge of everything else (masks, rotary embeddings,
+KV cache, generation), which is why no transformers version is pinned by copying its forwards.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+SLICELM_KEY = "slicelm"  # section of config.json written by slicelm
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+class RMSN(nn.Module):
+    """Weightless RMS normalisation that divides by the *original* width.
+
+    ``y = x / sqrt(sum(x**2) / dim + eps)`` over the last axis. Slicing removes low-variance
+    directions from ``x``; keeping ``dim`` at the original hidden size keeps the normalisation equal
+    to the unsliced one whenever the removed directions carry no energy, and close otherwise.
+    Computed in float32, like the Llama family, then cast back to the input dtype.
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.dim = int(dim)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d), d <= dim
+        x32 = x.float()
+        mean_square = x32.pow(2).sum(-1, keepdim=True) / self.dim
+        return (x32 * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Module paths
+# --------------------------------------------------------------------------------------------------
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    """``root.a.b.0`` style lookup; raises AttributeError naming the missing step."""
+    module = root
+    for part in path.split("."):
+        if not hasattr(module, part):
+            raise AttributeError(f"{type(root).__name__} has no module {path!r} (missing {part!r})")
+        module = getattr(module, part)
+    return module
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(root, parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight conventions
+# --------------------------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style ``Conv1D``: a linear layer whose weight is stored as (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def in_out_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out, in) like ``nn.Linear``, whatever the module stores (a view, no copy)."""
+    if isinstance(module, nn.Embedding):
+        raise TypeError("embeddings have no input side")
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def set_in_out_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Replace a linear layer's weight (given as (out, in)) and optionally its bias, fixing metadata."""
+    out_features, in_features = weight.shape
+    stored = weight.t() if is_conv1d(module) else weight
+    module.weight = nn.Parameter(stored.contiguous(), requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    if is_conv1d(module):
+        module.nf = out_features
+    elif isinstance(module, nn.Linear):
+        module.in_features, module.out_features = in_features, out_features
+
+
+def resize_reader(module: nn.Module, width: int) -> None:
+    """Give a stream-reading linear ``width`` input features (weights uninitialised)."""
+    weight = in_out_weight(module)
+    set_in_out_weight(module, weight.new_empty(weight.shape[0], width))
+
+
+def resize_writer(module: nn.Module, width: int) -> None:
+    """Give a stream-writing module (linear or embedding) ``width`` output features."""
+    if isinstance(module, nn.Embedding):
+        module.weight = nn.Parameter(module.weight.new_empty(module.weight.shape[0], width), requires_grad=False)
+        module.embedding_dim = width
+        return
+    weight = in_out_weight(module)
+    bias = module.bias.new_empty(width) if getattr(module, "bias", None) is not None else None
+    set_in_out_weight(module, weight.new_empty(width, weight.shape[1]), bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sliced decoder block
+# --------------------------------------------------------------------------------------------------
+def _first(output: Any) -> torch.Tensor:
+    """Attention and MoE modules return tuples in some families; the first item is the output."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def attention_half(layer: nn.Module, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """Attention branch of a block, without the residual: ``attn(norm(x))``.
+
+    x: (B, T, d_in) in the block's input basis. Returns (B, T, d_attn_out).
+    """
+    roles = layer.slicelm_roles
+    h = get_module(layer, roles["attn_norm"])(x)
+    return _first(get_module(layer, roles["attn"])(hidden_states=h, **kwargs))
+
+
+def mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MLP branch of a block, without the residual: ``mlp(norm(x))``. x: (B, T, d) -> (B, T, d_out)."""
+    roles = layer.slicelm_roles
+    norm_path = roles["mlp_norm"] or roles["attn_norm"]  # parallel blocks may share one norm
+    return _first(get_module(layer, roles["mlp"])(get_module(layer, norm_path)(x)))
+
+
+def sliced_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+    """Forward of a sliced decoder layer.
+
+    Sequential blocks:  h = x S_attn + attn(norm1(x));  y = h S_mlp + mlp(norm2(h))
+    Parallel blocks:    y = x S_attn + attn(norm1(x)) + mlp(norm2(x))
+    where ``x S`` is the shortcut, a (d_in, d_out) change of basis between the bases in which the
+    residual stream is expressed before and after the branch. Extra keyword arguments (masks,
+    position embeddings, KV cache) go to the attention module, as the original layer does.
+    """
+    x = hidden_states  # (B, T, d_in)
+    if self.slicelm_roles["parallel"]:
+        y = self.attn_shortcut(x) + attention_half(self, x, **kwargs) + mlp_half(self, x)
+    else:
+        h = self.attn_shortcut(x) + attention_half(self, x, **kwargs)  # (B, T, d_mid)
+        y = self.mlp_shortcut(h) + mlp_half(self, h)  # (B, T, d_out)
+    return (y,) if self.slicelm_roles.get("returns_tuple") else y
+
+
+_BLOCK_CLASSES: dict[type, type] = {}
+
+
+def sliced_block_class(base: type) -> type:
+    """A subclass of the original decoder-layer class whose forward handles shortcuts.
+
+    Subclassing (rather than wrapping) keeps ``isinstance`` checks and output-capturing hooks of
+    transformers working, and keeps every parameter at its original state-dict key.
+    """
+    if getattr(base, "_slicelm_block", False):
+        return base
+    if base not in _BLOCK_CLASSES:
+        _BLOCK_CLASSES[base] = type(
+            f"Sliced{base.__name__}", (base,), {"forward": sliced_block_forward, "_slicelm_block": True}
+        )
+    return _BLOCK_CLASSES[base]
+
+
+def make_sliced_block(layer: nn.Module, roles: dict[str, Any], d_in: int, d_mid: int | None, d_out: int) -> None:
+    """Turn a decoder layer into a sliced block in place: new class and (uninitialised) shortcuts.
+
+    Shortcuts are ``nn.Linear`` without bias: weight (d_out, d_in), i.e. ``x S = x @ weight.T``.
+    """
+    ref = next(layer.parameters())
+    layer.__class__ = sliced_block_class(type(layer))
+    layer.slicelm_roles = dict(roles)
+    d_first = d_out if roles["parallel"] else d_mid
+    layer.attn_shortcut = nn.Linear(d_in, d_first, bias=False, device=ref.device, dtype=ref.dtype)
+    if not roles["parallel"]:
+        layer.mlp_shortcut = nn.Linear(d_mid, d_out, bias=False, device=ref.device, dtype=ref.dtype)
+    layer.attn_shortcut.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the sliced structure from config (used when loading)
+# --------------------------------------------------------------------------------------------------
+def block_roles(layout: dict[str, Any]) -> dict[str, Any]:
+    """The subset of the layout a block needs at run time."""
+    keys = ("attn_norm", "attn", "mlp_norm", "mlp", "parallel", "returns_tuple")
+    return {k: layout.get(k) for k in keys}
+
+
+def layer_widths(plan: dict[str, Any], index: int) -> tuple[int, int | None, int]:
+    """(d_in, d_mid, d_out) of decoder layer ``index``; d_mid is None for parallel blocks."""
+    layers = plan["layers"]
+    d_in = plan["embedding"] if index == 0 else layers[index - 1]["out"]
+    return d_in, layers[index].get("mid"), layers[index]["out"]
+
+
+def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
+    """Reshape a freshly built original model into the sliced structure described by ``info``.
+
+    Weights are left uninitialised: they are loaded from the checkpoint afterwards.
+    """
+    layout, plan = info["layout"], info["plan"]
+    eps, hidden = float(info["norm_eps"]), int(plan["hidden_size"])
+    for path in layout["embeddings"]:
+        resize_writer(get_module(model, path), plan["embedding"])
+    layers = get_module(model, layout["layers"])
+    roles = block_roles(layout)
+    for index, layer in enumerate(layers):
+        d_in, d_mid, d_out = layer_widths(plan, index)
+        branch_width = d_out if layout["parallel"] else d_mid
+        for path in layout["norms"]:
+            set_module(layer, path, RMSN(hidden, eps))
+        for path in layout["attn_inputs"]:
+            resize_reader(get_module(layer, path), d_in)
+        for path in layout["attn_outputs"]:
+            resize_writer(get_module(layer, path), branch_width)
+        for path in layout["mlp_inputs"]:
+            resize_reader(get_module(layer, path), d_in if layout["parallel"] else d_mid)
+        for path in layout["mlp_outputs"]:
+            resize_writer(get_module(layer, path), d_out)
+        make_sliced_block(layer, roles, d_in, d_mid, d_out)
+    set_module(model, layout["final_norm"], RMSN(hidden, eps))
+    resize_reader(get_module(model, layout["head"]), plan["layers"][-1]["out"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Model classes
+# --------------------------------------------------------------------------------------------------
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def sliced_model_class(base: type) -> type:
+    """``Sliced<Base>``: the original model class, built in the sliced structure from its config."""
+    if getattr(base, "_slicelm_model", False):
+        return base
+    if base not in _MODEL_CLASSES:
+
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            info = getattr(config, SLICELM_KEY, None)
+            if info is None:
+                raise ValueError("config has no 'slicelm' section: this is not a sliced checkpoint")
+            if isinstance(info, str):
+                info = json.loads(info)
+            apply_sliced_structure(self, info)
+
+        _MODEL_CLASSES[base] = type(f"Sliced{base.__name__}", (base,), {"__init__": __init__, "_slicelm_model": True})
+    return _MODEL_CLASSES[base]
+
+
+def __getattr__(name: str) -> type:
+    """``modeling_slicelm.SlicedLlamaForCausalLM`` etc., as named by ``auto_map`` in config.json."""
+    if name.startswith("Sliced"):
+        base = getattr(transformers, name[len("Sliced") :], None)
+        if isinstance(base, type):
+            return sliced_model_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,339 @@
+"""SliceGPT: rotate every point of the residual stream into its PCA basis and drop the tail.
+
+The walk goes one decoder layer at a time on the signals produced by the already-sliced layers
+before it (so each layer's PCA sees the errors of slicing upstream, as in the paper). For a
+sequential block with input ``x~`` (width d_in, basis Q_in (D, d_in)):
+
+1. ``h = x~ Q_in^T + attn(norm(x~))``  is the stream after attention, in original coordinates.
+   Its PCA gives Q_mid; ``o_proj`` is rotated to write ``h Q_mid`` and the residual gets the
+   shortcut ``S_attn = Q_in^T Q_mid`` (d_in, d_mid), so ``h~ = x~ S_attn + attn(...) Q_mid = h Q_mid``.
+2. ``z = h~ Q_mid^T + mlp(norm(h~))``, PCA -> Q_out, ``down_proj`` writes ``z Q_out``, shortcut
+   ``S_mlp = Q_mid^T Q_out``, and ``x~_next = z Q_out``.
+
+Parallel blocks have one basis per block: ``z = x~ Q_in^T + attn(norm(x~)) + mlp(norm(x~))``.
+Each branch is computed once per calibration batch; covariances accumulate in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slicelm import __version__
+from slicelm.arch import Layout, resolve
+from slicelm.errors import SlicelmError
+from slicelm.fuse import fuse_norms
+from slicelm.modeling_slicelm import (
+    SLICELM_KEY,
+    attention_half,
+    block_roles,
+    get_module,
+    make_sliced_block,
+    mlp_half,
+    sliced_model_class,
+)
+from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
+from slicelm.plan import SlicingPlan
+from slicelm.resources import PeakMemory, count_parameters
+from slicelm.rotate import rotate_reader, rotate_writer
+
+Basis = Literal["pca", "random", "identity"]
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """How to slice. Validated on construction.
+
+    sparsity: fraction of the hidden width removed at every point of the stream, in [0, 1).
+    round_to: widths are rounded down to a multiple of this (GEMM-friendly shapes).
+    slice_head: also slice the input of the LM head (the last block's output).
+    basis: ``pca`` (SliceGPT); ``random`` (a Haar-random rotation: an exactness check and a
+        baseline) or ``identity`` (plain truncation of the original coordinates, a baseline).
+    batch_size: calibration sequences per forward pass.
+    seed: for the random basis.
+    """
+
+    sparsity: float = 0.25
+    round_to: int = 8
+    slice_head: bool = False
+    basis: Basis = "pca"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise SlicelmError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if int(self.round_to) < 1:
+            raise SlicelmError(f"round_to must be a positive integer, got {self.round_to}")
+        if self.basis not in ("pca", "random", "identity"):
+            raise SlicelmError(f"basis must be pca, random or identity, got {self.basis!r}")
+        if int(self.batch_size) < 1:
+            raise SlicelmError(f"batch size must be a positive integer, got {self.batch_size}")
+
+
+@dataclass
+class SliceReport:
+    """What slicing did, for humans and for the JSON report."""
+
+    params_before: int
+    params_after: int
+    plan: dict[str, Any]
+    explained_variance: dict[str, float] = field(default_factory=dict)  # point -> kept/total
+    calibration: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["params_ratio"] = self.params_after / self.params_before
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration signals
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One calibration batch, captured at the input of decoder layer 0.
+
+    hidden: (B, T, d) stream, kept on the CPU between layers; mask: (B, T) bool, True on real
+    tokens (padding never enters the statistics); kwargs: what the model passes to each decoder
+    layer (attention mask, position embeddings, ...), on the model's device.
+    """
+
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once layer 0's inputs are caught."""
+
+
+def pad_batches(samples: Sequence[torch.Tensor], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-pad 1-D token sequences into (B, T) ``input_ids`` and bool ``attention_mask``."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        length = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), length), dtype=torch.bool)
+        for row, sample in enumerate(chunk):
+            ids[row, : len(sample)] = sample
+            mask[row, : len(sample)] = True
+        yield ids, mask
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: nn.Module, layout: Layout, samples: Sequence[torch.Tensor], batch_size: int, pad_id: int, progress: bool = True
+) -> list[Batch]:
+    """Run the embeddings on every batch and catch what decoder layer 0 receives."""
+    first = get_module(model, layout.layers)[0]
+    device = next(model.parameters()).device
+    caught: dict[str, Any] = {}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    batches = []
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        total = math.ceil(len(samples) / batch_size)
+        for ids, mask in tqdm(pad_batches(samples, batch_size, pad_id), total=total, desc="embed", disable=not progress):
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
+            except _Stop:
+                pass
+            batches.append(Batch(caught["hidden"].cpu(), mask, caught["kwargs"]))
+    finally:
+        handle.remove()
+    return batches
+
+
+# --------------------------------------------------------------------------------------------------
+# The algorithm
+# --------------------------------------------------------------------------------------------------
+class _Bases:
+    """Chooses the basis at each point of the stream and records explained variance."""
+
+    def __init__(self, config: SliceConfig, dim: int, device: torch.device) -> None:
+        self.config, self.dim, self.device = config, dim, device
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.explained: dict[str, float] = {}
+
+    def new(self, name: str) -> CovarianceAccumulator:
+        return CovarianceAccumulator(self.dim, device=self.device)
+
+    def choose(self, name: str, acc: CovarianceAccumulator, width: int) -> torch.Tensor:
+        """(D, width) float64 with orthonormal columns."""
+        eigenvalues, q = pca(acc.covariance())
+        if self.config.basis == "random":
+            q = random_orthogonal(self.dim, self.generator).to(q.device)
+        elif self.config.basis == "identity":
+            q = torch.eye(self.dim, dtype=torch.float64, device=q.device)
+        # Share of the stream's energy kept by the chosen basis (for PCA: top eigenvalues / trace).
+        cov = acc.covariance()
+        kept = torch.einsum("ij,ik,kj->", q[:, :width], cov, q[:, :width]).item()
+        self.explained[name] = kept / max(torch.trace(cov).item(), 1e-30)
+        return q[:, :width]
+
+
+def _project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(B, T, n) @ (n, m) in float64, returned in x's dtype."""
+    return (x.to(torch.float64) @ q.to(x.device)).to(x.dtype)
+
+
+def _set_shortcut(linear: nn.Linear, q_from: torch.Tensor, q_to: torch.Tensor) -> None:
+    """Shortcut S = q_from^T q_to (d_from, d_to), stored as Linear weight S^T (d_to, d_from)."""
+    s = q_from.T @ q_to
+    linear.weight = nn.Parameter(s.T.contiguous().to(linear.weight.dtype), requires_grad=False)
+    linear.in_features, linear.out_features = s.shape
+
+
+@torch.no_grad()
+def slice_model(
+    model: nn.Module,
+    calibration: Sequence[torch.Tensor],
+    config: SliceConfig | None = None,
+    *,
+    pad_token_id: int | None = None,
+    progress: bool = True,
+) -> SliceReport:
+    """Slice ``model`` in place with SliceGPT and return a report.
+
+    calibration: 1-D token-id tensors (any lengths; batches are right-padded and padding is masked
+    out of every statistic). After this call ``model`` is an instance of ``Sliced<Class>`` that can
+    be saved with :func:`slicelm.save_sliced` and loaded by plain transformers with remote code.
+    """
+    config = config or SliceConfig()
+    if getattr(model, "_slicelm_model", False):
+        raise SlicelmError("this model is already sliced; load the original model to slice it again")
+    if len(calibration) == 0:
+        raise SlicelmError("no calibration samples; give at least one sequence")
+    layout = resolve(model)
+    model.eval()
+    device = next(model.parameters()).device
+    hidden = model.config.hidden_size
+    layers = get_module(model, layout.layers)
+    plan = SlicingPlan.uniform(hidden, len(layers), config.sparsity, config.round_to, config.slice_head, layout.parallel)
+    pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
+    if isinstance(pad_id, (list, tuple)):
+        pad_id = pad_id[0]
+
+    timings: dict[str, float] = {}
+    memory = PeakMemory()
+    params_before = count_parameters(model)
+    start = time.perf_counter()
+
+    eps = fuse_norms(model, layout)
+    batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), progress)
+    timings["fuse_and_embed"] = time.perf_counter() - start
+
+    bases = _Bases(config, hidden, device)
+    acc = bases.new("embedding")
+    for b in batches:
+        acc.add(b.hidden, b.mask)
+    q_in = bases.choose("embedding", acc, plan.embedding)  # (D, d_emb)
+    for path in layout.embeddings:
+        rotate_writer(get_module(model, path), q_in)
+    for b in batches:
+        b.hidden = _project(b.hidden, q_in)
+
+    roles = block_roles(layout.to_dict())
+    t_layers = time.perf_counter()
+    for index, layer in enumerate(tqdm(layers, desc="slice layers", disable=not progress)):
+        d_in, d_mid, d_out = plan.layer(index)
+        layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
+        for path in layout.attn_inputs:
+            rotate_reader(get_module(layer, path), q_in)
+        if layout.parallel:
+            for path in layout.mlp_inputs:
+                rotate_reader(get_module(layer, path), q_in)
+            q_out = _slice_branch(layer, layout, batches, bases, f"layer{index}", q_in, d_out, both=True)
+            make_sliced_block(layer, roles, d_in, None, d_out)
+            _set_shortcut(layer.attn_shortcut, q_in, q_out)
+        else:
+            q_mid = _slice_branch(layer, layout, batches, bases, f"layer{index}.attn", q_in, d_mid, both=False)
+            for path in layout.mlp_inputs:
+                rotate_reader(get_module(layer, path), q_mid)
+            q_out = _slice_branch(layer, layout, batches, bases, f"layer{index}.mlp", q_mid, d_out, mlp=True)
+            make_sliced_block(layer, roles, d_in, d_mid, d_out)
+            _set_shortcut(layer.attn_shortcut, q_in, q_mid)
+            _set_shortcut(layer.mlp_shortcut, q_mid, q_out)
+        q_in = q_out
+        memory.sample()
+    timings["layers"] = time.perf_counter() - t_layers
+
+    rotate_reader(get_module(model, layout.head), q_in)
+    del batches
+
+    model.__class__ = sliced_model_class(type(model))
+    setattr(
+        model.config,
+        SLICELM_KEY,
+        {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": eps},
+    )
+    timings["total"] = time.perf_counter() - start
+    memory.sample()
+    return SliceReport(
+        params_before=params_before,
+        params_after=count_parameters(model),
+        plan=plan.to_dict(),
+        explained_variance=bases.explained,
+        calibration={
+            "samples": len(calibration),
+            "tokens": int(sum(len(s) for s in calibration)),
+            "max_seqlen": int(max(len(s) for s in calibration)),
+            "batch_size": config.batch_size,
+        },
+        seconds=timings,
+        peak_memory=memory.as_dict(),
+    )
+
+
+def _slice_branch(
+    layer: nn.Module,
+    layout: Layout,
+    batches: list[Batch],
+    bases: _Bases,
+    name: str,
+    q_in: torch.Tensor,
+    width: int,
+    both: bool = False,
+    mlp: bool = False,
+) -> torch.Tensor:
+    """Compute one branch on every batch, choose the next basis, rotate the branch's writers.
+
+    Each batch's ``hidden`` (B, T, d_in, basis q_in) is replaced by the stream after the branch in
+    the new basis (B, T, width). Returns the new basis (D, width).
+    """
+    device = q_in.device
+    acc = bases.new(name)
+    streams = []
+    for b in batches:
+        x = b.hidden.to(device)
+        branch = mlp_half(layer, x) if mlp else attention_half(layer, x, **b.kwargs)
+        if both:
+            branch = branch + mlp_half(layer, x)
+        # The stream after the branch in original coordinates: residual (un-rotated) + branch.
+        z = (x.to(torch.float64) @ q_in.T + branch.to(torch.float64)).to(x.dtype)  # (B, T, D)
+        acc.add(z, b.mask.to(device))
+        streams.append(z.cpu())
+    q_out = bases.choose(name, acc, width)
+    writers = layout.mlp_outputs if (mlp or both) else layout.attn_outputs
+    if both:
+        writers = layout.attn_outputs + layout.mlp_outputs
+    for path in writers:
+        rotate_writer(get_module(layer, path), q_out)
+    for b, z in zip(batches, streams):
+        b.hidden = _project(z, q_out.cpu())
+    return q_out
