@@ -44,6 +44,25 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
                 bias.copy_(0.1 * torch.randn(bias.shape, generator=gen))
 
 
+# Per-family settings on top of the common tiny config. Every model_type in slicelm.arch.REGISTRY
+# must appear here: tests are parametrised over the registry, so a new entry is tested for free.
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "llama": {"attention_bias": True, "mlp_bias": True},  # biases everywhere exercise bias rotation
+    "mistral": {"sliding_window": 8},
+    "qwen2": {},  # q/k/v biases by construction
+}
+
+
+def randomise_biases(model: torch.nn.Module, seed: int = 0) -> None:
+    """Hugging Face initialises biases to zero, which would hide bias-rotation bugs."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(module, torch.nn.Linear) and isinstance(bias, torch.Tensor):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=gen))
+
+
 def tiny_config(model_type: str = "llama", **overrides):
     """A tiny config of any registered family; overrides win."""
     from transformers import AutoConfig
@@ -61,6 +80,7 @@ def tiny_config(model_type: str = "llama", **overrides):
         bos_token_id=1,
         eos_token_id=2,
     )
+    base.update(FAMILY_OVERRIDES.get(model_type, {}))
     base.update(overrides)
     return AutoConfig.for_model(model_type, **base)
 
@@ -72,6 +92,7 @@ def build_tiny_model(model_type: str = "llama", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=torch.float32)
     randomise_norms(model, seed)
+    randomise_biases(model, seed)
     return model.eval()
 
 

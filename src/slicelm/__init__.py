@@ -1,3 +1,38 @@
-"""slicelm: SliceGPT for Hugging Face causal language models."""
+"""slicelm: SliceGPT for Hugging Face causal language models.
+
+    import slicelm
+    model, tokenizer = slicelm.load_model("smollm2-135m")
+    samples = slicelm.load_calibration("c4", tokenizer, n_samples=64, seqlen=1024)
+    report = slicelm.slice_model(model, samples, slicelm.SliceConfig(sparsity=0.25))
+    slicelm.save_sliced(model, "out/smollm2-sliced", tokenizer)
+    model = slicelm.load_sliced("out/smollm2-sliced")
+"""
 
 __version__ = "0.1.0"
+
+from slicelm.checkpoint import load_sliced, save_sliced  # noqa: E402
+from slicelm.errors import SlicelmError  # noqa: E402
+from slicelm.models import load_model  # noqa: E402
+from slicelm.plan import SlicingPlan  # noqa: E402
+from slicelm.slicing import SliceConfig, SliceReport, slice_model  # noqa: E402
+
+
+def load_calibration(*args, **kwargs):
+    """See :func:`slicelm.data.load_calibration` (imported lazily: it pulls in ``datasets``)."""
+    from slicelm.data import load_calibration as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = [
+    "SliceConfig",
+    "SliceReport",
+    "SlicelmError",
+    "SlicingPlan",
+    "load_calibration",
+    "load_model",
+    "load_sliced",
+    "save_sliced",
+    "slice_model",
+    "__version__",
+]

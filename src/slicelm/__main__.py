@@ -1,0 +1,5 @@
+import sys
+
+from slicelm.cli import main
+
+sys.exit(main())

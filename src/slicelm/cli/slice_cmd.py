@@ -1,0 +1,156 @@
+"""``slicelm slice``: slice a model, save it, and print a before/after report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from slicelm.errors import SlicelmError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slicelm.models import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "slice",
+        help="slice a model with SliceGPT and save it as a Hugging Face folder",
+        description="Slice a model with SliceGPT and save it as a Hugging Face folder.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width to remove, in [0, 1)")
+    p.add_argument("--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file")
+    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences (default 128)")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (default 8)")
+    p.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
+    p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    p.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else the Hugging Face hub)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--ppl-windows",
+        type=int,
+        default=0,
+        help="also measure WikiText-2 test perplexity before and after on this many windows (default 0: skip)",
+    )
+    p.add_argument("--ppl-seqlen", type=int, default=2048, help="window length for --ppl-windows (default 2048)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
+    from slicelm.checkpoint import check_output_dir
+    from slicelm.data import CALIBRATION_SETS
+
+    if not 0.0 <= args.sparsity < 1.0:
+        raise SlicelmError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    for flag in ("calib_samples", "calib_seqlen", "batch_size", "round_to", "ppl_seqlen"):
+        if getattr(args, flag) < 1:
+            raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.ppl_windows < 0:
+        raise SlicelmError("--ppl-windows must be 0 or more")
+    calib = Path(args.calib)
+    if args.calib not in CALIBRATION_SETS:
+        if calib.suffix not in (".txt", ".jsonl"):
+            raise SlicelmError(
+                f"unknown calibration set {args.calib!r}; use one of {', '.join(CALIBRATION_SETS)} or a .txt/.jsonl file"
+            )
+        if not calib.is_file():
+            raise SlicelmError(f"calibration file {args.calib} does not exist")
+    check_output_dir(args.out, args.overwrite)
+
+
+def run(args: argparse.Namespace) -> int:
+    validate(args)
+    import torch
+
+    from slicelm.checkpoint import save_sliced
+    from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
+    from slicelm.models import load_model, resolve_source
+    from slicelm.perplexity import perplexity
+    from slicelm.slicing import SliceConfig, slice_model
+
+    progress = not args.quiet
+    data_dir = resolve_data_dir(args.data_dir)
+    source = resolve_source(args.model)
+    if source.is_sliced:
+        raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
+    config = SliceConfig(
+        sparsity=args.sparsity, round_to=args.round_to, slice_head=args.slice_head, batch_size=args.batch_size
+    )
+
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(source, dtype=args.dtype)
+    load_seconds = time.perf_counter() - t0
+    samples = load_calibration(
+        args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, data_dir=data_dir
+    )
+    eval_ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir) if args.ppl_windows else None
+
+    def ppl() -> dict[str, Any] | None:
+        if eval_ids is None:
+            return None
+        result = perplexity(model, eval_ids, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows, progress=progress)
+        return {"dataset": "wikitext2", "ppl": result.ppl, "windows": result.windows, "seqlen": result.seqlen}
+
+    ppl_before = ppl()
+    report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress)
+    ppl_after = ppl()
+
+    calibration = {
+        "dataset": args.calib,
+        "samples": args.calib_samples,
+        "seqlen": args.calib_seqlen,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "tokens": report.calibration["tokens"],
+    }
+    metadata = {
+        "source_model": source.description,
+        "calibration": calibration,
+        "slice_config": {"sparsity": args.sparsity, "round_to": args.round_to, "slice_head": args.slice_head},
+        "dtype": args.dtype,
+    }
+    full_report = {
+        "model": source.description,
+        "sparsity": args.sparsity,
+        **report.to_dict(),
+        "calibration": calibration,
+        "load_seconds": load_seconds,
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "torch": torch.__version__,
+    }
+    out = save_sliced(model, args.out, tokenizer, overwrite=args.overwrite, metadata=metadata, report=full_report)
+    print(summary(full_report, out), file=sys.stderr)
+    print(json.dumps({k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")} | {
+        "ppl_before": ppl_before and ppl_before["ppl"],
+        "ppl_after": ppl_after and ppl_after["ppl"],
+        "out": str(out),
+    }))
+    return 0
+
+
+def summary(report: dict[str, Any], out: Path) -> str:
+    """A short human-readable before/after table."""
+    before, after = report["params_before"], report["params_after"]
+    lines = [
+        f"sliced {report['model']} at sparsity {report['sparsity']:.2f} -> {out}",
+        f"  parameters      {before / 1e6:9.2f}M -> {after / 1e6:9.2f}M  ({after / before:.1%})",
+    ]
+    if report["perplexity_before"]:
+        pb, pa = report["perplexity_before"], report["perplexity_after"]
+        lines.append(
+            f"  wikitext2 ppl   {pb['ppl']:9.2f}  -> {pa['ppl']:9.2f}   ({pb['windows']} windows x {pb['seqlen']} tokens)"
+        )
+    ev = list(report["explained_variance"].values())
+    lines.append(f"  explained var.  min {min(ev):.3f}, mean {sum(ev) / len(ev):.3f} (kept share of stream energy)")
+    lines.append(f"  slicing time    {report['seconds']['total']:.1f}s, peak RSS {report['peak_memory']['peak_rss_gib']:.2f} GiB")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Slicing proper: shapes follow the plan, error grows with sparsity, bad configs are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from helpers import calibration, logits, padded_batch, relative_error
+
+from slicelm.arch import REGISTRY, resolve
+from slicelm.errors import SlicelmError
+from slicelm.modeling_slicelm import get_module, in_out_weight
+from slicelm.plan import SlicingPlan
+from slicelm.slicing import SliceConfig, slice_model
+
+
+@pytest.mark.parametrize("model_type", sorted(REGISTRY))
+@pytest.mark.parametrize("slice_head", [False, True])
+def test_weight_shapes_equal_the_plan(model_type, slice_head):
+    model = build_tiny_model(model_type)
+    layout = resolve(model)
+    report = slice_model(
+        model, calibration(96), SliceConfig(sparsity=0.25, slice_head=slice_head, round_to=8), progress=False
+    )
+    plan = SlicingPlan.from_dict(report.plan)
+    assert plan.embedding == 48  # 64 * 0.75
+    assert plan.head == (48 if slice_head else 64)
+    for path in layout.embeddings:
+        assert get_module(model, path).weight.shape[1] == plan.embedding
+    for index, layer in enumerate(get_module(model, layout.layers)):
+        d_in, d_mid, d_out = plan.layer(index)
+        for path in layout.attn_inputs:
+            assert in_out_weight(get_module(layer, path)).shape[1] == d_in
+        for path in layout.attn_outputs:
+            assert in_out_weight(get_module(layer, path)).shape[0] == d_mid
+        for path in layout.mlp_inputs:
+            assert in_out_weight(get_module(layer, path)).shape[1] == d_mid
+        for path in layout.mlp_outputs:
+            assert in_out_weight(get_module(layer, path)).shape[0] == d_out
+        assert layer.attn_shortcut.weight.shape == (d_mid, d_in)
+        assert layer.mlp_shortcut.weight.shape == (d_out, d_mid)
+    assert in_out_weight(get_module(model, layout.head)).shape == (96, plan.head)
+    assert model.config.slicelm["plan"] == plan.to_dict()
+
+
+def test_error_grows_with_sparsity():
+    reference = build_tiny_model("llama")
+    ids, mask = padded_batch(96)
+    base = logits(reference, ids, mask)
+    errors = []
+    for sparsity in (0.0, 0.125, 0.25, 0.5, 0.75):
+        model = build_tiny_model("llama")
+        slice_model(model, calibration(96), SliceConfig(sparsity=sparsity, slice_head=True), progress=False)
+        errors.append(relative_error(base, logits(model, ids, mask), mask))
+    assert errors[0] < 1e-4
+    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_pca_beats_plain_truncation():
+    """PCA keeps more of the function than dropping original coordinates at the same width."""
+    reference = build_tiny_model("llama")
+    ids, mask = padded_batch(96)
+    base = logits(reference, ids, mask)
+    errors = {}
+    for basis in ("pca", "identity"):
+        model = build_tiny_model("llama")
+        report = slice_model(model, calibration(96), SliceConfig(sparsity=0.25, basis=basis), progress=False)
+        errors[basis] = relative_error(base, logits(model, ids, mask), mask)
+        assert 0 < min(report.explained_variance.values()) <= max(report.explained_variance.values()) <= 1 + 1e-9
+    assert errors["pca"] < errors["identity"]
+
+
+def test_explained_variance_is_reported_for_every_point():
+    model = build_tiny_model("llama", num_hidden_layers=2)
+    report = slice_model(model, calibration(96), SliceConfig(sparsity=0.5), progress=False)
+    assert list(report.explained_variance) == ["embedding", "layer0.attn", "layer0.mlp", "layer1.attn", "layer1.mlp"]
+    assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
+def test_sparsity_outside_range_is_refused(sparsity):
+    with pytest.raises(SlicelmError, match=r"sparsity must be in \[0, 1\)"):
+        SliceConfig(sparsity=sparsity)
+
+
+def test_unsupported_model_type_is_refused():
+    model = build_tiny_model("llama")
+    model.config.model_type = "not-a-model"
+    with pytest.raises(SlicelmError, match="model_type 'not-a-model' is not supported"):
+        slice_model(model, calibration(96), SliceConfig(), progress=False)
+
+
+def test_slicing_twice_is_refused():
+    model = build_tiny_model("llama")
+    slice_model(model, calibration(96), SliceConfig(sparsity=0.1), progress=False)
+    with pytest.raises(SlicelmError, match="already sliced"):
+        slice_model(model, calibration(96), SliceConfig(sparsity=0.1), progress=False)
+
+
+def test_uniform_plan_rounding():
+    plan = SlicingPlan.uniform(576, 30, 0.25, round_to=8)
+    assert plan.embedding == 432 and plan.head == 576 and plan.layers[0].mid == 432
+    assert SlicingPlan.uniform(576, 2, 0.3, round_to=64).embedding == 384  # 403.2 -> 384
+    assert SlicingPlan.uniform(100, 2, 0.0, round_to=8).embedding == 100  # sparsity 0 keeps all
+
+
+def test_plan_round_trip(tmp_path):
+    plan = SlicingPlan.uniform(64, 3, 0.25, slice_head=True)
+    plan.save(tmp_path / "plan.json")
+    assert SlicingPlan.load(tmp_path / "plan.json") == plan
+
+
+def test_covariance_ignores_masked_rows_and_pca_sorts():
+    from slicelm.pca import CovarianceAccumulator, pca
+
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    acc = CovarianceAccumulator(4)
+    acc.add(x, mask)
+    rows = x[mask].double()
+    torch.testing.assert_close(acc.covariance(), rows.T @ rows / 8)
+    values, q = pca(acc.covariance())
+    assert torch.all(values[:-1] >= values[1:])
+    torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(q @ torch.diag(values) @ q.T, acc.covariance())
