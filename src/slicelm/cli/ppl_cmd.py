@@ -1,0 +1,93 @@
+"""``slicelm ppl``: perplexity of a model (original or sliced) on a test text, printed as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from slicelm.errors import SlicelmError
+
+DEFAULT_SEQLEN = 2048
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from slicelm.data import DATA_DIR_ENV, EVAL_SETS
+    from slicelm.models import DEFAULT_MODEL, DTYPES
+
+    parser = subparsers.add_parser(
+        "ppl",
+        help="perplexity on WikiText-2 / PTB / C4 test text",
+        description="Perplexity over non-overlapping windows of the test text (GPTQ/SliceGPT protocol). "
+        "Prints one JSON object on stdout.",
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        metavar="MODEL_OR_DIR",
+        help=f"alias, .gguf file, model folder (sliced or not) or hub id (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--dataset", default="wikitext2", help=f"one of {', '.join(EVAL_SETS)} (default: wikitext2)"
+    )
+    parser.add_argument(
+        "--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window (default: 2048)"
+    )
+    parser.add_argument(
+        "--max-windows", type=int, default=None, help="score only the first W windows (default: all)"
+    )
+    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"offline data folder (default: ${DATA_DIR_ENV}, else download from the Hugging Face hub)",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from slicelm.data import EVAL_SETS, load_eval_ids, resolve_data_dir
+    from slicelm.models import load_model, parse_dtype
+    from slicelm.perplexity import perplexity
+
+    # Check everything cheap before loading a model, so mistakes fail in a second.
+    if args.dataset not in EVAL_SETS:
+        raise SlicelmError(f"unknown dataset {args.dataset!r}; use one of {', '.join(EVAL_SETS)}")
+    if args.seqlen < 2:
+        raise SlicelmError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise SlicelmError(f"--max-windows must be at least 1, got {args.max_windows}")
+    if args.batch_size < 1:
+        raise SlicelmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    dtype = parse_dtype(args.dtype)
+    data_dir = resolve_data_dir(args.data_dir)
+
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and args.seqlen > max_positions:
+        raise SlicelmError(
+            f"--seqlen {args.seqlen} is longer than the model's {max_positions} positions; lower --seqlen"
+        )
+    ids = load_eval_ids(args.dataset, tokenizer, data_dir)
+
+    start = time.perf_counter()
+    result = perplexity(
+        model, ids, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size
+    )
+    report = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "data_dir": str(data_dir) if data_dir else None,
+        "dtype": args.dtype,
+        "seqlen": result.seqlen,
+        "windows": result.windows,
+        "tokens": result.tokens,
+        "nll": result.nll,
+        "ppl": result.ppl,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    print(json.dumps(report))
+    return 0
