@@ -1,0 +1,99 @@
+"""Sliced folders are ordinary Hugging Face checkpoints: safetensors, remote code, same outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from helpers import calibration, logits, padded_batch, relative_error
+
+from slicelm.checkpoint import load_sliced, save_sliced
+from slicelm.errors import SlicelmError
+from slicelm.slicing import SliceConfig, slice_model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def saved(request, tmp_path_factory):
+    """(sliced in-memory model, folder it was saved to)."""
+    model = build_tiny_model("llama", tie_word_embeddings=request.param)
+    report = slice_model(model, calibration(96), SliceConfig(sparsity=0.25), progress=False)
+    out = tmp_path_factory.mktemp("ckpt") / "sliced"
+    save_sliced(model, out, metadata={"source_model": "tiny-llama"}, report=report.to_dict())
+    return model, out
+
+
+def test_folder_contents(saved):
+    model, out = saved
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_slicelm.py", "slicing_plan.json", "slicelm_report.json"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_slicelm.SlicedLlamaForCausalLM"
+    info = config["slicelm"]
+    assert info["source_model"] == "tiny-llama" and info["version"] and info["plan"]["embedding"] == 48
+    assert json.loads((out / "slicing_plan.json").read_text()) == info["plan"]
+    assert not list(out.parent.glob(".sliced*")), "temporary folder left behind"
+
+
+def test_reload_through_slicelm_gives_same_logits_and_generation(saved):
+    model, out = saved
+    ids, mask = padded_batch(96)
+    reloaded = load_sliced(out)
+    assert type(reloaded).__name__ == "SlicedLlamaForCausalLM"
+    assert relative_error(logits(model, ids, mask), logits(reloaded, ids, mask), mask) <= 1e-5
+    prompt = ids[:1, :6]
+    greedy = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **greedy), reloaded.generate(prompt, **greedy))
+
+
+def test_plain_transformers_loads_it_without_slicelm(saved):
+    """A fresh interpreter where `import slicelm` fails must still load and run the folder."""
+    model, out = saved
+    ids, mask = padded_batch(96)
+    prompt = ids[:1, :6]
+    expected_logits = logits(model, ids, mask)
+    expected_tokens = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["slicelm"] = None  # make sure the checkpoint does not need slicelm
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
+        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+        tokens = model.generate(torch.tensor({prompt.tolist()}), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        print(json.dumps({{"logits": out.tolist(), "tokens": tokens.tolist(), "cls": type(model).__name__}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=out.parent, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["cls"] == "SlicedLlamaForCausalLM"
+    assert relative_error(expected_logits, torch.tensor(got["logits"]), mask) <= 1e-5
+    assert got["tokens"] == expected_tokens.tolist()
+
+
+def test_existing_output_needs_overwrite(saved, tmp_path):
+    model, _ = saved
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SlicelmError, match="already exists.*--overwrite"):
+        save_sliced(model, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    save_sliced(model, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unsliced_model_cannot_be_saved_as_sliced(tmp_path):
+    with pytest.raises(SlicelmError, match="not sliced"):
+        save_sliced(build_tiny_model("llama"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
