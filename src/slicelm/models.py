@@ -90,12 +90,22 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(spec, description=spec)  # a hub id; transformers reports if it cannot be fetched
 
 
+def load_config(source: ModelSource):
+    """The model's config alone (cheap): lets callers refuse unsupported models before loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+    except (OSError, ValueError) as exc:
+        raise SlicelmError(f"cannot load the config of {source.description}: {_first_line(exc)}") from None
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise SlicelmError(f"cannot load the tokenizer of {source.description}: {_first_line(exc)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out everywhere; any id will do

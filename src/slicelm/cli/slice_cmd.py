@@ -28,6 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (default 8)")
     p.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
     p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    p.add_argument(
+        "--untie-head",
+        action="store_true",
+        help="for tied-embedding models, give the head its own weight (the paper's method; costs vocab x width "
+        "parameters). Default: keep the tie",
+    )
     p.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else the Hugging Face hub)")
@@ -73,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     from slicelm.checkpoint import save_sliced
     from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
-    from slicelm.models import load_model, resolve_source
+    from slicelm.arch import spec_for
+    from slicelm.models import load_config, load_model, load_tokenizer, resolve_source
     from slicelm.perplexity import perplexity
     from slicelm.slicing import SliceConfig, slice_model
 
@@ -82,17 +89,24 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.model)
     if source.is_sliced:
         raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
+    spec_for(load_config(source))  # refuse unsupported architectures before loading any weights
     config = SliceConfig(
-        sparsity=args.sparsity, round_to=args.round_to, slice_head=args.slice_head, batch_size=args.batch_size
+        sparsity=args.sparsity,
+        round_to=args.round_to,
+        slice_head=args.slice_head,
+        untie_head=args.untie_head,
+        batch_size=args.batch_size,
     )
 
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(source, dtype=args.dtype)
-    load_seconds = time.perf_counter() - t0
+    # Data first: a missing file should fail before the (slow) weights are loaded.
+    tokenizer = load_tokenizer(source)
     samples = load_calibration(
         args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, data_dir=data_dir
     )
     eval_ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir) if args.ppl_windows else None
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(source, dtype=args.dtype)
+    load_seconds = time.perf_counter() - t0
 
     def ppl() -> dict[str, Any] | None:
         if eval_ids is None:
@@ -115,7 +129,12 @@ def run(args: argparse.Namespace) -> int:
     metadata = {
         "source_model": source.description,
         "calibration": calibration,
-        "slice_config": {"sparsity": args.sparsity, "round_to": args.round_to, "slice_head": args.slice_head},
+        "slice_config": {
+            "sparsity": args.sparsity,
+            "round_to": args.round_to,
+            "slice_head": args.slice_head,
+            "untie_head": args.untie_head,
+        },
         "dtype": args.dtype,
     }
     full_report = {
