@@ -1,0 +1,132 @@
+"""``slicelm sweep MODEL --sparsities ...``: slice at several sparsities, measure, tabulate, plot."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import sys
+from pathlib import Path
+
+from slicelm.cli.eval_cmd import add_common_arguments, data_dir_from
+from slicelm.errors import SlicelmError
+
+
+def parse_sparsities(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one sparsity")
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"sparsities must be in [0, 1), got {bad[0]}")
+    return values
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="slice at several sparsities and measure perplexity and zero-shot accuracy",
+        description="Slice MODEL at each sparsity (0 = the dense model, always measured as the reference), "
+        "measure perplexity and zero-shot tasks, and write sweep.json, sweep.md and PNG plots to --out. "
+        "Every measurement is stored as soon as it is made: rerunning the same command resumes an "
+        "interrupted sweep, or only redraws the table and plots of a finished one.",
+    )
+    parser.add_argument("model", help="model alias, .gguf file, model folder or hub id (dense)")
+    parser.add_argument(
+        "--sparsities", type=parse_sparsities, default=(0.1, 0.2, 0.25, 0.3), help="e.g. 0,0.1,0.2,0.25,0.3"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep-<model name>)")
+    add_common_arguments(parser)
+    group = parser.add_argument_group("slicing")
+    group.add_argument(
+        "--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 or .txt/.jsonl"
+    )
+    group.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    group.add_argument(
+        "--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)"
+    )
+    group.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
+    group.add_argument(
+        "--slice-batch-size", type=int, default=8, help="calibration sequences per forward pass"
+    )
+    group.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this")
+    group.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    group.add_argument(
+        "--save-models",
+        action="store_true",
+        help="keep each slice under OUT/models/ (resuming then reloads it)",
+    )
+    group = parser.add_argument_group("perplexity")
+    group.add_argument(
+        "--ppl-dataset", default="wikitext2", help="wikitext2, ptb, c4, or none to skip (default wikitext2)"
+    )
+    group.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    group.add_argument(
+        "--ppl-windows", type=int, default=None, help="score only the first N windows (default all)"
+    )
+    parser.set_defaults(run=run)
+
+
+def default_out(model: str) -> Path:
+    name = Path(model.rstrip("/")).name or model
+    return Path("sweep-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix(".gguf")))
+
+
+def run(args: argparse.Namespace) -> int:
+    from slicelm.evaluation import resolve_tasks
+    from slicelm.evaluation.tasks import check_local_data
+    from slicelm.sweep import SweepConfig, run_sweep
+
+    tasks = [] if args.tasks.strip().lower() in ("", "none") else resolve_tasks(args.tasks)
+    data_dir = data_dir_from(args)
+    if data_dir is not None:
+        for task in tasks:
+            check_local_data(task, data_dir)
+    for flag in ("calib_samples", "calib_seqlen", "slice_batch_size", "round_to", "ppl_seqlen", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.ppl_windows is not None and args.ppl_windows < 1:
+        raise SlicelmError("--ppl-windows must be a positive integer")
+    ppl_dataset = None if args.ppl_dataset.lower() == "none" else args.ppl_dataset.lower()
+    if ppl_dataset is not None:
+        from slicelm.data import EVAL_SETS
+
+        if ppl_dataset not in EVAL_SETS:
+            raise SlicelmError(
+                f"unknown --ppl-dataset {args.ppl_dataset!r}; use {', '.join(EVAL_SETS)} or none"
+            )
+
+    config = SweepConfig(
+        model=args.model,
+        sparsities=args.sparsities,
+        tasks=tuple(tasks),
+        limit=args.limit,
+        eval_batch_size=args.batch_size,
+        data_dir=str(Path(data_dir).expanduser().resolve()) if data_dir else None,
+        dtype=args.dtype,
+        device=args.device,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seqlen=args.calib_seqlen,
+        seed=args.seed,
+        slice_batch_size=args.slice_batch_size,
+        round_to=args.round_to,
+        slice_head=args.slice_head,
+        ppl_dataset=ppl_dataset,
+        ppl_seqlen=args.ppl_seqlen,
+        ppl_windows=args.ppl_windows,
+        save_models=args.save_models,
+    )
+    out = args.out or default_out(args.model)
+
+    def log(message: str) -> None:
+        print(f"slicelm sweep: {message}", file=sys.stderr, flush=True)
+
+    with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints notes to stdout
+        summary = run_sweep(config, out, log=log)
+    print(json.dumps({"out": str(out), "dense": summary["dense"], "points": summary["points"][1:]}, indent=2))
+    return 0
