@@ -12,6 +12,7 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
+from slicelm.arch import REGISTRY
 from slicelm.checkpoint import load_sliced, save_sliced
 from slicelm.errors import SlicelmError
 from slicelm.slicing import SliceConfig, slice_model
@@ -97,3 +98,97 @@ def test_unsliced_model_cannot_be_saved_as_sliced(tmp_path):
     with pytest.raises(SlicelmError, match="not sliced"):
         save_sliced(build_tiny_model("llama"), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Every registered architecture round-trips, through slicelm and through plain transformers
+# --------------------------------------------------------------------------------------------------
+FAMILY_CASES = [(t, tied) for t in sorted(REGISTRY) for tied in (False, True)]
+GREEDY = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+def _case_id(model_type: str, tied: bool) -> str:
+    return f"{model_type}-{'tied' if tied else 'untied'}"
+
+
+@pytest.fixture(scope="module")
+def saved_families(tmp_path_factory):
+    """{(model_type, tied): (logits, greedy tokens, class name, folder)} of a sliced model per case."""
+    root = tmp_path_factory.mktemp("families")
+    ids, mask = padded_batch(96)
+    saved = {}
+    for model_type, tied in FAMILY_CASES:
+        model = build_tiny_model(model_type, tie_word_embeddings=tied)
+        slice_model(model, calibration(96), SliceConfig(sparsity=0.25), progress=False)
+        out = save_sliced(model, root / _case_id(model_type, tied))
+        tokens = model.generate(ids[:1, :6], **GREEDY)
+        saved[(model_type, tied)] = (logits(model, ids, mask), tokens, type(model).__name__, out)
+    return saved
+
+
+@pytest.mark.parametrize("model_type,tied", FAMILY_CASES, ids=[_case_id(*c) for c in FAMILY_CASES])
+def test_every_family_reloads_through_slicelm(saved_families, model_type, tied):
+    expected_logits, expected_tokens, cls, out = saved_families[(model_type, tied)]
+    ids, mask = padded_batch(96)
+    reloaded = load_sliced(out)
+    assert type(reloaded).__name__ == cls
+    assert relative_error(expected_logits, logits(reloaded, ids, mask), mask) <= 1e-5
+    assert torch.equal(reloaded.generate(ids[:1, :6], **GREEDY), expected_tokens)
+
+
+def test_plain_transformers_loads_every_family(saved_families):
+    """One fresh interpreter without slicelm loads every family's folder with remote code."""
+    ids, mask = padded_batch(96)
+    folders = {_case_id(*case): str(entry[3]) for case, entry in saved_families.items()}
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["slicelm"] = None  # make sure the checkpoints do not need slicelm
+        import torch
+        from transformers import AutoModelForCausalLM
+        torch.set_num_threads(1)  # tiny models: threads only add overhead
+        ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+        results = {{}}
+        for case, folder in {folders!r}.items():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+                with torch.no_grad():
+                    out = model(input_ids=ids, attention_mask=mask).logits
+                tokens = model.generate(ids[:1, :6], **{GREEDY!r})
+                cls = type(model).__name__
+                results[case] = {{"logits": out.tolist(), "tokens": tokens.tolist(), "cls": cls}}
+            except Exception as error:  # report every family, not just the first failure
+                results[case] = {{"error": repr(error)}}
+        print(json.dumps(results))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    problems = []
+    for case, (expected_logits, expected_tokens, cls, _) in saved_families.items():
+        name = _case_id(*case)
+        entry = got[name]
+        if "error" in entry:
+            problems.append(f"{name}: {entry['error']}")
+            continue
+        error = relative_error(expected_logits, torch.tensor(entry["logits"]), mask)
+        if entry["cls"] != cls or error > 1e-5 or entry["tokens"] != expected_tokens.tolist():
+            problems.append(f"{name}: {entry['cls']}, logit error {error:.2e}, tokens {entry['tokens']}")
+    assert not problems, "\n".join(problems)
+
+
+def test_checkpoint_with_missing_tensor_is_refused(saved, tmp_path):
+    """A tensor missing from the file must fail loudly, not be silently initialised at random."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, out = saved
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.attn_shortcut.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SlicelmError, match="does not match its slicing plan: 1 missing keys"):
+        load_sliced(broken)

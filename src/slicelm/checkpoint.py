@@ -108,5 +108,15 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, dev
     base = getattr(transformers, str(base_name), None)
     if not isinstance(base, type):
         raise SlicelmError(f"{path}: unknown architecture {base_name!r} in config.json")
-    model = sliced_model_class(base).from_pretrained(path, config=config, dtype=dtype, device_map=device)
+    model, info = sliced_model_class(base).from_pretrained(
+        path, config=config, dtype=dtype, device_map=device, output_loading_info=True
+    )
+    # A sliced checkpoint must match its structure exactly: a missing tensor would be random.
+    problems = [
+        f"{len(v)} {k.replace('_', ' ')} (e.g. {sorted(map(str, v))[0]})"
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    ]
+    if problems:
+        raise SlicelmError(f"{path} does not match its slicing plan: {'; '.join(problems)}; re-create it")
     return model.eval()
