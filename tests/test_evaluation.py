@@ -236,3 +236,19 @@ def test_sliced_tiny_model_end_to_end(data_dir, tmp_path, smollm2_tokenizer, cap
     assert set(printed["tasks"]) == {"piqa", "arc_challenge"}
     assert all(row["samples"] == 3 for row in printed["tasks"].values())
     assert 0.0 <= printed["average"] <= 1.0
+
+
+def test_hub_failure_is_a_one_line_error(tiny_folder, monkeypatch, capsys):
+    """Without a data folder the stock tasks download from the hub; offline that must say what to do."""
+    import datasets
+
+    def offline(*_args, **_kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/winogrande' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.delenv("SLICELM_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    code = main(["eval", str(tiny_folder), "--tasks", "winogrande", "--limit", "2", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("slicelm: error: could not download the task data from the Hugging Face hub")
+    assert "--data-dir" in err[-1]

@@ -56,6 +56,11 @@ def add_parser(subparsers) -> None:
     group.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this")
     group.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
     group.add_argument(
+        "--untie-head",
+        action="store_true",
+        help="give a tied head its own weight (the paper's method); default: keep the tie",
+    )
+    group.add_argument(
         "--save-models",
         action="store_true",
         help="keep each slice under OUT/models/ (resuming then reloads it)",
@@ -120,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         ppl_seqlen=args.ppl_seqlen,
         ppl_windows=args.ppl_windows,
         save_models=args.save_models,
+        # Only when set, so that sweeps stored before the option existed stay valid.
+        extra_slice_options={"untie_head": True} if args.untie_head else {},
     )
     out = args.out or default_out(args.model)
 
