@@ -50,6 +50,14 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "llama": {"attention_bias": True, "mlp_bias": True},  # biases everywhere exercise bias rotation
     "mistral": {"sliding_window": 8},
     "qwen2": {},  # q/k/v biases by construction
+    "qwen3": {"head_dim": 16},  # per-head q_norm/k_norm get random weights too and must stay untouched
+    "gemma": {"head_dim": 16},  # norms stored as (w - 1); sqrt(d) embedding scale
+    "phi3": {},  # fused qkv_proj and gate_up_proj
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},  # router + fused 3-D expert weights
+    "opt": {"ffn_dim": 96},  # learned positions (offset 2), MLP as fc1/fc2 on the layer
+    "gpt2": {"n_inner": 96},  # Conv1D weights, fused c_attn, learned positions, positional layer args
+    "gpt_neox": {"use_parallel_residual": True},  # parallel block with two LayerNorms
+    "phi": {"qk_layernorm": True},  # parallel block with one shared LayerNorm; head with bias
 }
 
 
@@ -59,7 +67,8 @@ def randomise_biases(model: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for module in model.modules():
             bias = getattr(module, "bias", None)
-            if isinstance(module, torch.nn.Linear) and isinstance(bias, torch.Tensor):
+            linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2
+            if linear and isinstance(bias, torch.Tensor):
                 bias.copy_(0.1 * torch.randn(bias.shape, generator=gen))
 
 

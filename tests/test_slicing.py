@@ -9,7 +9,7 @@ from helpers import calibration, logits, padded_batch, relative_error
 
 from slicelm.arch import REGISTRY, resolve
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import get_module, in_out_weight
+from slicelm.modeling_slicelm import get_module, stream_weight
 from slicelm.plan import SlicingPlan
 from slicelm.slicing import SliceConfig, slice_model
 
@@ -23,23 +23,31 @@ def test_weight_shapes_equal_the_plan(model_type, slice_head):
         model, calibration(96), SliceConfig(sparsity=0.25, slice_head=slice_head, round_to=8), progress=False
     )
     plan = SlicingPlan.from_dict(report.plan)
-    assert plan.embedding == 48  # 64 * 0.75
     assert plan.head == (48 if slice_head else 64)
+    assert plan.embedding == (plan.head if layout.ends_same_width else 48)  # 64 * 0.75; GPT-2: as it ends
+
+    def width(root, path, side):  # the stream-side width of a reader or writer
+        return stream_weight(get_module(root, path), side).shape[-1]
+
     for path in layout.embeddings:
-        assert get_module(model, path).weight.shape[1] == plan.embedding
+        assert width(model, path, "writer") == plan.embedding
     for index, layer in enumerate(get_module(model, layout.layers)):
         d_in, d_mid, d_out = plan.layer(index)
-        for path in layout.attn_inputs:
-            assert in_out_weight(get_module(layer, path)).shape[1] == d_in
-        for path in layout.attn_outputs:
-            assert in_out_weight(get_module(layer, path)).shape[0] == d_mid
-        for path in layout.mlp_inputs:
-            assert in_out_weight(get_module(layer, path)).shape[1] == d_mid
-        for path in layout.mlp_outputs:
-            assert in_out_weight(get_module(layer, path)).shape[0] == d_out
-        assert layer.attn_shortcut.weight.shape == (d_mid, d_in)
-        assert layer.mlp_shortcut.weight.shape == (d_out, d_mid)
-    assert in_out_weight(get_module(model, layout.head)).shape == (96, plan.head)
+        assert (d_mid is None) == layout.parallel
+        if layout.mlp_same_width:
+            assert d_mid == d_out
+        after_attn = d_out if layout.parallel else d_mid  # parallel: both branches write the block output
+        mlp_in = d_in if layout.parallel else d_mid
+        assert all(width(layer, p, "reader") == d_in for p in layout.attn_inputs)
+        assert all(width(layer, p, "writer") == after_attn for p in layout.attn_outputs)
+        assert all(width(layer, p, "reader") == mlp_in for p in layout.mlp_inputs)
+        assert all(width(layer, p, "writer") == d_out for p in layout.mlp_outputs)
+        assert layer.attn_shortcut.weight.shape == (after_attn, d_in)
+        if layout.parallel:
+            assert not hasattr(layer, "ffn_shortcut")
+        else:
+            assert layer.ffn_shortcut.weight.shape == (d_out, d_mid)
+    assert stream_weight(get_module(model, layout.head), "reader").shape == (96, plan.head)
     assert model.config.slicelm["plan"] == plan.to_dict()
 
 

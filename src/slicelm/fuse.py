@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from slicelm.arch import Layout, norm_eps
-from slicelm.modeling_slicelm import RMSN, get_module, in_out_weight, set_module
+from slicelm.modeling_slicelm import RMSN, get_module, set_module, stream_weight
 from slicelm.rotate import center_writer, scale_reader_inputs
 
 
@@ -34,7 +34,7 @@ def _fold(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
     bias = getattr(norm, "bias", None)
     if weight is None and bias is None:
         return
-    width = in_out_weight(readers[0]).shape[1]
+    width = stream_weight(readers[0], "reader").shape[-1]
     scale = weight.to(torch.float64) + offset if weight is not None else torch.ones(width, dtype=torch.float64)
     shift = bias.to(torch.float64) if bias is not None else None
     for reader in readers:

@@ -22,8 +22,10 @@ KV cache, generation), which is why no transformers version is pinned by copying
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -85,41 +87,96 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def in_out_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in) like ``nn.Linear``, whatever the module stores (a view, no copy)."""
-    if isinstance(module, nn.Embedding):
-        raise TypeError("embeddings have no input side")
-    return module.weight.t() if is_conv1d(module) else module.weight
+# A reader or writer of the stream is one of:
+#   * nn.Linear, or any module with a Linear-style 2-D ``weight`` (out, in) such as a MoE router;
+#   * a GPT-2 ``Conv1D``, whose weight is stored as (in, out);
+#   * an nn.Embedding (writers only), weight (V, D);
+#   * a bare parameter holding a stack of Linear-style weights (..., out, in), e.g. fused MoE
+#     experts (E, 2I, D) (reader) or (E, D, I) (writer). It has no bias.
+# Every operation slicelm needs (rotate, scale, centre, resize) acts on the *stream axis* of the
+# weight, so each kind is reduced to one view with the stream axis last.
+StreamTarget = nn.Module | torch.Tensor
+Side = Literal["reader", "writer"]
+
+# Integer attributes that describe a Linear-like module's input width (MoE routers reshape their
+# input with ``hidden_dim``); kept equal to the weight's width whenever it changes.
+_INPUT_WIDTH_ATTRS = ("in_features", "hidden_dim")
 
 
-def set_in_out_weight(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Replace a linear layer's weight (given as (out, in)) and optionally its bias, fixing metadata."""
-    out_features, in_features = weight.shape
-    stored = weight.t() if is_conv1d(module) else weight
-    module.weight = nn.Parameter(stored.contiguous(), requires_grad=False)
-    if bias is not None:
-        module.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
-    if is_conv1d(module):
-        module.nf = out_features
-    elif isinstance(module, nn.Linear):
-        module.in_features, module.out_features = in_features, out_features
+def _stored_is_stream_last(target: StreamTarget, side: Side) -> bool:
+    if isinstance(target, nn.Embedding):
+        if side == "reader":
+            raise TypeError("embeddings do not read the stream")
+        return True  # (V, D)
+    if isinstance(target, torch.Tensor) or not is_conv1d(target):
+        return side == "reader"  # Linear-style (..., out, in): readers have D last, writers first
+    return side == "writer"  # Conv1D stores (in, out)
 
 
-def resize_reader(module: nn.Module, width: int) -> None:
-    """Give a stream-reading linear ``width`` input features (weights uninitialised)."""
-    weight = in_out_weight(module)
-    set_in_out_weight(module, weight.new_empty(weight.shape[0], width))
+def stream_weight(target: StreamTarget, side: Side) -> torch.Tensor:
+    """A reader's or writer's weight as a view with the stream's axis last.
+
+    reader: (..., out, D), so the module computes ``x @ W.T`` on the last two axes;
+    writer: (..., in, D), row i is the stream vector written per unit of input i (embeddings: (V, D)).
+    Either way a change of basis ``q`` (D, d) of the stream is ``W @ q``.
+    """
+    weight = target if isinstance(target, torch.Tensor) else target.weight
+    return weight if _stored_is_stream_last(target, side) else weight.transpose(-1, -2)
 
 
-def resize_writer(module: nn.Module, width: int) -> None:
-    """Give a stream-writing module (linear or embedding) ``width`` output features."""
-    if isinstance(module, nn.Embedding):
-        module.weight = nn.Parameter(module.weight.new_empty(module.weight.shape[0], width), requires_grad=False)
-        module.embedding_dim = width
+def stream_bias(target: StreamTarget) -> torch.Tensor | None:
+    """The bias of a module (None for bare parameters and bias-free modules)."""
+    return None if isinstance(target, torch.Tensor) else getattr(target, "bias", None)
+
+
+def set_stream_weight(
+    target: StreamTarget, side: Side, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> None:
+    """Store ``weight`` (given stream-axis-last, as :func:`stream_weight` returns it) and ``bias``.
+
+    Shapes may change; the module's width metadata (in/out features, Conv1D nx/nf, embedding dim,
+    router hidden_dim) is kept consistent with the stored weight.
+    """
+    stored = (weight if _stored_is_stream_last(target, side) else weight.transpose(-1, -2)).contiguous()
+    if isinstance(target, torch.Tensor):  # a bare parameter: replace its data in place
+        if bias is not None:
+            raise ValueError("a bare weight parameter has no bias")
+        target.data = stored
         return
-    weight = in_out_weight(module)
-    bias = module.bias.new_empty(width) if getattr(module, "bias", None) is not None else None
-    set_in_out_weight(module, weight.new_empty(width, weight.shape[1]), bias)
+    target.weight = nn.Parameter(stored, requires_grad=False)
+    if bias is not None:
+        target.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+    if isinstance(target, nn.Embedding):
+        target.embedding_dim = stored.shape[1]
+    elif is_conv1d(target):
+        target.nx, target.nf = stored.shape
+    else:
+        if hasattr(target, "out_features"):
+            target.out_features = stored.shape[0]
+        for attr in _INPUT_WIDTH_ATTRS:
+            if isinstance(getattr(target, attr, None), int):
+                setattr(target, attr, stored.shape[-1])
+
+
+def resize_reader(target: StreamTarget, width: int) -> None:
+    """Give a stream reader ``width`` input features (weights uninitialised)."""
+    weight = stream_weight(target, "reader")
+    set_stream_weight(target, "reader", weight.new_empty(*weight.shape[:-1], width))
+
+
+def add_bias(module: nn.Module) -> None:
+    """Give a bias-free reader an (uninitialised) bias of its output width, as folding a norm's bias does."""
+    if getattr(module, "bias", None) is None:
+        out = stream_weight(module, "reader").shape[-2]
+        module.bias = nn.Parameter(module.weight.new_empty(out), requires_grad=False)
+
+
+def resize_writer(target: StreamTarget, width: int) -> None:
+    """Give a stream writer (linear, Conv1D, embedding, stacked experts) ``width`` outputs."""
+    weight = stream_weight(target, "writer")
+    bias = stream_bias(target)
+    new_bias = bias.new_empty(width) if bias is not None else None
+    set_stream_weight(target, "writer", weight.new_empty(*weight.shape[:-1], width), new_bias)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,13 +198,43 @@ def attention_half(layer: nn.Module, x: torch.Tensor, **kwargs: Any) -> torch.Te
 
 
 def mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """MLP branch of a block, without the residual: ``mlp(norm(x))``. x: (B, T, d) -> (B, T, d_out)."""
+    """MLP branch of a block, without the residual: ``mlp(norm(x))``. x: (B, T, d) -> (B, T, d_out).
+
+    The MLP is one module, or a chain of modules applied in order (OPT keeps fc1, its activation
+    and fc2 directly on the decoder layer).
+    """
     roles = layer.slicelm_roles
     norm_path = roles["mlp_norm"] or roles["attn_norm"]  # parallel blocks may share one norm
-    return _first(get_module(layer, roles["mlp"])(get_module(layer, norm_path)(x)))
+    h = get_module(layer, norm_path)(x)
+    chain = roles["mlp"]
+    for path in [chain] if isinstance(chain, str) else chain:
+        h = _first(get_module(layer, path)(h))
+    return h
 
 
-def sliced_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+@functools.cache
+def positional_arg_names(layer_class: type) -> tuple[str, ...]:
+    """Names of the parameters a decoder layer's ``forward`` accepts positionally (without self)."""
+    params = list(inspect.signature(layer_class.forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+def split_layer_call(layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    """``(hidden_states, keyword arguments)`` of a call to a decoder layer.
+
+    Positional arguments are named after the original layer's ``forward`` parameters: GPT-2's model
+    passes the cache and the attention mask positionally, and the attention module takes them by name.
+    """
+    names = getattr(type(layer), "_slicelm_arg_names", None) or positional_arg_names(type(layer))
+    if len(args) > len(names):
+        raise TypeError(f"{type(layer).__name__} takes {len(names)} positional arguments, got {len(args)}")
+    named = dict(zip(names, args, strict=False))  # trailing parameters may be left to their defaults
+    named.update(kwargs)
+    return named.pop(names[0] if names else "hidden_states"), named
+
+
+def sliced_block_forward(self: nn.Module, *args: Any, **kwargs: Any):
     """Forward of a sliced decoder layer.
 
     Sequential blocks:  h = x S_attn + attn(norm1(x));  y = h S_mlp + mlp(norm2(h))
@@ -156,12 +243,12 @@ def sliced_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args: An
     residual stream is expressed before and after the branch. Extra keyword arguments (masks,
     position embeddings, KV cache) go to the attention module, as the original layer does.
     """
-    x = hidden_states  # (B, T, d_in)
+    x, kwargs = split_layer_call(self, args, kwargs)  # x: (B, T, d_in)
     if self.slicelm_roles["parallel"]:
         y = self.attn_shortcut(x) + attention_half(self, x, **kwargs) + mlp_half(self, x)
     else:
         h = self.attn_shortcut(x) + attention_half(self, x, **kwargs)  # (B, T, d_mid)
-        y = self.mlp_shortcut(h) + mlp_half(self, h)  # (B, T, d_out)
+        y = self.ffn_shortcut(h) + mlp_half(self, h)  # (B, T, d_out)
     return (y,) if self.slicelm_roles.get("returns_tuple") else y
 
 
@@ -177,9 +264,9 @@ def sliced_block_class(base: type) -> type:
     if getattr(base, "_slicelm_block", False):
         return base
     if base not in _BLOCK_CLASSES:
-        _BLOCK_CLASSES[base] = type(
-            f"Sliced{base.__name__}", (base,), {"forward": sliced_block_forward, "_slicelm_block": True}
-        )
+        attrs = {"forward": sliced_block_forward, "_slicelm_block": True}
+        attrs["_slicelm_arg_names"] = positional_arg_names(base)  # the sliced forward takes *args
+        _BLOCK_CLASSES[base] = type(f"Sliced{base.__name__}", (base,), attrs)
     return _BLOCK_CLASSES[base]
 
 
@@ -187,6 +274,8 @@ def make_sliced_block(layer: nn.Module, roles: dict[str, Any], d_in: int, d_mid:
     """Turn a decoder layer into a sliced block in place: new class and (uninitialised) shortcuts.
 
     Shortcuts are ``nn.Linear`` without bias: weight (d_out, d_in), i.e. ``x S = x @ weight.T``.
+    The MLP's shortcut is ``ffn_shortcut``, not ``mlp_shortcut``: transformers' checkpoint key
+    renamings are regexes with unescaped dots (Mixtral's ``.mlp.``) that would rewrite ``.mlp_shortcut``.
     """
     ref = next(layer.parameters())
     layer.__class__ = sliced_block_class(type(layer))
@@ -194,7 +283,7 @@ def make_sliced_block(layer: nn.Module, roles: dict[str, Any], d_in: int, d_mid:
     d_first = d_out if roles["parallel"] else d_mid
     layer.attn_shortcut = nn.Linear(d_in, d_first, bias=False, device=ref.device, dtype=ref.dtype)
     if not roles["parallel"]:
-        layer.mlp_shortcut = nn.Linear(d_mid, d_out, bias=False, device=ref.device, dtype=ref.dtype)
+        layer.ffn_shortcut = nn.Linear(d_mid, d_out, bias=False, device=ref.device, dtype=ref.dtype)
     layer.attn_shortcut.requires_grad_(False)
 
 
@@ -223,6 +312,9 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
     eps, hidden = float(info["norm_eps"]), int(plan["hidden_size"])
     for path in layout["embeddings"]:
         resize_writer(get_module(model, path), plan["embedding"])
+    new_biases = [p for p in layout.get("new_biases", ()) if p != layout["head"]]
+    if layout["head"] in layout.get("new_biases", ()):  # the final LayerNorm's bias, folded
+        add_bias(get_module(model, layout["head"]))
     layers = get_module(model, layout["layers"])
     roles = block_roles(layout)
     for index, layer in enumerate(layers):
@@ -230,6 +322,8 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
         branch_width = d_out if layout["parallel"] else d_mid
         for path in layout["norms"]:
             set_module(layer, path, RMSN(hidden, eps))
+        for path in new_biases:
+            add_bias(get_module(layer, path))
         for path in layout["attn_inputs"]:
             resize_reader(get_module(layer, path), d_in)
         for path in layout["attn_outputs"]:

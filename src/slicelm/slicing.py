@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -38,9 +38,10 @@ from slicelm.modeling_slicelm import (
     make_sliced_block,
     mlp_half,
     sliced_model_class,
+    split_layer_call,
 )
 from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
-from slicelm.plan import SlicingPlan
+from slicelm.plan import LayerWidths, SlicingPlan
 from slicelm.resources import PeakMemory, count_parameters
 from slicelm.rotate import rotate_reader, rotate_writer
 
@@ -139,9 +140,8 @@ def capture_layer_inputs(
     device = next(model.parameters()).device
     caught: dict[str, Any] = {}
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        caught["hidden"], caught["kwargs"] = split_layer_call(module, args, kwargs)  # names positional args
         raise _Stop
 
     batches = []
@@ -225,6 +225,10 @@ def slice_model(
     hidden = model.config.hidden_size
     layers = get_module(model, layout.layers)
     plan = SlicingPlan.uniform(hidden, len(layers), config.sparsity, config.round_to, config.slice_head, layout.parallel)
+    if layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
+        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
+    if layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
+        plan = replace(plan, embedding=plan.head)
     pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     if isinstance(pad_id, (list, tuple)):
         pad_id = pad_id[0]
@@ -263,12 +267,21 @@ def slice_model(
             _set_shortcut(layer.attn_shortcut, q_in, q_out)
         else:
             q_mid = _slice_branch(layer, layout, batches, bases, f"layer{index}.attn", q_in, d_mid, both=False)
-            for path in layout.mlp_inputs:
-                rotate_reader(get_module(layer, path), q_mid)
-            q_out = _slice_branch(layer, layout, batches, bases, f"layer{index}.mlp", q_mid, d_out, mlp=True)
+            # Fused MoE experts write as wide as they read: while the MLP still writes original
+            # coordinates it must read them too, so its readers are rotated after its branch.
+            late = layout.mlp_same_width
+            mlp_readers = [get_module(layer, path) for path in layout.mlp_inputs]
+            if not late:
+                for reader in mlp_readers:
+                    rotate_reader(reader, q_mid)
+            name = f"layer{index}.mlp"
+            q_out = _slice_branch(layer, layout, batches, bases, name, q_mid, d_out, mlp=True, unrotated=late)
+            if late:
+                for reader in mlp_readers:
+                    rotate_reader(reader, q_mid)
             make_sliced_block(layer, roles, d_in, d_mid, d_out)
             _set_shortcut(layer.attn_shortcut, q_in, q_mid)
-            _set_shortcut(layer.mlp_shortcut, q_mid, q_out)
+            _set_shortcut(layer.ffn_shortcut, q_mid, q_out)
         q_in = q_out
         memory.sample()
     timings["layers"] = time.perf_counter() - t_layers
@@ -310,18 +323,22 @@ def _slice_branch(
     width: int,
     both: bool = False,
     mlp: bool = False,
+    unrotated: bool = False,
 ) -> torch.Tensor:
     """Compute one branch on every batch, choose the next basis, rotate the branch's writers.
 
     Each batch's ``hidden`` (B, T, d_in, basis q_in) is replaced by the stream after the branch in
-    the new basis (B, T, width). Returns the new basis (D, width).
+    the new basis (B, T, width). Returns the new basis (D, width). ``unrotated``: the branch's
+    readers still read original coordinates, so it is fed ``hidden q_in^T`` (B, T, D); the RMS
+    norm before it commutes with that change of basis.
     """
     device = q_in.device
     acc = bases.new(name)
     streams = []
     for b in batches:
         x = b.hidden.to(device)
-        branch = mlp_half(layer, x) if mlp else attention_half(layer, x, **b.kwargs)
+        x_read = _project(x, q_in.T) if unrotated else x
+        branch = mlp_half(layer, x_read) if mlp else attention_half(layer, x_read, **b.kwargs)
         if both:
             branch = branch + mlp_half(layer, x)
         # The stream after the branch in original coordinates: residual (un-rotated) + branch.
