@@ -29,7 +29,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsities", default="0.25,0.1,0.2,0.3")
-    p.add_argument("--heads", default="tied,untied", help="head modes to run: tied (kept tie, default) and/or untied")
+    p.add_argument(
+        "--heads", default="tied,untied", help="head modes to run: tied (kept tie, default) and/or untied"
+    )
     p.add_argument("--calib", default="c4")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=1024)
@@ -49,7 +51,12 @@ def main() -> None:
     windows = args.windows or None
     settings = {
         "model": args.model,
-        "calibration": {"dataset": args.calib, "samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": 42},
+        "calibration": {
+            "dataset": args.calib,
+            "samples": args.calib_samples,
+            "seqlen": args.calib_seqlen,
+            "seed": 42,
+        },
         "eval": {"dataset": "wikitext2 test", "seqlen": args.seqlen, "max_windows": windows},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -71,22 +78,40 @@ def main() -> None:
     def dense_point() -> dict:
         t = time.perf_counter()
         r = perplexity(dense, ids, seqlen=args.seqlen, max_windows=windows, batch_size=1)
-        return {"sparsity": 0.0, "ppl": r.ppl, "windows": r.windows, "params": sum(x.numel() for x in dense.parameters()),
-                "eval_seconds": time.perf_counter() - t}
+        return {
+            "sparsity": 0.0,
+            "ppl": r.ppl,
+            "windows": r.windows,
+            "params": sum(x.numel() for x in dense.parameters()),
+            "eval_seconds": time.perf_counter() - t,
+        }
 
     def sliced_point(sparsity: float, head: str) -> dict:
         model = copy.deepcopy(dense)
-        samples = load_calibration(args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen,
-                                   seed=42, data_dir=data_dir)
+        samples = load_calibration(
+            args.calib,
+            tokenizer,
+            n_samples=args.calib_samples,
+            seqlen=args.calib_seqlen,
+            seed=42,
+            data_dir=data_dir,
+        )
         memory = PeakMemory()
         config = SliceConfig(sparsity=sparsity, batch_size=args.batch_size, untie_head=head == "untied")
         report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id)
         t = time.perf_counter()
         r = perplexity(model, ids, seqlen=args.seqlen, max_windows=windows, batch_size=1)
-        return {"sparsity": sparsity, "head": head, "ppl": r.ppl, "windows": r.windows, "params": report.params_after,
-                "slice_seconds": report.seconds["total"], "peak_rss_gib": memory.as_dict()["peak_rss_gib"],
-                "min_explained_variance": min(report.explained_variance.values()),
-                "eval_seconds": time.perf_counter() - t}
+        return {
+            "sparsity": sparsity,
+            "head": head,
+            "ppl": r.ppl,
+            "windows": r.windows,
+            "params": report.params_after,
+            "slice_seconds": report.seconds["total"],
+            "peak_rss_gib": memory.as_dict()["peak_rss_gib"],
+            "min_explained_variance": min(report.explained_variance.values()),
+            "eval_seconds": time.perf_counter() - t,
+        }
 
     rows = [point("dense", dense_point)]
     # One head mode at a time across sparsities, so the first complete series lands early.

@@ -151,7 +151,11 @@ def write(results: dict, out: Path) -> None:
     ]
     for phase, limit_kind in (("prefill", "FLOPs"), ("decode", "bytes")):
         for r in results[phase]:
-            shape = f"{r['batch']} x {s['prompt_len']}" if phase == "prefill" else f"{r['batch']} (+{r['new_tokens']})"
+            shape = (
+                f"{r['batch']} x {s['prompt_len']}"
+                if phase == "prefill"
+                else f"{r['batch']} (+{r['new_tokens']})"
+            )
             lines.append(
                 f"| {phase} | {shape} | {r['dense_tokens_per_s']:.1f} | {r['sliced_tokens_per_s']:.1f} | "
                 f"{r['speedup']:.3f} | {r['limit']:.3f} ({limit_kind}) | {r['share_of_limit']:.1%} |"

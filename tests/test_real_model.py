@@ -19,6 +19,17 @@ from slicelm.slicing import SliceConfig, slice_model
 
 pytestmark = pytest.mark.real_model
 
+
+@pytest.fixture(autouse=True, scope="module")
+def all_threads():
+    """A 135M model is worth every core (conftest keeps tiny models on one thread)."""
+    import os
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
 SENTENCES = [
     "The capital of France is Paris, and the capital of Germany is",
     "def fibonacci(n):\n    if n < 2:\n        return n",

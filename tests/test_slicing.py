@@ -131,3 +131,27 @@ def test_covariance_ignores_masked_rows_and_pca_sorts():
     assert torch.all(values[:-1] >= values[1:])
     torch.testing.assert_close(q.T @ q, torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(q @ torch.diag(values) @ q.T, acc.covariance())
+
+
+def test_tied_head_stays_tied_and_untie_is_exact():
+    """Default keeps a tied head tied (vocab matrix stored once); untie_head gives the paper's layout."""
+    ids, mask = padded_batch(96)
+    base = logits(build_tiny_model("llama", tie_word_embeddings=True), ids, mask)
+    for untie in (False, True):
+        model = build_tiny_model("llama", tie_word_embeddings=True)
+        report = slice_model(model, calibration(96), SliceConfig(sparsity=0.0, untie_head=untie), progress=False)
+        assert relative_error(base, logits(model, ids, mask), mask) <= 1e-4
+        tied = model.lm_head.weight is model.model.embed_tokens.weight
+        assert tied == (not untie)
+        assert model.config.tie_word_embeddings == (not untie)
+        extra_vocab_matrix = 96 * 64 if untie else 0
+        shortcuts_and_proj = 3 * 2 * 64 * 64 + (0 if untie else 64 * 64)
+        norms = 3 * 2 * 64 + 64
+        assert report.params_after == report.params_before + extra_vocab_matrix + shortcuts_and_proj - norms
+
+
+def test_tied_sliced_head_reads_the_embedding_width():
+    model = build_tiny_model("llama", tie_word_embeddings=True)
+    slice_model(model, calibration(96), SliceConfig(sparsity=0.25), progress=False)
+    assert model.lm_head.weight.shape == (96, 48)
+    assert model.model.norm.proj.weight.shape == (48, 64)  # last block keeps D=64 (head not sliced)

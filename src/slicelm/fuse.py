@@ -11,6 +11,8 @@ zero-mean, so the norm reduces to an RMS norm and the projection disappears from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -41,12 +43,36 @@ def _fold(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
         scale_reader_inputs(reader, scale, shift)
 
 
+def is_tied(model: nn.Module, layout: Layout) -> bool:
+    """True if the head shares its weight with the (first) token embedding."""
+    head = get_module(model, layout.head)
+    return head.weight is get_module(model, layout.embeddings[0]).weight
+
+
+@dataclass
+class FusedNorms:
+    """What :func:`fuse_norms` did. ``final_scale``/``final_shift`` are set when the final norm's
+    affine part was *not* folded into a tied head: the caller must apply it after rotation."""
+
+    eps: float
+    final_scale: torch.Tensor | None = None  # (D,) float64
+    final_shift: torch.Tensor | None = None  # (D,) float64
+
+
 @torch.no_grad()
-def fuse_norms(model: nn.Module, layout: Layout) -> float:
-    """Fold norms into readers (and LayerNorm means into writers), in place. Returns the norm eps."""
+def fuse_norms(model: nn.Module, layout: Layout, keep_tie: bool = False) -> FusedNorms:
+    """Fold norms into readers (and LayerNorm means into writers), in place.
+
+    keep_tie: for a tied head of an RMS-norm family, leave the head tied to the embedding and
+    return the final norm's affine part instead of folding it into the head. Ignored otherwise.
+    """
     hidden = model.config.hidden_size
-    eps = norm_eps(get_module(model, layout.final_norm))
-    untie_head(model, layout)
+    final_norm = get_module(model, layout.final_norm)
+    fused = FusedNorms(norm_eps(final_norm))
+    # LayerNorm families always untie: centring the embedding would also change a tied head's logits.
+    keep_tie = keep_tie and layout.norm == "rms" and is_tied(model, layout)
+    if not keep_tie:
+        untie_head(model, layout)
     layers = get_module(model, layout.layers)
 
     if layout.norm == "layer":
@@ -65,8 +91,14 @@ def fuse_norms(model: nn.Module, layout: Layout) -> float:
             _fold(get_module(layer, layout.attn_norm), attn_readers, layout.norm_offset)
             _fold(get_module(layer, layout.mlp_norm), mlp_readers, layout.norm_offset)
         for path in layout.norms:
-            set_module(layer, path, RMSN(hidden, eps))
+            set_module(layer, path, RMSN(hidden, fused.eps))
 
-    _fold(get_module(model, layout.final_norm), [get_module(model, layout.head)], layout.norm_offset)
-    set_module(model, layout.final_norm, RMSN(hidden, eps))
-    return eps
+    if keep_tie:
+        weight, bias = getattr(final_norm, "weight", None), getattr(final_norm, "bias", None)
+        ones = torch.ones(hidden, dtype=torch.float64)
+        fused.final_scale = weight.to(torch.float64) + layout.norm_offset if weight is not None else ones
+        fused.final_shift = bias.to(torch.float64) if bias is not None else None
+    else:
+        _fold(final_norm, [get_module(model, layout.head)], layout.norm_offset)
+    set_module(model, layout.final_norm, RMSN(hidden, fused.eps))
+    return fused

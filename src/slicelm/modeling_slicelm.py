@@ -60,6 +60,24 @@ class RMSN(nn.Module):
         return f"dim={self.dim}, eps={self.eps}"
 
 
+class RMSNProject(nn.Module):
+    """Final norm of a sliced model that keeps its tied embedding/head: ``RMSN`` then a small linear.
+
+    The original final norm computes ``rmsnorm(x) * w (+ b)`` in original coordinates. With the
+    stream in basis Q_L (D, d_L) and the tied head reading in the embedding's basis Q_0 (D, d_0),
+    that becomes ``rmsn(x~) (Q_L^T diag(w) Q_0) (+ b Q_0)``: a (d_L, d_0) matrix instead of an untied
+    (vocab, d) head.
+    """
+
+    def __init__(self, dim: int, eps: float, d_in: int, d_out: int, bias: bool) -> None:
+        super().__init__()
+        self.norm = RMSN(dim, eps)
+        self.proj = nn.Linear(d_in, d_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d_out)
+        return self.proj(self.norm(x))
+
+
 # --------------------------------------------------------------------------------------------------
 # Module paths
 # --------------------------------------------------------------------------------------------------
@@ -333,8 +351,16 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
         for path in layout["mlp_outputs"]:
             resize_writer(get_module(layer, path), d_out)
         make_sliced_block(layer, roles, d_in, d_mid, d_out)
-    set_module(model, layout["final_norm"], RMSN(hidden, eps))
-    resize_reader(get_module(model, layout["head"]), plan["layers"][-1]["out"])
+    head = get_module(model, layout["head"])
+    tied = info.get("tied_head")
+    if tied:  # the head stays tied to the embedding and reads the embedding's basis
+        final = RMSNProject(hidden, eps, plan["layers"][-1]["out"], plan["embedding"], bias=tied.get("bias", False))
+        set_module(model, layout["final_norm"], final)
+        head.weight = get_module(model, layout["embeddings"][0]).weight
+        head.in_features = plan["embedding"]
+    else:
+        set_module(model, layout["final_norm"], RMSN(hidden, eps))
+        resize_reader(head, plan["layers"][-1]["out"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,14 +29,16 @@ from tqdm.auto import tqdm
 from slicelm import __version__
 from slicelm.arch import Layout, resolve
 from slicelm.errors import SlicelmError
-from slicelm.fuse import fuse_norms
+from slicelm.fuse import FusedNorms, fuse_norms
 from slicelm.modeling_slicelm import (
     SLICELM_KEY,
+    RMSNProject,
     attention_half,
     block_roles,
     get_module,
     make_sliced_block,
     mlp_half,
+    set_module,
     sliced_model_class,
     split_layer_call,
 )
@@ -55,6 +57,10 @@ class SliceConfig:
     sparsity: fraction of the hidden width removed at every point of the stream, in [0, 1).
     round_to: widths are rounded down to a multiple of this (GEMM-friendly shapes).
     slice_head: also slice the input of the LM head (the last block's output).
+    untie_head: for models whose head is tied to the embedding, give the head its own weight (the
+        paper's method). By default the tie is kept: the head reads the embedding's basis and the
+        final norm becomes a small (d_L, d_0) projection, so the vocabulary matrix is stored once.
+        LayerNorm families are always untied (mean-centring the embedding would change the head).
     basis: ``pca`` (SliceGPT); ``random`` (a Haar-random rotation: an exactness check and a
         baseline) or ``identity`` (plain truncation of the original coordinates, a baseline).
     batch_size: calibration sequences per forward pass.
@@ -64,6 +70,7 @@ class SliceConfig:
     sparsity: float = 0.25
     round_to: int = 8
     slice_head: bool = False
+    untie_head: bool = False
     basis: Basis = "pca"
     batch_size: int = 8
     seed: int = 0
@@ -238,7 +245,7 @@ def slice_model(
     params_before = count_parameters(model)
     start = time.perf_counter()
 
-    eps = fuse_norms(model, layout)
+    fused = fuse_norms(model, layout, keep_tie=not config.untie_head)
     batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), progress)
     timings["fuse_and_embed"] = time.perf_counter() - start
 
@@ -249,6 +256,7 @@ def slice_model(
     q_in = bases.choose("embedding", acc, plan.embedding)  # (D, d_emb)
     for path in layout.embeddings:
         rotate_writer(get_module(model, path), q_in)
+    q_embedding = q_in
     for b in batches:
         b.hidden = _project(b.hidden, q_in)
 
@@ -286,15 +294,15 @@ def slice_model(
         memory.sample()
     timings["layers"] = time.perf_counter() - t_layers
 
-    rotate_reader(get_module(model, layout.head), q_in)
+    info = {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": fused.eps}
+    if fused.final_scale is not None:
+        info["tied_head"] = _keep_tie(model, layout, fused, q_in, q_embedding)
+    else:
+        rotate_reader(get_module(model, layout.head), q_in)
     del batches
 
     model.__class__ = sliced_model_class(type(model))
-    setattr(
-        model.config,
-        SLICELM_KEY,
-        {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": eps},
-    )
+    setattr(model.config, SLICELM_KEY, info)
     timings["total"] = time.perf_counter() - start
     memory.sample()
     return SliceReport(
@@ -311,6 +319,24 @@ def slice_model(
         seconds=timings,
         peak_memory=memory.as_dict(),
     )
+
+
+def _keep_tie(model: nn.Module, layout: Layout, fused: FusedNorms, q_last: torch.Tensor, q_emb: torch.Tensor) -> dict:
+    """Final norm -> RMSN + (d_L, d_0) projection; the head stays tied to the rotated embedding."""
+    embedding = get_module(model, layout.embeddings[0])
+    final = RMSNProject(model.config.hidden_size, fused.eps, q_last.shape[1], q_emb.shape[1],
+                        bias=fused.final_shift is not None)
+    m = q_last.T @ (fused.final_scale.to(q_last.device)[:, None] * q_emb)  # (d_L, d_0)
+    final.proj.weight = nn.Parameter(m.T.contiguous().to(embedding.weight.dtype), requires_grad=False)
+    if fused.final_shift is not None:
+        shift = fused.final_shift.to(q_emb.device) @ q_emb  # (d_0,)
+        final.proj.bias = nn.Parameter(shift.to(embedding.weight.dtype), requires_grad=False)
+    final.to(embedding.weight.device)
+    set_module(model, layout.final_norm, final)
+    head = get_module(model, layout.head)
+    head.weight = embedding.weight
+    head.in_features = embedding.weight.shape[1]
+    return {"bias": fused.final_shift is not None}
 
 
 def _slice_branch(
