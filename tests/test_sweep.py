@@ -151,6 +151,11 @@ def test_changed_settings_invalidate_only_what_they_affect(tiny_folder, data_dir
         log=lambda _: None,
     )
     assert calls == ["winogrande", "winogrande"]
+    # Other calibration settings re-slice and re-measure the sliced point only: the dense model is the same.
+    calls.clear()
+    changed = dict(sparsities=(0.25,), tasks=("winogrande",), ppl_dataset=None, limit=2, calib_samples=2)
+    run_sweep(tiny_config(tiny_folder, data_dir, **changed), tmp_path, log=lambda _: None)
+    assert calls == ["winogrande"]
 
 
 def test_sweep_cli(tiny_folder, data_dir, tmp_path, capsys):

@@ -108,9 +108,19 @@ def load_point(path: Path, config: SweepConfig, sparsity: float) -> dict[str, An
         stored = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return fresh
-    if stored.get("schema") != SCHEMA or stored.get("slice_key") != config.slice_key():
+    if stored.get("schema") != SCHEMA:
+        return fresh
+    if not same_model(stored.get("slice_key") or {}, config.slice_key(), sparsity):
         return fresh
     return stored
+
+
+def same_model(stored: dict[str, Any], wanted: dict[str, Any], sparsity: float) -> bool:
+    """Whether a stored point measured the model these settings would build. The dense model
+    depends only on the model and dtype: changing calibration settings keeps its measurements."""
+    if sparsity == 0:
+        return all(stored.get(k) == wanted[k] for k in ("model", "dtype"))
+    return stored == wanted
 
 
 def missing_work(point: dict[str, Any], config: SweepConfig) -> tuple[bool, list[str]]:
