@@ -51,49 +51,56 @@ def is_tied(model: nn.Module, layout: Layout) -> bool:
 
 @dataclass
 class FusedNorms:
-    """What :func:`fuse_norms` did. ``final_scale``/``final_shift`` are set when the final norm's
-    affine part was *not* folded into a tied head: the caller must apply it after rotation."""
+    """What fusion decided. ``final_scale``/``final_shift`` are set when the final norm's affine
+    part was *not* folded into a tied head: the caller applies it after rotation."""
 
     eps: float
+    keep_tie: bool = False
     final_scale: torch.Tensor | None = None  # (D,) float64
     final_shift: torch.Tensor | None = None  # (D,) float64
 
 
 @torch.no_grad()
-def fuse_norms(model: nn.Module, layout: Layout, keep_tie: bool = False) -> FusedNorms:
-    """Fold norms into readers (and LayerNorm means into writers), in place.
+def prepare_ends(model: nn.Module, layout: Layout, keep_tie: bool = False) -> FusedNorms:
+    """Decide the head's tie and centre the embeddings (LayerNorm). Needs only the embeddings loaded.
 
-    keep_tie: for a tied head of an RMS-norm family, leave the head tied to the embedding and
-    return the final norm's affine part instead of folding it into the head. Ignored otherwise.
+    keep_tie: for a tied head of an RMS-norm family, leave the head tied to the embedding; the final
+    norm's affine part is then returned by :func:`fuse_final` instead of folded into the head.
     """
-    hidden = model.config.hidden_size
-    final_norm = get_module(model, layout.final_norm)
-    fused = FusedNorms(norm_eps(final_norm))
+    fused = FusedNorms(norm_eps(get_module(model, layout.final_norm)))
     # LayerNorm families always untie: centring the embedding would also change a tied head's logits.
-    keep_tie = keep_tie and layout.norm == "rms" and is_tied(model, layout)
-    if not keep_tie:
+    fused.keep_tie = keep_tie and layout.norm == "rms" and is_tied(model, layout)
+    if not fused.keep_tie:
         untie_head(model, layout)
-    layers = get_module(model, layout.layers)
-
     if layout.norm == "layer":
         for path in layout.embeddings:
             center_writer(get_module(model, path))
-        for layer in layers:
-            for path in layout.attn_outputs + layout.mlp_outputs:
-                center_writer(get_module(layer, path))
+    return fused
 
-    for layer in layers:
-        attn_readers = [get_module(layer, p) for p in layout.attn_inputs]
-        mlp_readers = [get_module(layer, p) for p in layout.mlp_inputs]
-        if layout.mlp_norm is None:  # one norm feeds both branches
-            _fold(get_module(layer, layout.attn_norm), attn_readers + mlp_readers, layout.norm_offset)
-        else:
-            _fold(get_module(layer, layout.attn_norm), attn_readers, layout.norm_offset)
-            _fold(get_module(layer, layout.mlp_norm), mlp_readers, layout.norm_offset)
-        for path in layout.norms:
-            set_module(layer, path, RMSN(hidden, fused.eps))
 
-    if keep_tie:
+@torch.no_grad()
+def fuse_layer(layer: nn.Module, layout: Layout, hidden: int, eps: float) -> None:
+    """Fold one decoder layer's norms into its readers (and LayerNorm means into its writers)."""
+    if layout.norm == "layer":
+        for path in layout.attn_outputs + layout.mlp_outputs:
+            center_writer(get_module(layer, path))
+    attn_readers = [get_module(layer, p) for p in layout.attn_inputs]
+    mlp_readers = [get_module(layer, p) for p in layout.mlp_inputs]
+    if layout.mlp_norm is None:  # one norm feeds both branches
+        _fold(get_module(layer, layout.attn_norm), attn_readers + mlp_readers, layout.norm_offset)
+    else:
+        _fold(get_module(layer, layout.attn_norm), attn_readers, layout.norm_offset)
+        _fold(get_module(layer, layout.mlp_norm), mlp_readers, layout.norm_offset)
+    for path in layout.norms:
+        set_module(layer, path, RMSN(hidden, eps))
+
+
+@torch.no_grad()
+def fuse_final(model: nn.Module, layout: Layout, fused: FusedNorms) -> None:
+    """Fold the final norm into an untied head, or (tie kept) record its affine part in ``fused``."""
+    hidden = model.config.hidden_size
+    final_norm = get_module(model, layout.final_norm)
+    if fused.keep_tie:
         weight, bias = getattr(final_norm, "weight", None), getattr(final_norm, "bias", None)
         ones = torch.ones(hidden, dtype=torch.float64)
         fused.final_scale = weight.to(torch.float64) + layout.norm_offset if weight is not None else ones
@@ -101,4 +108,12 @@ def fuse_norms(model: nn.Module, layout: Layout, keep_tie: bool = False) -> Fuse
     else:
         _fold(final_norm, [get_module(model, layout.head)], layout.norm_offset)
     set_module(model, layout.final_norm, RMSN(hidden, fused.eps))
+
+
+def fuse_norms(model: nn.Module, layout: Layout, keep_tie: bool = False) -> FusedNorms:
+    """Fold every norm of a loaded model at once (slicing does the same, layer by layer)."""
+    fused = prepare_ends(model, layout, keep_tie)
+    for layer in get_module(model, layout.layers):
+        fuse_layer(layer, layout, model.config.hidden_size, fused.eps)
+    fuse_final(model, layout, fused)
     return fused

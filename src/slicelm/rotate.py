@@ -23,23 +23,38 @@ from slicelm.modeling_slicelm import StreamTarget, set_stream_weight, stream_bia
 # Every function below works on the stream-axis-last view of a weight (see ``stream_weight``), so
 # one implementation serves Linear, Conv1D, embeddings, MoE routers and stacked expert weights.
 
+CHUNK_BYTES = 64 * 2**20  # bound on each float64 temporary: a 49k-row embedding is not copied whole
+
+
+def times_q(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``weight @ q`` in float64, row block by row block, returned in ``weight``'s dtype.
+
+    weight: (..., n, D); q: (D, d) -> (..., n, d). Chunking keeps peak memory at one block of
+    float64 rows instead of two full float64 copies, which matters when streaming large models.
+    """
+    q64 = q.to(weight.device, torch.float64)
+    flat = weight.reshape(-1, weight.shape[-1])  # (N, D)
+    rows = max(1, CHUNK_BYTES // (8 * max(weight.shape[-1], q.shape[1])))
+    out = torch.empty(flat.shape[0], q.shape[1], dtype=weight.dtype, device=weight.device)
+    for start in range(0, flat.shape[0], rows):
+        out[start : start + rows] = (flat[start : start + rows].to(torch.float64) @ q64).to(weight.dtype)
+    return out.reshape(*weight.shape[:-1], q.shape[1])
+
 
 @torch.no_grad()
 def rotate_reader(target: StreamTarget, q: torch.Tensor) -> None:
     """Make ``target`` read the stream in basis ``q`` (D, d): ``W' = W q``. The bias is unaffected."""
     weight = stream_weight(target, "reader")  # (..., out, D)
-    new = weight.to(torch.float64) @ q.to(weight.device, torch.float64)  # (..., out, d)
-    set_stream_weight(target, "reader", new.to(weight.dtype))
+    set_stream_weight(target, "reader", times_q(weight, q))  # (..., out, d)
 
 
 @torch.no_grad()
 def rotate_writer(target: StreamTarget, q: torch.Tensor) -> None:
     """Make ``target`` write the stream in basis ``q`` (D, d): its outputs become ``y q``."""
     weight = stream_weight(target, "writer")  # (..., in, D); embeddings (V, D)
-    q64 = q.to(weight.device, torch.float64)
-    new = (weight.to(torch.float64) @ q64).to(weight.dtype)  # (..., in, d)
+    new = times_q(weight, q)  # (..., in, d)
     bias = stream_bias(target)
-    new_bias = (bias.to(torch.float64) @ q64).to(bias.dtype) if bias is not None else None
+    new_bias = times_q(bias, q) if bias is not None else None
     set_stream_weight(target, "writer", new, new_bias)
 
 

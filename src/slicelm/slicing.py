@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from slicelm import __version__
 from slicelm.arch import Layout, resolve
 from slicelm.errors import SlicelmError
-from slicelm.fuse import FusedNorms, fuse_norms
+from slicelm.fuse import FusedNorms, fuse_final, fuse_layer, prepare_ends
 from slicelm.modeling_slicelm import (
     SLICELM_KEY,
     RMSNProject,
@@ -42,6 +42,7 @@ from slicelm.modeling_slicelm import (
     sliced_model_class,
     split_layer_call,
 )
+from slicelm.offload import ActivationStore
 from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
 from slicelm.plan import LayerWidths, SlicingPlan
 from slicelm.resources import PeakMemory, count_parameters
@@ -111,14 +112,29 @@ class SliceReport:
 class Batch:
     """One calibration batch, captured at the input of decoder layer 0.
 
-    hidden: (B, T, d) stream, kept on the CPU between layers; mask: (B, T) bool, True on real
-    tokens (padding never enters the statistics); kwargs: what the model passes to each decoder
-    layer (attention mask, position embeddings, ...), on the model's device.
+    mask: (B, T) bool, True on real tokens (padding never enters the statistics); kwargs: what the
+    model passes to each decoder layer (attention mask, position embeddings, ...), on the model's
+    device. The batch's stream itself, (B, T, d), lives in an :class:`ActivationStore` under
+    ``("x", index)`` so it can be spilled to disk.
     """
 
-    hidden: torch.Tensor
     mask: torch.Tensor
     kwargs: dict[str, Any]
+
+
+class WeightAccess:
+    """How slicing reaches the weights of a module (a path relative to the model).
+
+    The default does nothing: the whole model is in memory. The streaming path
+    (:mod:`slicelm.streaming`) loads a module from disk in :meth:`load` and writes it out and frees
+    it in :meth:`done`, so one algorithm serves both.
+    """
+
+    def load(self, model: nn.Module, path: str) -> None:
+        """Called before ``path`` is read or modified."""
+
+    def done(self, model: nn.Module, path: str) -> None:
+        """Called once ``path`` holds its final sliced weights."""
 
 
 class _Stop(Exception):
@@ -140,11 +156,17 @@ def pad_batches(samples: Sequence[torch.Tensor], batch_size: int, pad_id: int) -
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layout: Layout, samples: Sequence[torch.Tensor], batch_size: int, pad_id: int, progress: bool = True
+    model: nn.Module,
+    layout: Layout,
+    samples: Sequence[torch.Tensor],
+    batch_size: int,
+    pad_id: int,
+    store: ActivationStore,
+    progress: bool = True,
 ) -> list[Batch]:
-    """Run the embeddings on every batch and catch what decoder layer 0 receives."""
+    """Run the embeddings on every batch and catch what decoder layer 0 receives (into ``store``)."""
     first = get_module(model, layout.layers)[0]
-    device = next(model.parameters()).device
+    device = get_module(model, layout.embeddings[0]).weight.device
     caught: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -160,7 +182,8 @@ def capture_layer_inputs(
                 model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
             except _Stop:
                 pass
-            batches.append(Batch(caught["hidden"].cpu(), mask, caught["kwargs"]))
+            store[("x", len(batches))] = caught["hidden"]
+            batches.append(Batch(mask, caught["kwargs"]))
     finally:
         handle.remove()
     return batches
@@ -214,28 +237,29 @@ def slice_model(
     *,
     pad_token_id: int | None = None,
     progress: bool = True,
+    access: WeightAccess | None = None,
+    store: ActivationStore | None = None,
 ) -> SliceReport:
     """Slice ``model`` in place with SliceGPT and return a report.
 
     calibration: 1-D token-id tensors (any lengths; batches are right-padded and padding is masked
     out of every statistic). After this call ``model`` is an instance of ``Sliced<Class>`` that can
     be saved with :func:`slicelm.save_sliced` and loaded by plain transformers with remote code.
+    access / store: where weights and calibration activations live (see :mod:`slicelm.streaming`);
+    by default everything stays in memory.
     """
     config = config or SliceConfig()
+    access = access or WeightAccess()
+    store = store if store is not None else ActivationStore()
     if getattr(model, "_slicelm_model", False):
         raise SlicelmError("this model is already sliced; load the original model to slice it again")
     if len(calibration) == 0:
         raise SlicelmError("no calibration samples; give at least one sequence")
     layout = resolve(model)
     model.eval()
-    device = next(model.parameters()).device
     hidden = model.config.hidden_size
     layers = get_module(model, layout.layers)
-    plan = SlicingPlan.uniform(hidden, len(layers), config.sparsity, config.round_to, config.slice_head, layout.parallel)
-    if layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
-        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
-    if layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
-        plan = replace(plan, embedding=plan.head)
+    plan = _plan(layout, hidden, len(layers), config)
     pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     if isinstance(pad_id, (list, tuple)):
         pad_id = pad_id[0]
@@ -245,61 +269,50 @@ def slice_model(
     params_before = count_parameters(model)
     start = time.perf_counter()
 
-    fused = fuse_norms(model, layout, keep_tie=not config.untie_head)
-    batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), progress)
-    timings["fuse_and_embed"] = time.perf_counter() - start
+    for path in layout.embeddings:
+        access.load(model, path)
+    device = get_module(model, layout.embeddings[0]).weight.device
+    fused = prepare_ends(model, layout, keep_tie=not config.untie_head)
+    batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
+    timings["embed"] = time.perf_counter() - start
 
     bases = _Bases(config, hidden, device)
     acc = bases.new("embedding")
-    for b in batches:
-        acc.add(b.hidden, b.mask)
+    for i, b in enumerate(batches):
+        acc.add(store[("x", i)].to(device), b.mask.to(device))
     q_in = bases.choose("embedding", acc, plan.embedding)  # (D, d_emb)
     for path in layout.embeddings:
         rotate_writer(get_module(model, path), q_in)
+        access.done(model, path)
     q_embedding = q_in
-    for b in batches:
-        b.hidden = _project(b.hidden, q_in)
+    for i in range(len(batches)):
+        store[("x", i)] = _project(store[("x", i)], q_in.cpu())
 
     roles = block_roles(layout.to_dict())
     t_layers = time.perf_counter()
     for index, layer in enumerate(tqdm(layers, desc="slice layers", disable=not progress)):
-        d_in, d_mid, d_out = plan.layer(index)
-        layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
-        for path in layout.attn_inputs:
-            rotate_reader(get_module(layer, path), q_in)
-        if layout.parallel:
-            for path in layout.mlp_inputs:
-                rotate_reader(get_module(layer, path), q_in)
-            q_out = _slice_branch(layer, layout, batches, bases, f"layer{index}", q_in, d_out, both=True)
-            make_sliced_block(layer, roles, d_in, None, d_out)
-            _set_shortcut(layer.attn_shortcut, q_in, q_out)
-        else:
-            q_mid = _slice_branch(layer, layout, batches, bases, f"layer{index}.attn", q_in, d_mid, both=False)
-            # Fused MoE experts write as wide as they read: while the MLP still writes original
-            # coordinates it must read them too, so its readers are rotated after its branch.
-            late = layout.mlp_same_width
-            mlp_readers = [get_module(layer, path) for path in layout.mlp_inputs]
-            if not late:
-                for reader in mlp_readers:
-                    rotate_reader(reader, q_mid)
-            name = f"layer{index}.mlp"
-            q_out = _slice_branch(layer, layout, batches, bases, name, q_mid, d_out, mlp=True, unrotated=late)
-            if late:
-                for reader in mlp_readers:
-                    rotate_reader(reader, q_mid)
-            make_sliced_block(layer, roles, d_in, d_mid, d_out)
-            _set_shortcut(layer.attn_shortcut, q_in, q_mid)
-            _set_shortcut(layer.ffn_shortcut, q_mid, q_out)
-        q_in = q_out
+        layer_path = f"{layout.layers}.{index}"
+        access.load(model, layer_path)
+        fuse_layer(layer, layout, hidden, fused.eps)
+        q_in = _slice_layer(layer, index, layout, plan, roles, batches, store, bases, q_in)
+        access.done(model, layer_path)
         memory.sample()
     timings["layers"] = time.perf_counter() - t_layers
 
+    access.load(model, layout.final_norm)
+    if not fused.keep_tie:
+        access.load(model, layout.head)
+    fuse_final(model, layout, fused)
     info = {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": fused.eps}
-    if fused.final_scale is not None:
+    if fused.keep_tie:
         info["tied_head"] = _keep_tie(model, layout, fused, q_in, q_embedding)
     else:
         rotate_reader(get_module(model, layout.head), q_in)
-    del batches
+    access.done(model, layout.final_norm)
+    if not fused.keep_tie:
+        access.done(model, layout.head)
+    for i in range(len(batches)):
+        del store[("x", i)]
 
     model.__class__ = sliced_model_class(type(model))
     setattr(model.config, SLICELM_KEY, info)
@@ -315,10 +328,65 @@ def slice_model(
             "tokens": int(sum(len(s) for s in calibration)),
             "max_seqlen": int(max(len(s) for s in calibration)),
             "batch_size": config.batch_size,
+            "activations_spilled_to_disk": store.spilled,
         },
         seconds=timings,
         peak_memory=memory.as_dict(),
     )
+
+
+def _plan(layout: Layout, hidden: int, num_layers: int, config: SliceConfig) -> SlicingPlan:
+    plan = SlicingPlan.uniform(hidden, num_layers, config.sparsity, config.round_to, config.slice_head, layout.parallel)
+    if layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
+        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
+    if layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
+        plan = replace(plan, embedding=plan.head)
+    return plan
+
+
+def _slice_layer(
+    layer: nn.Module,
+    index: int,
+    layout: Layout,
+    plan: SlicingPlan,
+    roles: dict[str, Any],
+    batches: list[Batch],
+    store: ActivationStore,
+    bases: _Bases,
+    q_in: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate and slice one (norm-fused) decoder layer whose input is in basis ``q_in``.
+
+    Returns the basis of its output (D, d_out); the store then holds the layer's output signals.
+    """
+    d_in, d_mid, d_out = plan.layer(index)
+    layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
+    for path in layout.attn_inputs:
+        rotate_reader(get_module(layer, path), q_in)
+    if layout.parallel:
+        for path in layout.mlp_inputs:
+            rotate_reader(get_module(layer, path), q_in)
+        q_out = _slice_branch(layer, layout, batches, store, bases, f"layer{index}", q_in, d_out, both=True)
+        make_sliced_block(layer, roles, d_in, None, d_out)
+        _set_shortcut(layer.attn_shortcut, q_in, q_out)
+        return q_out
+    q_mid = _slice_branch(layer, layout, batches, store, bases, f"layer{index}.attn", q_in, d_mid)
+    # Fused MoE experts write as wide as they read: while the MLP still writes original
+    # coordinates it must read them too, so its readers are rotated after its branch.
+    late = layout.mlp_same_width
+    mlp_readers = [get_module(layer, path) for path in layout.mlp_inputs]
+    if not late:
+        for reader in mlp_readers:
+            rotate_reader(reader, q_mid)
+    name = f"layer{index}.mlp"
+    q_out = _slice_branch(layer, layout, batches, store, bases, name, q_mid, d_out, mlp=True, unrotated=late)
+    if late:
+        for reader in mlp_readers:
+            rotate_reader(reader, q_mid)
+    make_sliced_block(layer, roles, d_in, d_mid, d_out)
+    _set_shortcut(layer.attn_shortcut, q_in, q_mid)
+    _set_shortcut(layer.ffn_shortcut, q_mid, q_out)
+    return q_out
 
 
 def _keep_tie(model: nn.Module, layout: Layout, fused: FusedNorms, q_last: torch.Tensor, q_emb: torch.Tensor) -> dict:
@@ -343,6 +411,7 @@ def _slice_branch(
     layer: nn.Module,
     layout: Layout,
     batches: list[Batch],
+    store: ActivationStore,
     bases: _Bases,
     name: str,
     q_in: torch.Tensor,
@@ -353,16 +422,15 @@ def _slice_branch(
 ) -> torch.Tensor:
     """Compute one branch on every batch, choose the next basis, rotate the branch's writers.
 
-    Each batch's ``hidden`` (B, T, d_in, basis q_in) is replaced by the stream after the branch in
-    the new basis (B, T, width). Returns the new basis (D, width). ``unrotated``: the branch's
-    readers still read original coordinates, so it is fed ``hidden q_in^T`` (B, T, D); the RMS
+    Each batch's stream ``store["x", i]`` (B, T, d_in, basis q_in) is replaced by the stream after
+    the branch in the new basis (B, T, width). Returns the new basis (D, width). ``unrotated``: the
+    branch's readers still read original coordinates, so it is fed ``x q_in^T`` (B, T, D); the RMS
     norm before it commutes with that change of basis.
     """
     device = q_in.device
     acc = bases.new(name)
-    streams = []
-    for b in batches:
-        x = b.hidden.to(device)
+    for i, b in enumerate(batches):
+        x = store[("x", i)].to(device)
         x_read = _project(x, q_in.T) if unrotated else x
         branch = mlp_half(layer, x_read) if mlp else attention_half(layer, x_read, **b.kwargs)
         if both:
@@ -370,13 +438,14 @@ def _slice_branch(
         # The stream after the branch in original coordinates: residual (un-rotated) + branch.
         z = (x.to(torch.float64) @ q_in.T + branch.to(torch.float64)).to(x.dtype)  # (B, T, D)
         acc.add(z, b.mask.to(device))
-        streams.append(z.cpu())
+        store[("z", i)] = z
     q_out = bases.choose(name, acc, width)
     writers = layout.mlp_outputs if (mlp or both) else layout.attn_outputs
     if both:
         writers = layout.attn_outputs + layout.mlp_outputs
     for path in writers:
         rotate_writer(get_module(layer, path), q_out)
-    for b, z in zip(batches, streams):
-        b.hidden = _project(z, q_out.cpu())
+    for i in range(len(batches)):
+        store[("x", i)] = _project(store[("z", i)], q_out.cpu())
+        del store[("z", i)]
     return q_out

@@ -1,0 +1,109 @@
+"""Calibration activations in bounded memory.
+
+Layer-wise slicing keeps, for every calibration batch, the residual stream at the current point.
+For a large model and many samples that exceeds RAM, so :class:`ActivationStore` keeps tensors in
+memory up to a byte budget and spills the rest to memory-mapped files in an offload folder (read
+back page by page, one batch at a time, never all at once).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Hashable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+class ActivationStore:
+    """A list of tensors, in RAM while ``max_bytes`` allows, else memory-mapped under ``offload_dir``."""
+
+    def __init__(self, max_bytes: int | None = None, offload_dir: str | Path | None = None) -> None:
+        self.max_bytes = max_bytes
+        self._root = Path(offload_dir) if offload_dir else None
+        self._dir: Path | None = None
+        self._items: dict[Hashable, torch.Tensor] = {}
+        self._ram_bytes: dict[Hashable, int] = {}
+        self._generation = 0  # file names change on every overwrite so live memmaps are never clobbered
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(self._ram_bytes.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: Hashable) -> torch.Tensor:
+        return self._items[index]
+
+    def __delitem__(self, index: Hashable) -> None:
+        del self._items[index]
+        self._ram_bytes.pop(index, None)
+
+    @property
+    def spilled(self) -> int:
+        """How many tensors live in memory-mapped files."""
+        return len(self._items) - len(self._ram_bytes)
+
+    def __setitem__(self, index: Hashable, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu")
+        self._ram_bytes.pop(index, None)
+        self._items.pop(index, None)
+        size = tensor.numel() * tensor.element_size()
+        if self.max_bytes is None or self.ram_bytes + size <= self.max_bytes or tensor.dtype not in _NUMPY:
+            self._items[index] = tensor.contiguous()
+            self._ram_bytes[index] = size
+            return
+        self._items[index] = self._spill(index, tensor)
+
+    def _spill(self, index: Hashable, tensor: torch.Tensor) -> torch.Tensor:
+        if self._dir is None:
+            if self._root is not None:
+                self._root.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="slicelm-offload-", dir=self._root))
+        self._generation += 1
+        path = self._dir / f"act-{self._generation}.bin"
+        array = np.memmap(path, dtype=_NUMPY[tensor.dtype], mode="w+", shape=tuple(tensor.shape))
+        array[:] = tensor.numpy()
+        array.flush()
+        del array
+        mapped = np.memmap(path, dtype=_NUMPY[tensor.dtype], mode="r+", shape=tuple(tensor.shape))
+        path.unlink()  # the mapping keeps the data alive; nothing is left behind on exit
+        return torch.from_numpy(mapped)
+
+    def close(self) -> None:
+        self._items.clear()
+        self._ram_bytes.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1.5G', '1000000' -> bytes."""
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 10**3,
+        "kb": 10**3,
+        "kib": 2**10,
+        "m": 10**6,
+        "mb": 10**6,
+        "mib": 2**20,
+        "g": 10**9,
+        "gb": 10**9,
+        "gib": 2**30,
+        "t": 10**12,
+        "tb": 10**12,
+        "tib": 2**40,
+    }
+    raw = text.strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number) :]
+    if not number or unit not in units:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 2GiB or 512MB")
+    return int(float(number) * units[unit])

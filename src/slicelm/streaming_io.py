@@ -1,0 +1,111 @@
+"""Read and write model weights piece by piece, so no step holds the whole model.
+
+:class:`LazyCheckpoint` maps tensor names to the safetensors files of a Hugging Face folder and
+loads single modules' tensors on demand (safetensors memory-maps the file; nothing is unpickled).
+:class:`ShardWriter` writes an output state dict one shard at a time plus the standard index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from slicelm.errors import SlicelmError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class LazyCheckpoint:
+    """Tensor name -> file over a folder's safetensors, loaded one module at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if (self.folder / INDEX).is_file():
+            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        elif (self.folder / SINGLE).is_file():
+            with safe_open(self.folder / SINGLE, framework="pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
+        else:
+            raise SlicelmError(
+                f"{self.folder} has no safetensors weights; streaming needs a Hugging Face folder with "
+                f"{SINGLE} or {INDEX} (GGUF and .bin checkpoints: use the in-memory path)"
+            )
+        self._handles: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path].get_tensor(name)
+
+    @torch.no_grad()
+    def materialize(
+        self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
+        """Replace every meta parameter of ``module`` (state-dict prefix ``prefix``) by its stored value."""
+        for name, param in list(module.named_parameters(recurse=True)):
+            if param.device.type != "meta":
+                continue
+            key = f"{prefix}{name}"
+            if key not in self.files:
+                raise SlicelmError(f"{self.folder}: tensor {key} is missing from the checkpoint")
+            value = self.tensor(key).to(device=device, dtype=dtype)
+            if value.shape != param.shape:
+                raise SlicelmError(
+                    f"{self.folder}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+                )
+            owner_path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def release(module: nn.Module) -> None:
+    """Drop a module's weights (back to the meta device) once they are written."""
+    module.to(device="meta")
+
+
+class ShardWriter:
+    """Writes ``model-XXXXX-of-YYYYY.safetensors`` shards as pieces arrive, then the index."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.pending: list[tuple[str, dict[str, torch.Tensor]]] = []
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+        self._count = 0
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one shard now (tensors are copied to contiguous CPU memory, then released)."""
+        if not tensors:
+            return
+        self._count += 1
+        name = f"shard-{self._count:05d}.safetensors"
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(data, self.folder / name, metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(data, name))
+        self.total += sum(v.numel() * v.element_size() for v in data.values())
+
+    def finish(self) -> None:
+        """Rename shards to the standard pattern and write the index transformers reads."""
+        final = {}
+        for i in range(1, self._count + 1):
+            old = self.folder / f"shard-{i:05d}.safetensors"
+            new = f"model-{i:05d}-of-{self._count:05d}.safetensors"
+            old.rename(self.folder / new)
+            final[old.name] = new
+        weight_map = {k: final[v] for k, v in sorted(self.weight_map.items())}
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
