@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,49 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def sliced_config(model_config: Any, base_class: str, metadata: dict[str, Any] | None = None) -> Any:
+    """Record provenance and the remote-code entry point in a sliced model's config (in place)."""
+    info = dict(getattr(model_config, SLICELM_KEY))
+    info.update(metadata or {})
+    info["base_class"] = base_class
+    setattr(model_config, SLICELM_KEY, info)
+    model_config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.Sliced{base_class}"}
+    return model_config
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it vanishes."""
+    out = check_output_dir(out, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        _check_no_pickles(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_companions(folder: Path, config: Any, tokenizer: Any = None, report: dict[str, Any] | None = None) -> None:
+    """Everything but the weights: modeling code, plan, report, tokenizer (config if not yet saved)."""
+    if not (folder / "config.json").exists():
+        config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    shutil.copyfile(modeling_slicelm.__file__, folder / MODELING_FILE)
+    (folder / PLAN_FILE).write_text(json.dumps(getattr(config, SLICELM_KEY)["plan"], indent=2) + "\n")
+    if report is not None:
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def save_sliced(
     model: nn.Module,
     out: str | Path,
@@ -55,36 +100,11 @@ def save_sliced(
     """
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
-    out = check_output_dir(out, overwrite)
-    info = dict(getattr(model.config, SLICELM_KEY))
-    info.update(metadata or {})
-    base = type(model).__mro__[1].__name__  # Sliced<Base> -> Base
-    info["base_class"] = base
-    config = model.config
-    setattr(config, SLICELM_KEY, info)
-    config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.Sliced{base}"}
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    out = Path(out).expanduser()
+    sliced_config(model.config, type(model).__mro__[1].__name__, metadata)  # Sliced<Base> -> Base
+    with staged_folder(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shutil.copyfile(modeling_slicelm.__file__, tmp / MODELING_FILE)
-        (tmp / PLAN_FILE).write_text(json.dumps(info["plan"], indent=2) + "\n")
-        if report is not None:
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        _check_no_pickles(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_companions(tmp, model.config, tokenizer, report)
     return out
 
 

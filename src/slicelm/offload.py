@@ -29,6 +29,7 @@ class ActivationStore:
         self._items: dict[Hashable, torch.Tensor] = {}
         self._ram_bytes: dict[Hashable, int] = {}
         self._generation = 0  # file names change on every overwrite so live memmaps are never clobbered
+        self._spills = 0
 
     @property
     def ram_bytes(self) -> int:
@@ -46,8 +47,8 @@ class ActivationStore:
 
     @property
     def spilled(self) -> int:
-        """How many tensors live in memory-mapped files."""
-        return len(self._items) - len(self._ram_bytes)
+        """How many tensors were ever written to memory-mapped files (a cumulative count)."""
+        return self._spills
 
     def __setitem__(self, index: Hashable, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu")
@@ -66,6 +67,7 @@ class ActivationStore:
                 self._root.mkdir(parents=True, exist_ok=True)
             self._dir = Path(tempfile.mkdtemp(prefix="slicelm-offload-", dir=self._root))
         self._generation += 1
+        self._spills += 1
         path = self._dir / f"act-{self._generation}.bin"
         array = np.memmap(path, dtype=_NUMPY[tensor.dtype], mode="w+", shape=tuple(tensor.shape))
         array[:] = tensor.numpy()

@@ -399,7 +399,7 @@ def _keep_tie(model: nn.Module, layout: Layout, fused: FusedNorms, q_last: torch
     if fused.final_shift is not None:
         shift = fused.final_shift.to(q_emb.device) @ q_emb  # (d_0,)
         final.proj.bias = nn.Parameter(shift.to(embedding.weight.dtype), requires_grad=False)
-    final.to(embedding.weight.device)
+    final.to(q_last.device)  # not the embedding's: when streaming it may already be written and freed
     set_module(model, layout.final_norm, final)
     head = get_module(model, layout.head)
     head.weight = embedding.weight

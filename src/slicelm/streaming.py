@@ -1,0 +1,127 @@
+"""Layer-streaming compression: slice models larger than memory.
+
+The model is built as an empty skeleton on the meta device (only buffers such as rotary tables are
+real), and the algorithm of :func:`slicelm.slicing.slice_model` runs unchanged with a
+:class:`StreamingAccess` that loads each module from the source safetensors just before it is
+needed, writes its sliced weights to a new shard as soon as they are final, and frees them. At any
+time memory holds one decoder layer, the embeddings while they are processed, and the calibration
+activations (bounded by ``max_memory``; the rest spills to memory-mapped files).
+
+The same code path as in-memory slicing means the same weights: ``tests/test_streaming.py`` checks
+that both give identical tensors.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slicelm.arch import resolve
+from slicelm.checkpoint import sliced_config, staged_folder, write_companions
+from slicelm.errors import SlicelmError
+from slicelm.modeling_slicelm import get_module
+from slicelm.offload import ActivationStore
+from slicelm.slicing import SliceConfig, SliceReport, WeightAccess, slice_model
+from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
+
+
+def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of ``folder`` with every parameter on the meta device (no weight memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+class StreamingAccess(WeightAccess):
+    """Loads modules from a :class:`LazyCheckpoint` on demand; writes and frees them when done."""
+
+    def __init__(self, checkpoint: LazyCheckpoint, writer: ShardWriter, dtype: torch.dtype, device: str = "cpu") -> None:
+        self.checkpoint, self.writer, self.dtype, self.device = checkpoint, writer, dtype, device
+
+    def load(self, model: nn.Module, path: str) -> None:
+        module = get_module(model, path)
+        self.checkpoint.materialize(module, f"{path}.", self.dtype, self.device)
+        layout = resolve_cached(model)
+        if path == layout.embeddings[0] and getattr(model.config, "tie_word_embeddings", False):
+            # A tied checkpoint stores the matrix once; the head shares the loaded tensor again.
+            get_module(model, layout.head).weight = module.weight
+
+    def done(self, model: nn.Module, path: str) -> None:
+        module = get_module(model, path)
+        layout = resolve_cached(model)
+        if path == layout.head and getattr(model.config, "tie_word_embeddings", False):
+            return  # tied: written with the embedding; transformers re-ties it on load
+        self.writer.write(module.state_dict(prefix=f"{path}."))
+        release(module)
+
+
+def resolve_cached(model: nn.Module):
+    """``resolve`` once per model: the skeleton's layout does not change while it is sliced."""
+    layout = getattr(model, "_slicelm_layout", None)
+    if layout is None:
+        layout = resolve(model)
+        model._slicelm_layout = layout
+    return layout
+
+
+def slice_streaming(
+    source: str | Path,
+    out: str | Path,
+    calibration: Sequence[torch.Tensor],
+    config: SliceConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype = torch.float32,
+    max_memory: int | None = None,
+    offload_dir: str | Path | None = None,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    report_extra: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SliceReport:
+    """Slice the safetensors checkpoint in ``source`` into the folder ``out``, layer by layer.
+
+    max_memory: bytes of calibration activations kept in RAM (the rest goes to memory-mapped files
+    under ``offload_dir``, default the system temp folder). The output folder is the same as
+    :func:`slicelm.save_sliced` writes, in several shards.
+    """
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise SlicelmError(f"{source} is not a Hugging Face model folder (no config.json); streaming needs one")
+    checkpoint = LazyCheckpoint(source)
+    model = skeleton(source, dtype)
+    with staged_folder(Path(out).expanduser(), overwrite) as tmp:
+        writer = ShardWriter(tmp)
+        store = ActivationStore(max_memory, offload_dir)
+        try:
+            report = slice_model(
+                model,
+                calibration,
+                config,
+                pad_token_id=getattr(tokenizer, "pad_token_id", None),
+                progress=progress,
+                access=StreamingAccess(checkpoint, writer, dtype),
+                store=store,
+            )
+        finally:
+            store.close()
+            checkpoint.close()
+        writer.finish()
+        base = type(model).__mro__[1].__name__
+        sliced_config(model.config, base, metadata)
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(tmp)
+        if (source / "generation_config.json").is_file():
+            shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
+        full_report = report.to_dict() | {"streamed": True} | (report_extra or {})
+        write_companions(tmp, model.config, tokenizer, full_report)
+    return report
