@@ -37,39 +37,40 @@ class LazyCheckpoint:
                 f"{self.folder} has no safetensors weights; streaming needs a Hugging Face folder with "
                 f"{SINGLE} or {INDEX} (GGUF and .bin checkpoints: use the in-memory path)"
             )
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def tensor(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
-
     @torch.no_grad()
-    def materialize(
-        self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str = "cpu"
-    ) -> None:
-        """Replace every meta parameter of ``module`` (state-dict prefix ``prefix``) by its stored value."""
-        for name, param in list(module.named_parameters(recurse=True)):
+    def materialize(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        """Replace every meta parameter of ``module`` (state-dict prefix ``prefix``) by its stored value.
+
+        Files are opened for this call only: a mapping kept open would keep every page read so far
+        resident (and counted in the process's memory) until the end.
+        """
+        wanted: dict[Path, list[tuple[str, str]]] = {}
+        for name, param in module.named_parameters(recurse=True):
             if param.device.type != "meta":
                 continue
             key = f"{prefix}{name}"
             if key not in self.files:
                 raise SlicelmError(f"{self.folder}: tensor {key} is missing from the checkpoint")
-            value = self.tensor(key).to(device=device, dtype=dtype)
-            if value.shape != param.shape:
-                raise SlicelmError(
-                    f"{self.folder}: tensor {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
-                )
-            owner_path, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_path) if owner_path else module
-            setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+            wanted.setdefault(self.files[key], []).append((name, key))
+        for path, items in wanted.items():
+            with safe_open(path, framework="pt") as handle:
+                for name, key in items:
+                    param = module.get_parameter(name)
+                    value = handle.get_tensor(key).to(device=device, dtype=dtype)
+                    if value.shape != param.shape:
+                        raise SlicelmError(
+                            f"{self.folder}: {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
+                        )
+                    owner_path, _, attr = name.rpartition(".")
+                    owner = module.get_submodule(owner_path) if owner_path else module
+                    setattr(owner, attr, nn.Parameter(value, requires_grad=False))
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between calls; kept for symmetry with other readers."""
 
 
 def release(module: nn.Module) -> None:

@@ -46,6 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also measure WikiText-2 test perplexity before and after on this many windows (default 0: skip)",
     )
     p.add_argument("--ppl-seqlen", type=int, default=2048, help="window length for --ppl-windows (default 2048)")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="never load the whole model: stream decoder layers from the safetensors files one at a time "
+        "(for models larger than memory; needs a Hugging Face folder or hub id)",
+    )
+    p.add_argument("--max-memory", help="with --stream: RAM for calibration activations, e.g. 4GiB (default: no limit)")
+    p.add_argument("--offload-dir", help="with --stream: where activations beyond --max-memory are memory-mapped")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -62,6 +70,17 @@ def validate(args: argparse.Namespace) -> None:
             raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
     if args.ppl_windows < 0:
         raise SlicelmError("--ppl-windows must be 0 or more")
+    if args.stream and args.ppl_windows:
+        raise SlicelmError("--ppl-windows needs the whole model in memory; with --stream, run `slicelm ppl OUT` after")
+    if (args.max_memory or args.offload_dir) and not args.stream:
+        raise SlicelmError("--max-memory and --offload-dir apply to --stream only")
+    if args.max_memory:
+        from slicelm.offload import parse_bytes
+
+        try:
+            args.max_memory_bytes = parse_bytes(args.max_memory)
+        except ValueError as exc:
+            raise SlicelmError(f"--max-memory: {exc}") from None
     calib = Path(args.calib)
     if args.calib not in CALIBRATION_SETS:
         if calib.suffix not in (".txt", ".jsonl"):
@@ -104,27 +123,13 @@ def run(args: argparse.Namespace) -> int:
         args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, data_dir=data_dir
     )
     eval_ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir) if args.ppl_windows else None
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(source, dtype=args.dtype)
-    load_seconds = time.perf_counter() - t0
-
-    def ppl() -> dict[str, Any] | None:
-        if eval_ids is None:
-            return None
-        result = perplexity(model, eval_ids, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows, progress=progress)
-        return {"dataset": "wikitext2", "ppl": result.ppl, "windows": result.windows, "seqlen": result.seqlen}
-
-    ppl_before = ppl()
-    report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress)
-    ppl_after = ppl()
-
     calibration = {
         "dataset": args.calib,
         "samples": args.calib_samples,
         "seqlen": args.calib_seqlen,
         "seed": args.seed,
         "batch_size": args.batch_size,
-        "tokens": report.calibration["tokens"],
+        "tokens": int(sum(len(x) for x in samples)),
     }
     metadata = {
         "source_model": source.description,
@@ -137,17 +142,40 @@ def run(args: argparse.Namespace) -> int:
         },
         "dtype": args.dtype,
     }
+    t0 = time.perf_counter()
+    ppl_before = ppl_after = None
+    if args.stream:
+        report = _slice_streaming(args, source, tokenizer, samples, config, metadata)
+        load_seconds = 0.0
+    else:
+        model, tokenizer = load_model(source, dtype=args.dtype)
+        load_seconds = time.perf_counter() - t0
+
+        def ppl() -> dict[str, Any] | None:
+            if eval_ids is None:
+                return None
+            result = perplexity(model, eval_ids, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows, progress=progress)
+            return {"dataset": "wikitext2", "ppl": result.ppl, "windows": result.windows, "seqlen": result.seqlen}
+
+        ppl_before = ppl()
+        report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress)
+        ppl_after = ppl()
+
     full_report = {
         "model": source.description,
         "sparsity": args.sparsity,
         **report.to_dict(),
-        "calibration": calibration,
+        "calibration": report.calibration | calibration,
         "load_seconds": load_seconds,
         "perplexity_before": ppl_before,
         "perplexity_after": ppl_after,
         "torch": torch.__version__,
     }
-    out = save_sliced(model, args.out, tokenizer, overwrite=args.overwrite, metadata=metadata, report=full_report)
+    if args.stream:
+        out = Path(args.out)
+        (out / "slicelm_report.json").write_text(json.dumps(full_report | {"streamed": True}, indent=2, default=str) + "\n")
+    else:
+        out = save_sliced(model, args.out, tokenizer, overwrite=args.overwrite, metadata=metadata, report=full_report)
     print(summary(full_report, out), file=sys.stderr)
     print(json.dumps({k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")} | {
         "ppl_before": ppl_before and ppl_before["ppl"],
@@ -155,6 +183,36 @@ def run(args: argparse.Namespace) -> int:
         "out": str(out),
     }))
     return 0
+
+
+def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata):
+    """Streamed slicing straight from the safetensors files into ``args.out``."""
+    from slicelm.models import parse_dtype
+    from slicelm.streaming import slice_streaming
+
+    if source.gguf_file:
+        raise SlicelmError("--stream needs safetensors weights; GGUF files are dequantised whole (drop --stream)")
+    folder = source.path
+    if not Path(folder).is_dir():  # a hub id: fetch the files once, then stream from the local cache
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(folder, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        except Exception as exc:  # offline, unknown repo, gated...: one line for the user
+            raise SlicelmError(f"cannot download {source.description}: {str(exc).splitlines()[0]}") from None
+    return slice_streaming(
+        folder,
+        args.out,
+        samples,
+        config,
+        tokenizer=tokenizer,
+        dtype=parse_dtype(args.dtype),
+        max_memory=getattr(args, "max_memory_bytes", None),
+        offload_dir=args.offload_dir,
+        overwrite=args.overwrite,
+        metadata=metadata,
+        progress=not args.quiet,
+    )
 
 
 def summary(report: dict[str, Any], out: Path) -> str:

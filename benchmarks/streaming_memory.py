@@ -1,0 +1,123 @@
+"""Compress a synthetic >=1.5B Llama-shaped model by layer streaming and record its peak memory.
+
+Builds the model (random weights, float32, one shard per layer) in a temporary folder, runs
+``slicelm slice --stream`` on it in a child process, and writes docs/results/streaming_<preset>.json
+and .md with: size on disk, peak resident memory of the compressing process (ru_maxrss, which
+includes the Python/torch runtime), their ratio, wall time, and the calibration size. The model and
+the sliced output are deleted afterwards unless --keep is given.
+
+    python benchmarks/streaming_memory.py --preset 1.5b --calib-samples 16 --calib-seqlen 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from make_synthetic import build  # noqa: E402
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="1.5b")
+    p.add_argument("--sparsity", type=float, default=0.25)
+    p.add_argument("--calib", default="c4")
+    p.add_argument("--calib-samples", type=int, default=16)
+    p.add_argument("--calib-seqlen", type=int, default=256)
+    p.add_argument("--max-memory", default="256MiB", help="RAM budget for calibration activations")
+    p.add_argument("--work-dir", default=None, help="where the model is built (default: a temp folder)")
+    p.add_argument("--keep", action="store_true")
+    args = p.parse_args()
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="slicelm-synthetic-"))
+    source, out = work / f"llama-{args.preset}", work / f"llama-{args.preset}-sliced"
+    try:
+        t = time.perf_counter()
+        if not (source / "config.json").is_file():
+            build(source, args.preset)
+        build_seconds = time.perf_counter() - t
+        size = folder_bytes(source)
+        cmd = [
+            sys.executable, "-m", "slicelm", "slice", str(source), "--stream", "--sparsity", str(args.sparsity),
+            "--calib", args.calib, "--calib-samples", str(args.calib_samples), "--calib-seqlen",
+            str(args.calib_seqlen), "--batch-size", "4", "--max-memory", args.max_memory,
+            "--offload-dir", str(work / "offload"), "--out", str(out), "--overwrite",
+        ]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - t
+        child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        report = json.loads((out / "slicelm_report.json").read_text())
+        result = {
+            "preset": args.preset,
+            "params_before": report["params_before"],
+            "params_after": report["params_after"],
+            "bytes_on_disk": size,
+            "sliced_bytes_on_disk": folder_bytes(out),
+            "peak_rss_bytes": child_peak,
+            "peak_rss_share_of_disk_size": child_peak / size,
+            "wall_seconds": wall,
+            "build_seconds": build_seconds,
+            "slicing_seconds": report["seconds"],
+            "calibration": report["calibration"],
+            "activations_max_memory": args.max_memory,
+            "sparsity": args.sparsity,
+            "cpu_count": os.cpu_count(),
+            "command": " ".join(["slicelm"] + cmd[3:]).replace(str(work), "$WORK"),
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    write(result, REPO / "docs" / "results" / f"streaming_{args.preset}")
+    print(json.dumps(result, indent=2))
+
+
+def write(r: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
+    c = r["calibration"]
+    lines = [
+        f"# Layer-streaming compression of a synthetic {r['params_before'] / 1e9:.2f}B Llama-shaped model",
+        "",
+        "Random weights, float32, one safetensors shard per decoder layer, built by `benchmarks/make_synthetic.py` "
+        "into a temporary folder (never committed). Produced by `benchmarks/streaming_memory.py`.",
+        "",
+        "| quantity | value |",
+        "|---|---:|",
+        f"| parameters before / after (sparsity {r['sparsity']}) | {r['params_before'] / 1e9:.3f}B / "
+        f"{r['params_after'] / 1e9:.3f}B |",
+        f"| float32 size on disk | {r['bytes_on_disk'] / 2**30:.2f} GiB |",
+        f"| sliced size on disk | {r['sliced_bytes_on_disk'] / 2**30:.2f} GiB |",
+        f"| **peak resident memory of the compressing process** | **{r['peak_rss_bytes'] / 2**30:.2f} GiB** |",
+        f"| peak memory / size on disk | **{r['peak_rss_share_of_disk_size']:.1%}** (target <= 35%) |",
+        f"| wall time | {r['wall_seconds']:.0f} s on {r['cpu_count']} CPU cores |",
+        f"| calibration | {c['samples']} samples, {c['tokens']} tokens (max length {c['max_seqlen']}), "
+        f"batch {c['batch_size']} |",
+        f"| activation budget | {r['activations_max_memory']} in RAM "
+        f"({c.get('activations_spilled_to_disk', 0)} tensors spilled to memory-mapped files) |",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        "Peak memory is `ru_maxrss` of the child process, so it includes the Python, torch and transformers "
+        "runtime (about 0.7 GiB before any weight is loaded).",
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
