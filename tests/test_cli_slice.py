@@ -39,8 +39,9 @@ def test_slice_writes_a_loadable_folder_with_report(tiny_folder, tmp_path, data_
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["params_after"] < summary["params_before"]  # the tie is kept by default
     report = json.loads((out / "slicelm_report.json").read_text())
-    assert report["calibration"] == {"dataset": "c4", "samples": 4, "seqlen": 32, "seed": 42, "batch_size": 2,
-                                     "tokens": report["calibration"]["tokens"]}
+    expected = {"dataset": "c4", "samples": 4, "seqlen": 32, "seed": 42, "batch_size": 2, "max_seqlen": 32}
+    assert expected.items() <= report["calibration"].items()
+    assert 4 <= report["calibration"]["tokens"] <= 4 * 32
     assert len(report["explained_variance"]) == 1 + 2 * 3
     assert report["plan"]["embedding"] == 48 and report["seconds"]["total"] > 0
     assert report["peak_memory"]["peak_rss_gib"] > 0
