@@ -192,3 +192,10 @@ def test_checkpoint_with_missing_tensor_is_refused(saved, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SlicelmError, match="does not match its slicing plan: 1 missing keys"):
         load_sliced(broken)
+
+
+def test_missing_parent_folders_are_created(saved, tmp_path):
+    model, _ = saved
+    out = tmp_path / "new" / "nested" / "sliced"
+    save_sliced(model, out)
+    assert (out / "model.safetensors").is_file()

@@ -36,8 +36,8 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
         raise SlicelmError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise SlicelmError(f"output path {out} exists and is not a folder; remove it or choose another --out")
-    if not out.parent.exists():
-        raise SlicelmError(f"parent folder {out.parent} does not exist; create it first")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise SlicelmError(f"{out.parent} is not a folder; choose another --out")
     return out
 
 
@@ -55,6 +55,7 @@ def sliced_config(model_config: Any, base_class: str, metadata: dict[str, Any] |
 def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it vanishes."""
     out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)  # only now, once the work is done or under way
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield tmp
