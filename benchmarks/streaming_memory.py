@@ -89,7 +89,8 @@ def main() -> None:
 
 def write(r: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
+    # Not with_suffix: the preset name "1.5b" has a dot in it.
+    out.parent.joinpath(out.name + ".json").write_text(json.dumps(r, indent=2) + "\n")
     c = r["calibration"]
     lines = [
         f"# Layer-streaming compression of a synthetic {r['params_before'] / 1e9:.2f}B Llama-shaped model",
@@ -116,7 +117,7 @@ def write(r: dict, out: Path) -> None:
         "Peak memory is `ru_maxrss` of the child process, so it includes the Python, torch and transformers "
         "runtime (about 0.7 GiB before any weight is loaded).",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.parent.joinpath(out.name + ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,19 +26,28 @@ from slicelm.modeling_slicelm import StreamTarget, set_stream_weight, stream_bia
 CHUNK_BYTES = 64 * 2**20  # bound on each float64 temporary: a 49k-row embedding is not copied whole
 
 
-def times_q(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``weight @ q`` in float64, row block by row block, returned in ``weight``'s dtype.
+def map_rows(weight: torch.Tensor, fn, width: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Apply ``fn`` to float64 blocks of rows of ``weight`` (..., n, D); result in ``weight``'s dtype.
 
-    weight: (..., n, D); q: (D, d) -> (..., n, d). Chunking keeps peak memory at one block of
-    float64 rows instead of two full float64 copies, which matters when streaming large models.
+    ``fn`` maps a (rows, D) float64 block to (rows, width). Working block by block keeps peak memory
+    at the input, the output and one float64 block, instead of two full float64 copies — for the
+    embedding or head of a large vocabulary that is the difference between fitting and not.
+    ``dtype``: of the result (default: ``weight``'s).
     """
-    q64 = q.to(weight.device, torch.float64)
+    dtype = weight.dtype if dtype is None else dtype
+    width = weight.shape[-1] if width is None else width
     flat = weight.reshape(-1, weight.shape[-1])  # (N, D)
-    rows = max(1, CHUNK_BYTES // (8 * max(weight.shape[-1], q.shape[1])))
-    out = torch.empty(flat.shape[0], q.shape[1], dtype=weight.dtype, device=weight.device)
+    rows = max(1, CHUNK_BYTES // (8 * max(weight.shape[-1], width)))
+    out = torch.empty(flat.shape[0], width, dtype=dtype, device=weight.device)
     for start in range(0, flat.shape[0], rows):
-        out[start : start + rows] = (flat[start : start + rows].to(torch.float64) @ q64).to(weight.dtype)
-    return out.reshape(*weight.shape[:-1], q.shape[1])
+        out[start : start + rows] = fn(flat[start : start + rows].to(torch.float64)).to(dtype)
+    return out.reshape(*weight.shape[:-1], width)
+
+
+def times_q(weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``weight @ q`` in float64, block by block: weight (..., n, D), q (D, d) -> (..., n, d)."""
+    q64 = q.to(weight.device, torch.float64)
+    return map_rows(weight, lambda block: block @ q64, q.shape[1])
 
 
 @torch.no_grad()
@@ -65,16 +74,16 @@ def scale_reader_inputs(target: StreamTarget, scale: torch.Tensor, shift: torch.
     ``(x s + t) W^T + b = x (W diag(s))^T + (W t + b)``.
     """
     weight = stream_weight(target, "reader")  # (..., out, D)
-    w64 = weight.to(torch.float64)
-    new = (w64 * scale.to(weight.device, torch.float64)).to(weight.dtype)
     bias = None
     if shift is not None:
         if isinstance(target, torch.Tensor):
             raise SlicelmError("cannot fold a norm's bias into a bare weight parameter (it has no bias)")
         old = stream_bias(target)
-        extra = w64 @ shift.to(weight.device, torch.float64)  # (..., out)
+        shift64 = shift.to(weight.device, torch.float64)[:, None]  # (D, 1)
+        extra = map_rows(weight, lambda block: block @ shift64, 1, torch.float64).squeeze(-1)  # (..., out)
         bias = (extra + (old.to(torch.float64) if old is not None else 0)).to(weight.dtype)
-    set_stream_weight(target, "reader", new, bias)
+    scale64 = scale.to(weight.device, torch.float64)
+    set_stream_weight(target, "reader", map_rows(weight, lambda block: block * scale64), bias)
 
 
 @torch.no_grad()
@@ -84,8 +93,7 @@ def center_writer(target: StreamTarget) -> None:
     ``y - mean(y) = y (I - 11^T/D)``: subtract the mean over the stream axis from W and b.
     """
     weight = stream_weight(target, "writer")  # (..., in, D)
-    w64 = weight.to(torch.float64)
-    new = (w64 - w64.mean(dim=-1, keepdim=True)).to(weight.dtype)
+    new = map_rows(weight, lambda block: block - block.mean(dim=-1, keepdim=True))
     bias = stream_bias(target)
     new_bias = (bias.to(torch.float64) - bias.to(torch.float64).mean()).to(bias.dtype) if bias is not None else None
     set_stream_weight(target, "writer", new, new_bias)
