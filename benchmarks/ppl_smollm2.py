@@ -97,7 +97,12 @@ def main() -> None:
             data_dir=data_dir,
         )
         memory = PeakMemory()
-        config = SliceConfig(sparsity=sparsity, batch_size=args.batch_size, untie_head=head == "untied")
+        config = SliceConfig(
+            sparsity=sparsity,
+            batch_size=args.batch_size,
+            untie_head=head == "untied",
+            slice_head=head == "tied-sliced-head",
+        )
         report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id)
         t = time.perf_counter()
         r = perplexity(model, ids, seqlen=args.seqlen, max_windows=windows, batch_size=1)
@@ -144,9 +149,11 @@ def write(rows: list[dict], settings: dict, out: Path) -> None:
         )
     lines += [
         "",
-        "`tied`: slicelm's default for tied-embedding models — the head stays tied to the (rotated, sliced) "
-        "embedding and the final norm becomes a small projection. `untied`: the paper's method — the head gets "
-        "its own 49152 x 576 matrix, which on a 135M model outweighs what slicing removes.",
+        "`tied`: slicelm's default for tied-embedding models — the head stays tied to the rotated embedding, "
+        "the shared 49152 x 576 matrix keeps its full width (the head is not sliced) and the final norm becomes "
+        "a small projection. `untied`: the paper's method — the head gets its own matrix, which on a 135M "
+        "model outweighs what slicing removes. `tied-sliced-head`: the tie kept and the shared matrix sliced "
+        "too (`--slice-head`): fewest parameters, but the head then only sees the embedding's top directions.",
         "Slicing time includes calibration forward passes; peak RSS is the whole benchmark process so far.",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

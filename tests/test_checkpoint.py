@@ -36,7 +36,8 @@ def test_folder_contents(saved):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_slicelm.SlicedLlamaForCausalLM"
     info = config["slicelm"]
-    assert info["source_model"] == "tiny-llama" and info["version"] and info["plan"]["embedding"] == 48
+    assert info["source_model"] == "tiny-llama" and info["version"]
+    assert info["plan"]["embedding"] == (64 if model.config.tie_word_embeddings else 48)  # kept tie: full width
     assert json.loads((out / "slicing_plan.json").read_text()) == info["plan"]
     assert not list(out.parent.glob(".sliced*")), "temporary folder left behind"
 

@@ -43,7 +43,7 @@ def test_slice_writes_a_loadable_folder_with_report(tiny_folder, tmp_path, data_
     assert expected.items() <= report["calibration"].items()
     assert 4 <= report["calibration"]["tokens"] <= 4 * 32
     assert len(report["explained_variance"]) == 1 + 2 * 3
-    assert report["plan"]["embedding"] == 48 and report["seconds"]["total"] > 0
+    assert report["plan"]["embedding"] == 64 and report["seconds"]["total"] > 0  # tied, head not sliced
     assert report["peak_memory"]["peak_rss_gib"] > 0
     config = json.loads((out / "config.json").read_text())
     assert config["slicelm"]["source_model"] == str(tiny_folder)

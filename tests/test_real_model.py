@@ -100,7 +100,9 @@ def sliced(smollm2, calibration, tmp_path_factory):
 
 def test_sliced_smollm2_is_smaller_and_differs(sliced, smollm2, batch, reference):
     model, _ = sliced
-    assert model.model.embed_tokens.weight.shape == (49152, 432)
+    assert model.model.embed_tokens.weight.shape == (49152, 576)  # tied head not sliced: shared matrix full width
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (576, 576)
+    assert model.model.layers[1].self_attn.q_proj.weight.shape == (576, 432)
     assert sum(p.numel() for p in model.parameters()) < 0.9 * sum(p.numel() for p in smollm2[0].parameters())
     assert relative_error(reference, _logits(model, batch), batch[1]) > 1e-3
 

@@ -151,7 +151,12 @@ def test_tied_head_stays_tied_and_untie_is_exact():
 
 
 def test_tied_sliced_head_reads_the_embedding_width():
-    model = build_tiny_model("llama", tie_word_embeddings=True)
-    slice_model(model, calibration(96), SliceConfig(sparsity=0.25), progress=False)
-    assert model.lm_head.weight.shape == (96, 48)
-    assert model.model.norm.proj.weight.shape == (48, 64)  # last block keeps D=64 (head not sliced)
+    """A kept tie shares one matrix: slice_head decides its width (and with it the embedding's)."""
+    for slice_head, width in ((False, 64), (True, 48)):
+        model = build_tiny_model("llama", tie_word_embeddings=True)
+        report = slice_model(model, calibration(96), SliceConfig(sparsity=0.25, slice_head=slice_head), progress=False)
+        assert report.plan["embedding"] == width
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert model.lm_head.weight.shape == (96, width)
+        assert model.model.norm.proj.weight.shape == (width, report.plan["layers"][-1]["out"])
+        assert model.model.layers[0].attn_shortcut.weight.shape == (48, width)

@@ -57,7 +57,8 @@ class SliceConfig:
 
     sparsity: fraction of the hidden width removed at every point of the stream, in [0, 1).
     round_to: widths are rounded down to a multiple of this (GEMM-friendly shapes).
-    slice_head: also slice the input of the LM head (the last block's output).
+    slice_head: also slice the input of the LM head (the last block's output). For a kept tie the
+        head is the embedding, so without slice_head the shared matrix keeps its full width.
     untie_head: for models whose head is tied to the embedding, give the head its own weight (the
         paper's method). By default the tie is kept: the head reads the embedding's basis and the
         final norm becomes a small (d_L, d_0) projection, so the vocabulary matrix is stored once.
@@ -259,7 +260,6 @@ def slice_model(
     model.eval()
     hidden = model.config.hidden_size
     layers = get_module(model, layout.layers)
-    plan = _plan(layout, hidden, len(layers), config)
     pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     if isinstance(pad_id, (list, tuple)):
         pad_id = pad_id[0]
@@ -273,6 +273,7 @@ def slice_model(
         access.load(model, path)
     device = get_module(model, layout.embeddings[0]).weight.device
     fused = prepare_ends(model, layout, keep_tie=not config.untie_head)
+    plan = _plan(layout, hidden, len(layers), config, fused.keep_tie)
     batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
     timings["embed"] = time.perf_counter() - start
 
@@ -335,8 +336,10 @@ def slice_model(
     )
 
 
-def _plan(layout: Layout, hidden: int, num_layers: int, config: SliceConfig) -> SlicingPlan:
+def _plan(layout: Layout, hidden: int, num_layers: int, config: SliceConfig, tied: bool) -> SlicingPlan:
     plan = SlicingPlan.uniform(hidden, num_layers, config.sparsity, config.round_to, config.slice_head, layout.parallel)
+    if tied and not config.slice_head:  # the head *is* the embedding: an unsliced head keeps it full width
+        plan = replace(plan, embedding=hidden)
     if layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
         plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
     if layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
