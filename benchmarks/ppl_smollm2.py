@@ -118,17 +118,26 @@ def main() -> None:
             "eval_seconds": time.perf_counter() - t,
         }
 
-    rows = [point("dense", dense_point)]
-    # One head mode at a time across sparsities, so the first complete series lands early.
+    point("dense", dense_point)
+    # One head mode at a time across sparsities, so the first complete series lands early. The
+    # report always shows every stored point measured with these settings.
     for head in args.heads.split(","):
         for s in (float(x) for x in args.sparsities.split(",")):
-            rows.append(point(f"sparsity_{s:g}_{head}", lambda s=s, head=head: sliced_point(s, head)))
-            write(rows, settings, Path(args.out))
+            point(f"sparsity_{s:g}_{head}", lambda s=s, head=head: sliced_point(s, head))
+            write(stored_points(work, settings), settings, Path(args.out))
+    write(stored_points(work, settings), settings, Path(args.out))
+
+
+def stored_points(work: Path, settings: dict) -> list[dict]:
+    """Every cached point measured with ``settings``, dense first."""
+    rows = [json.loads(f.read_text()) for f in sorted(work.glob("*.json"))]
+    rows = [r for r in rows if r.get("settings") == settings]
+    return sorted(rows, key=lambda r: (r["sparsity"] > 0, r.get("head", ""), r["sparsity"]))
 
 
 def write(rows: list[dict], settings: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean = [{k: v for k, v in r.items() if k != "settings"} for r in rows]
+    clean = [{k: v for k, v in r.items() if k != "settings"} for r in rows]  # dense first
     out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": clean}, indent=2) + "\n")
     dense = clean[0]
     c, e = settings["calibration"], settings["eval"]
@@ -142,7 +151,7 @@ def write(rows: list[dict], settings: dict, out: Path) -> None:
         "| sparsity | head | ppl | ppl / dense | parameters | params / dense | slicing time (s) | peak RSS (GiB) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(clean, key=lambda r: (r.get("head", ""), r["sparsity"])):
+    for r in clean:
         lines.append(
             f"| {r['sparsity']:.2f} | {r.get('head', 'dense')} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {r['params'] / 1e6:.1f}M | "
             f"{r['params'] / dense['params']:.3f} | {r.get('slice_seconds', 0):.0f} | {r.get('peak_rss_gib', 0):.2f} |"
