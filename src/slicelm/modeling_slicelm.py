@@ -205,14 +205,38 @@ def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def _parts(layer: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, tuple[nn.Module, ...]]:
+    """(attention norm, attention, MLP norm, MLP chain) of a block, resolved once and cached.
+
+    Resolving dotted paths on every call costs more than a small GEMM when decoding one token at a
+    time. The tuple is a plain attribute (not a registered submodule), so state dicts are unchanged.
+    """
+    parts = layer.__dict__.get("_slicelm_parts")
+    if parts is None:
+        roles = layer.slicelm_roles
+        chain = roles["mlp"]
+        parts = (
+            get_module(layer, roles["attn_norm"]),
+            get_module(layer, roles["attn"]),
+            get_module(layer, roles["mlp_norm"] or roles["attn_norm"]),  # parallel blocks may share a norm
+            tuple(get_module(layer, p) for p in ([chain] if isinstance(chain, str) else chain)),
+        )
+        layer.__dict__["_slicelm_parts"] = parts
+    return parts
+
+
+def forget_parts(layer: nn.Module) -> None:
+    """Drop the cached branch modules (call after replacing a block's norms or branches)."""
+    layer.__dict__.pop("_slicelm_parts", None)
+
+
 def attention_half(layer: nn.Module, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """Attention branch of a block, without the residual: ``attn(norm(x))``.
 
     x: (B, T, d_in) in the block's input basis. Returns (B, T, d_attn_out).
     """
-    roles = layer.slicelm_roles
-    h = get_module(layer, roles["attn_norm"])(x)
-    return _first(get_module(layer, roles["attn"])(hidden_states=h, **kwargs))
+    norm, attn, _, _ = _parts(layer)
+    return _first(attn(hidden_states=norm(x), **kwargs))
 
 
 def mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -221,12 +245,10 @@ def mlp_half(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     The MLP is one module, or a chain of modules applied in order (OPT keeps fc1, its activation
     and fc2 directly on the decoder layer).
     """
-    roles = layer.slicelm_roles
-    norm_path = roles["mlp_norm"] or roles["attn_norm"]  # parallel blocks may share one norm
-    h = get_module(layer, norm_path)(x)
-    chain = roles["mlp"]
-    for path in [chain] if isinstance(chain, str) else chain:
-        h = _first(get_module(layer, path)(h))
+    _, _, norm, chain = _parts(layer)
+    h = norm(x)
+    for module in chain:
+        h = _first(module(h))
     return h
 
 
@@ -308,6 +330,7 @@ def make_sliced_block(layer: nn.Module, roles: dict[str, Any], d_in: int, d_mid:
     ref = next(layer.parameters())
     layer.__class__ = sliced_block_class(type(layer))
     layer.slicelm_roles = dict(roles)
+    forget_parts(layer)
     d_first = d_out if roles["parallel"] else d_mid
     layer.attn_shortcut = nn.Linear(d_in, d_first, bias=False, device=ref.device, dtype=ref.dtype)
     if not roles["parallel"]:

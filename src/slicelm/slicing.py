@@ -35,6 +35,7 @@ from slicelm.modeling_slicelm import (
     RMSNProject,
     attention_half,
     block_roles,
+    forget_parts,
     get_module,
     make_sliced_block,
     mlp_half,
@@ -364,6 +365,7 @@ def _slice_layer(
     """
     d_in, d_mid, d_out = plan.layer(index)
     layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
+    forget_parts(layer)
     for path in layout.attn_inputs:
         rotate_reader(get_module(layer, path), q_in)
     if layout.parallel:
