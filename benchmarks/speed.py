@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--note", default="", help="how the sliced model was made, for the report")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,6 +98,7 @@ def main() -> None:
             "torch": torch.__version__,
             "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "dtype": str(next(models["dense"].parameters()).dtype),
+            "note": args.note,
         },
         "params": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()},
         "weight_bytes": {k: weight_bytes(m) for k, m in models.items()},
@@ -145,6 +147,8 @@ def write(results: dict, out: Path) -> None:
         f"Parameters: dense {results['params']['dense'] / 1e6:.1f}M, sliced {results['params']['sliced'] / 1e6:.1f}M; "
         f"weight bytes dense {results['weight_bytes']['dense'] / 2**20:.0f} MiB, "
         f"sliced {results['weight_bytes']['sliced'] / 2**20:.0f} MiB.",
+        "",
+        s.get("note", ""),
         "",
         "| phase | batch | dense tok/s | sliced tok/s | speed-up | limit | share of limit |",
         "|---|---:|---:|---:|---:|---:|---:|",
