@@ -29,9 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsities", default="0.25,0.1,0.2,0.3")
-    p.add_argument(
-        "--heads", default="tied,untied", help="head modes to run: tied (kept tie, default) and/or untied"
-    )
+    p.add_argument("--heads", default="tied,untied", help="head modes to run: tied (kept tie, default) and/or untied")
     p.add_argument("--calib", default="c4")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=1024)
@@ -153,7 +151,8 @@ def write(rows: list[dict], settings: dict, out: Path) -> None:
     ]
     for r in clean:
         lines.append(
-            f"| {r['sparsity']:.2f} | {r.get('head', 'dense')} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | {r['params'] / 1e6:.1f}M | "
+            f"| {r['sparsity']:.2f} | {r.get('head', 'dense')} | {r['ppl']:.2f} | {r['ppl'] / dense['ppl']:.2f} | "
+            f"{r['params'] / 1e6:.1f}M | "
             f"{r['params'] / dense['params']:.3f} | {r.get('slice_seconds', 0):.0f} | {r.get('peak_rss_gib', 0):.2f} |"
         )
     lines += [

@@ -110,7 +110,7 @@ def main() -> None:
         row = {"batch": batch, "tokens": batch * args.prompt_len}
         for name, model in models.items():
             row[f"{name}_flops"] = prefill_flops(model, ids)
-            times = timed(lambda m=model: prefill(m, ids), args.repeats)
+            times = timed(lambda m=model, ids=ids: prefill(m, ids), args.repeats)
             row[f"{name}_tokens_per_s"] = row["tokens"] / statistics.median(times)
             row[f"{name}_seconds"] = times
         row["speedup"] = row["sliced_tokens_per_s"] / row["dense_tokens_per_s"]
@@ -122,7 +122,7 @@ def main() -> None:
         ids = torch.randint(3, vocab, (batch, args.decode_prompt_len), generator=gen)
         row = {"batch": batch, "new_tokens": args.new_tokens}
         for name, model in models.items():
-            times = timed(lambda m=model: decode(m, ids, args.new_tokens), args.repeats)
+            times = timed(lambda m=model, ids=ids: decode(m, ids, args.new_tokens), args.repeats)
             row[f"{name}_tokens_per_s"] = batch * args.new_tokens / statistics.median(times)
             row[f"{name}_seconds"] = times
         row["speedup"] = row["sliced_tokens_per_s"] / row["dense_tokens_per_s"]
@@ -155,11 +155,7 @@ def write(results: dict, out: Path) -> None:
     ]
     for phase, limit_kind in (("prefill", "FLOPs"), ("decode", "bytes")):
         for r in results[phase]:
-            shape = (
-                f"{r['batch']} x {s['prompt_len']}"
-                if phase == "prefill"
-                else f"{r['batch']} (+{r['new_tokens']})"
-            )
+            shape = f"{r['batch']} x {s['prompt_len']}" if phase == "prefill" else f"{r['batch']} (+{r['new_tokens']})"
             lines.append(
                 f"| {phase} | {shape} | {r['dense_tokens_per_s']:.1f} | {r['sliced_tokens_per_s']:.1f} | "
                 f"{r['speedup']:.3f} | {r['limit']:.3f} ({limit_kind}) | {r['share_of_limit']:.1%} |"

@@ -53,10 +53,29 @@ def main() -> None:
         build_seconds = time.perf_counter() - t
         size = folder_bytes(source)
         cmd = [
-            sys.executable, "-m", "slicelm", "slice", str(source), "--stream", "--sparsity", str(args.sparsity),
-            "--calib", args.calib, "--calib-samples", str(args.calib_samples), "--calib-seqlen",
-            str(args.calib_seqlen), "--batch-size", "4", "--max-memory", args.max_memory,
-            "--offload-dir", str(work / "offload"), "--out", str(out), "--overwrite",
+            sys.executable,
+            "-m",
+            "slicelm",
+            "slice",
+            str(source),
+            "--stream",
+            "--sparsity",
+            str(args.sparsity),
+            "--calib",
+            args.calib,
+            "--calib-samples",
+            str(args.calib_samples),
+            "--calib-seqlen",
+            str(args.calib_seqlen),
+            "--batch-size",
+            "4",
+            "--max-memory",
+            args.max_memory,
+            "--offload-dir",
+            str(work / "offload"),
+            "--out",
+            str(out),
+            "--overwrite",
         ]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)

@@ -115,9 +115,7 @@ def write_report(sweep: dict, comparison: dict, settings: dict, out: Path) -> No
     for p in points:
         name = "dense" if p["sparsity"] == 0 else f"sliced {p['sparsity']:.0%}"
         cells = [f"{100 * p['tasks'][t]['value']:.1f} ± {100 * p['tasks'][t]['stderr']:.1f}" for t in tasks]
-        lines.append(
-            f"| {name} | {p['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {100 * p['average']:.1f} |"
-        )
+        lines.append(f"| {name} | {p['params'] / 1e6:.1f}M | " + " | ".join(cells) + f" | {100 * p['average']:.1f} |")
     lines += [
         "",
         f"## Time per task at `--limit {s['limit']}` (seconds, CPU)",
@@ -164,15 +162,11 @@ def main() -> None:
     p.add_argument("--sparsities", default="0.25")
     p.add_argument("--limit", type=int, default=100, help="documents per task")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--compare-limit", type=int, default=10, help="documents per task for the lm-eval comparison"
-    )
+    p.add_argument("--compare-limit", type=int, default=10, help="documents per task for the lm-eval comparison")
     p.add_argument("--calib", default="c4")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seqlen", type=int, default=1024)
-    p.add_argument(
-        "--ppl-windows", type=int, default=0, help="also WikiText-2 perplexity on N windows (0: skip)"
-    )
+    p.add_argument("--ppl-windows", type=int, default=0, help="also WikiText-2 perplexity on N windows (0: skip)")
     p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else ../shared/data)")
     p.add_argument("--out", default=str(RESULTS / "zeroshot_smollm2"))
     args = p.parse_args()

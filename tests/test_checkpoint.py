@@ -31,7 +31,13 @@ def saved(request, tmp_path_factory):
 def test_folder_contents(saved):
     model, out = saved
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "modeling_slicelm.py", "slicing_plan.json", "slicelm_report.json"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "modeling_slicelm.py",
+        "slicing_plan.json",
+        "slicelm_report.json",
+    } <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_slicelm.SlicedLlamaForCausalLM"

@@ -32,8 +32,25 @@ def run_cli(argv, capsys):
 
 def test_slice_writes_a_loadable_folder_with_report(tiny_folder, tmp_path, data_dir, capsys):
     out = tmp_path / "sliced"
-    argv = ["slice", tiny_folder, "--sparsity", 0.25, "--calib", "c4", "--calib-samples", 4, "--calib-seqlen", 32,
-            "--batch-size", 2, "--data-dir", data_dir, "--out", out, "--quiet"]
+    argv = [
+        "slice",
+        tiny_folder,
+        "--sparsity",
+        0.25,
+        "--calib",
+        "c4",
+        "--calib-samples",
+        4,
+        "--calib-seqlen",
+        32,
+        "--batch-size",
+        2,
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--quiet",
+    ]
     code, stdout, stderr = run_cli(argv, capsys)
     assert code == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -86,11 +103,13 @@ def test_unsupported_model_type(tmp_path, capsys, data_dir):
     folder = tmp_path / "bloom"
     config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_layer=1, n_head=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    code, _, stderr = run_cli(["slice", folder, "--sparsity", 0.2, "--calib", "missing.txt", "--out", tmp_path / "o"],
-                              capsys)
+    code, _, stderr = run_cli(
+        ["slice", folder, "--sparsity", 0.2, "--calib", "missing.txt", "--out", tmp_path / "o"], capsys
+    )
     assert code == 2  # the calibration file is checked first, before loading anything
-    code, _, stderr = run_cli(["slice", folder, "--sparsity", 0.2, "--out", tmp_path / "o", "--data-dir", data_dir],
-                              capsys)
+    code, _, stderr = run_cli(
+        ["slice", folder, "--sparsity", 0.2, "--out", tmp_path / "o", "--data-dir", data_dir], capsys
+    )
     assert code == 2 and "model_type 'bloom' is not supported" in stderr and stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
 
@@ -106,14 +125,40 @@ def test_fake_gguf_file(tmp_path, capsys):
 def test_missing_offline_data(tiny_folder, tmp_path, capsys):
     empty = tmp_path / "empty-data"
     empty.mkdir()
-    code, _, stderr = run_cli(["slice", tiny_folder, "--sparsity", 0.2, "--calib", "c4", "--data-dir", empty,
-                               "--out", tmp_path / "o"], capsys)
+    code, _, stderr = run_cli(
+        [
+            "slice",
+            tiny_folder,
+            "--sparsity",
+            0.2,
+            "--calib",
+            "c4",
+            "--data-dir",
+            empty,
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert code == 2 and stderr.startswith("slicelm: error: ") and stderr.count("\n") == 1
     assert "c4" in stderr and str(empty) in stderr
     assert not (tmp_path / "o").exists()
 
 
 def test_wikitext2_calibration_never_uses_the_test_split(tiny_folder, tmp_path, capsys, data_dir):
-    code, _, stderr = run_cli(["slice", tiny_folder, "--sparsity", 0.2, "--calib", "wikitext2", "--data-dir", data_dir,
-                               "--out", tmp_path / "o"], capsys)
+    code, _, stderr = run_cli(
+        [
+            "slice",
+            tiny_folder,
+            "--sparsity",
+            0.2,
+            "--calib",
+            "wikitext2",
+            "--data-dir",
+            data_dir,
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert code == 2 and "train" in stderr and stderr.count("\n") == 1

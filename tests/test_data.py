@@ -101,9 +101,7 @@ def test_c4_calibration_never_sees_test_documents(data_dir, smollm2_tokenizer):
     test_text = data.eval_text("c4", data_dir)
     docs = data.c4_sample_documents(data_dir / data.C4_SAMPLE)
     calib_text = "\n\n".join(docs[data.C4_SAMPLE_EVAL_DOCS :])
-    samples = data.load_calibration(
-        "c4", smollm2_tokenizer, n_samples=8, seqlen=64, seed=3, data_dir=data_dir
-    )
+    samples = data.load_calibration("c4", smollm2_tokenizer, n_samples=8, seqlen=64, seed=3, data_dir=data_dir)
     for sample in samples:
         # Byte-level BPE decodes exactly; a 24-token span identifies its source document.
         span = smollm2_tokenizer.decode(sample[20:44])
@@ -112,9 +110,7 @@ def test_c4_calibration_never_sees_test_documents(data_dir, smollm2_tokenizer):
 
 
 def test_ptb_calibration_windows_come_from_train(data_dir, smollm2_tokenizer):
-    samples = data.load_calibration(
-        "ptb", smollm2_tokenizer, n_samples=3, seqlen=48, seed=0, data_dir=data_dir
-    )
+    samples = data.load_calibration("ptb", smollm2_tokenizer, n_samples=3, seqlen=48, seed=0, data_dir=data_dir)
     train_text = "\n\n".join(data.ptb_sentences(data_dir / data.PTB_TRAIN))
     assert [s.numel() for s in samples] == [48, 48, 48]
     for sample in samples:
@@ -154,8 +150,7 @@ def test_jsonl_documents(tmp_path, smollm2_tokenizer):
     for s in samples:  # windows run across shuffled documents; every piece between seams is real text
         assert all(any(piece in d for d in docs) for piece in smollm2_tokenizer.decode(s).split("\n\n"))
     assert [s.tolist() for s in samples] == [
-        s.tolist()
-        for s in data.load_calibration(str(path), smollm2_tokenizer, n_samples=6, seqlen=16, seed=2)
+        s.tolist() for s in data.load_calibration(str(path), smollm2_tokenizer, n_samples=6, seqlen=16, seed=2)
     ]
 
 
@@ -243,8 +238,6 @@ def test_hub_failure_is_one_line(monkeypatch, bos_tokenizer):
 
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(
-        SlicelmError, match=r"cannot load allenai/c4 \(train\).*Couldn't reach.*--data-dir"
-    ) as info:
+    with pytest.raises(SlicelmError, match=r"cannot load allenai/c4 \(train\).*Couldn't reach.*--data-dir") as info:
         data.load_calibration("c4", bos_tokenizer, n_samples=1, seqlen=8)
     assert "\n" not in str(info.value)

@@ -32,7 +32,9 @@ def test_fused_model_is_exact(model_type, tied):
     layout = resolve(model)
     fuse_norms(model, layout)
     assert isinstance(get_module(model, layout.final_norm), RMSN)
-    assert all(isinstance(get_module(layer, p), RMSN) for layer in get_module(model, layout.layers) for p in layout.norms)
+    assert all(
+        isinstance(get_module(layer, p), RMSN) for layer in get_module(model, layout.layers) for p in layout.norms
+    )
     assert relative_error(before, logits(model, ids, mask), mask) <= TOL
 
 
@@ -42,7 +44,12 @@ def test_rotation_at_sparsity_zero_is_exact(model_type, tied, basis):
     model = build_tiny_model(model_type, tie_word_embeddings=tied)
     ids, mask = padded_batch(model.config.vocab_size)
     before = logits(model, ids, mask)
-    slice_model(model, calibration(model.config.vocab_size), SliceConfig(sparsity=0.0, basis=basis, batch_size=3), progress=False)
+    slice_model(
+        model,
+        calibration(model.config.vocab_size),
+        SliceConfig(sparsity=0.0, basis=basis, batch_size=3),
+        progress=False,
+    )
     assert relative_error(before, logits(model, ids, mask), mask) <= TOL
 
 

@@ -28,8 +28,7 @@ def hand_ppl(model, ids: torch.Tensor, seqlen: int, n_windows: int) -> float:
     """exp(mean over windows of the model's own mean next-token loss), as GPTQ computes it."""
     with torch.no_grad():
         losses = [
-            model(input_ids=w[None], labels=w[None]).loss.double()
-            for w in ids[: n_windows * seqlen].split(seqlen)
+            model(input_ids=w[None], labels=w[None]).loss.double() for w in ids[: n_windows * seqlen].split(seqlen)
         ]
     return math.exp(torch.stack(losses).mean().item())
 

@@ -30,6 +30,7 @@ def all_threads():
     yield
     torch.set_num_threads(before)
 
+
 SENTENCES = [
     "The capital of France is Paris, and the capital of Germany is",
     "def fibonacci(n):\n    if n < 2:\n        return n",
@@ -100,7 +101,10 @@ def sliced(smollm2, calibration, tmp_path_factory):
 
 def test_sliced_smollm2_is_smaller_and_differs(sliced, smollm2, batch, reference):
     model, _ = sliced
-    assert model.model.embed_tokens.weight.shape == (49152, 576)  # tied head not sliced: shared matrix full width
+    assert model.model.embed_tokens.weight.shape == (
+        49152,
+        576,
+    )  # tied head not sliced: shared matrix full width
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (576, 576)
     assert model.model.layers[1].self_attn.q_proj.weight.shape == (576, 432)
     assert sum(p.numel() for p in model.parameters()) < 0.9 * sum(p.numel() for p in smollm2[0].parameters())

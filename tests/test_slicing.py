@@ -61,7 +61,7 @@ def test_error_grows_with_sparsity():
         slice_model(model, calibration(96), SliceConfig(sparsity=sparsity, slice_head=True), progress=False)
         errors.append(relative_error(base, logits(model, ids, mask), mask))
     assert errors[0] < 1e-4
-    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+    assert all(a < b for a, b in zip(errors, errors[1:], strict=False)), errors
 
 
 def test_pca_beats_plain_truncation():
@@ -81,7 +81,13 @@ def test_pca_beats_plain_truncation():
 def test_explained_variance_is_reported_for_every_point():
     model = build_tiny_model("llama", num_hidden_layers=2)
     report = slice_model(model, calibration(96), SliceConfig(sparsity=0.5), progress=False)
-    assert list(report.explained_variance) == ["embedding", "layer0.attn", "layer0.mlp", "layer1.attn", "layer1.mlp"]
+    assert list(report.explained_variance) == [
+        "embedding",
+        "layer0.attn",
+        "layer0.mlp",
+        "layer1.attn",
+        "layer1.mlp",
+    ]
     assert report.params_after < report.params_before
 
 

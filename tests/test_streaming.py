@@ -26,7 +26,13 @@ def _saved_tensors(folder):
 
 @pytest.mark.parametrize(
     "model_type,tied,max_memory",
-    [("llama", True, None), ("llama", False, 4096), ("qwen2", False, None), ("opt", True, None), ("gpt2", True, 0)],
+    [
+        ("llama", True, None),
+        ("llama", False, 4096),
+        ("qwen2", False, None),
+        ("opt", True, None),
+        ("gpt2", True, 0),
+    ],
 )
 def test_streamed_equals_in_memory(model_type, tied, max_memory, tmp_path):
     source = tmp_path / "source"
@@ -39,8 +45,9 @@ def test_streamed_equals_in_memory(model_type, tied, max_memory, tmp_path):
     expected = in_memory.state_dict()
 
     out = tmp_path / "streamed"
-    report = slice_streaming(source, out, samples, config, max_memory=max_memory, offload_dir=tmp_path / "off",
-                             progress=False)
+    report = slice_streaming(
+        source, out, samples, config, max_memory=max_memory, offload_dir=tmp_path / "off", progress=False
+    )
     if max_memory is not None:
         assert report.calibration["activations_spilled_to_disk"] > 0
     assert not list((tmp_path / "off").glob("*/*")) if (tmp_path / "off").exists() else True

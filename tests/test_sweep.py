@@ -56,9 +56,7 @@ def tiny_config(folder, data_dir, **overrides) -> SweepConfig:
     return SweepConfig(**(base | overrides))
 
 
-def test_sweep_resumes_after_interruption_and_replots_without_model(
-    tiny_folder, data_dir, tmp_path, monkeypatch
-):
+def test_sweep_resumes_after_interruption_and_replots_without_model(tiny_folder, data_dir, tmp_path, monkeypatch):
     import slicelm.evaluation
     import slicelm.models
 
@@ -134,9 +132,7 @@ def test_changed_settings_invalidate_only_what_they_affect(tiny_folder, data_dir
     monkeypatch.setattr(slicelm.evaluation, "evaluate_zeroshot", counting)
     # A new task is added; the stored winogrande scores are kept.
     run_sweep(
-        tiny_config(
-            tiny_folder, data_dir, sparsities=(0.25,), tasks=("winogrande", "boolq"), ppl_dataset=None
-        ),
+        tiny_config(tiny_folder, data_dir, sparsities=(0.25,), tasks=("winogrande", "boolq"), ppl_dataset=None),
         tmp_path,
         log=lambda _: None,
     )
@@ -144,9 +140,7 @@ def test_changed_settings_invalidate_only_what_they_affect(tiny_folder, data_dir
     # A different --limit re-measures every task.
     calls.clear()
     run_sweep(
-        tiny_config(
-            tiny_folder, data_dir, sparsities=(0.25,), tasks=("winogrande",), ppl_dataset=None, limit=2
-        ),
+        tiny_config(tiny_folder, data_dir, sparsities=(0.25,), tasks=("winogrande",), ppl_dataset=None, limit=2),
         tmp_path,
         log=lambda _: None,
     )

@@ -1,11 +1,11 @@
 """slicelm: SliceGPT for Hugging Face causal language models.
 
-    import slicelm
-    model, tokenizer = slicelm.load_model("smollm2-135m")
-    samples = slicelm.load_calibration("c4", tokenizer, n_samples=64, seqlen=1024)
-    report = slicelm.slice_model(model, samples, slicelm.SliceConfig(sparsity=0.25))
-    slicelm.save_sliced(model, "out/smollm2-sliced", tokenizer)
-    model = slicelm.load_sliced("out/smollm2-sliced")
+import slicelm
+model, tokenizer = slicelm.load_model("smollm2-135m")
+samples = slicelm.load_calibration("c4", tokenizer, n_samples=64, seqlen=1024)
+report = slicelm.slice_model(model, samples, slicelm.SliceConfig(sparsity=0.25))
+slicelm.save_sliced(model, "out/smollm2-sliced", tokenizer)
+model = slicelm.load_sliced("out/smollm2-sliced")
 """
 
 __version__ = "0.1.0"

@@ -89,9 +89,7 @@ HUB = {
     ("ptb", "train"): _HubSplit("ptb-text-only/ptb_text_only", "train", "sentence", name="penn_treebank"),
     ("ptb", "test"): _HubSplit("ptb-text-only/ptb_text_only", "test", "sentence", name="penn_treebank"),
     ("c4", "train"): _HubSplit("allenai/c4", "train", "text", data_files={"train": C4_HUB_TRAIN_SHARD}),
-    ("c4", "test"): _HubSplit(
-        "allenai/c4", "validation", "text", data_files={"validation": C4_HUB_VALIDATION_SHARD}
-    ),
+    ("c4", "test"): _HubSplit("allenai/c4", "validation", "text", data_files={"validation": C4_HUB_VALIDATION_SHARD}),
     ("alpaca", "train"): _HubSplit("tatsu-lab/alpaca", "train", "text"),
 }
 
@@ -108,9 +106,7 @@ def resolve_data_dir(flag: str | Path | None) -> Path | None:
     path = Path(value).expanduser()
     if not path.is_dir():
         origin = "--data-dir" if flag not in (None, "") else f"${DATA_DIR_ENV}"
-        raise SlicelmError(
-            f"data dir {path} ({origin}) does not exist; give a folder laid out like SOURCES.md"
-        )
+        raise SlicelmError(f"data dir {path} ({origin}) does not exist; give a folder laid out like SOURCES.md")
     return path
 
 
@@ -216,9 +212,7 @@ def eval_text(name: str, data_dir: str | Path | None = None) -> str:
     return DOC_SEPARATOR.join(rows)
 
 
-def load_eval_ids(
-    name: str, tokenizer: PreTrainedTokenizerBase, data_dir: str | Path | None = None
-) -> torch.Tensor:
+def load_eval_ids(name: str, tokenizer: PreTrainedTokenizerBase, data_dir: str | Path | None = None) -> torch.Tensor:
     """Token ids of the whole test text of ``name``: a 1-D LongTensor of shape ``(N,)``.
 
     Tokenized once with ``tokenizer(text)`` (special tokens on), the GPTQ/SliceGPT convention: a
@@ -341,13 +335,9 @@ def _jsonl_texts(path: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise SlicelmError(
-                    f"{path}:{lineno} is not valid JSON ({exc.msg}); give one object per line"
-                ) from None
+                raise SlicelmError(f"{path}:{lineno} is not valid JSON ({exc.msg}); give one object per line") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SlicelmError(
-                    f'{path}:{lineno} has no string "text" field; each line must be {{"text": ...}}'
-                )
+                raise SlicelmError(f'{path}:{lineno} has no string "text" field; each line must be {{"text": ...}}')
             texts.append(record["text"])
     return texts
 
@@ -364,9 +354,7 @@ def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 
 def _tokenize_plain(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     """Token ids of ``text`` without special tokens: shape ``(N,)``."""
-    return torch.tensor(
-        tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long
-    )
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def _document_stream(

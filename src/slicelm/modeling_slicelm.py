@@ -147,9 +147,7 @@ def stream_bias(target: StreamTarget) -> torch.Tensor | None:
     return None if isinstance(target, torch.Tensor) else getattr(target, "bias", None)
 
 
-def set_stream_weight(
-    target: StreamTarget, side: Side, weight: torch.Tensor, bias: torch.Tensor | None = None
-) -> None:
+def set_stream_weight(target: StreamTarget, side: Side, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     """Store ``weight`` (given stream-axis-last, as :func:`stream_weight` returns it) and ``bias``.
 
     Shapes may change; the module's width metadata (in/out features, Conv1D nx/nf, embedding dim,

@@ -106,6 +106,4 @@ def perplexity(
 
     tokens = n_windows * (seqlen - 1)
     mean_nll = total_nll.item() / tokens
-    return PerplexityResult(
-        ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=n_windows, seqlen=seqlen
-    )
+    return PerplexityResult(ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=n_windows, seqlen=seqlen)

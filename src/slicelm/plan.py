@@ -70,7 +70,11 @@ class SlicingPlan:
         return self.layers[-1].out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"hidden_size": self.hidden_size, "embedding": self.embedding, "layers": [asdict(w) for w in self.layers]}
+        return {
+            "hidden_size": self.hidden_size,
+            "embedding": self.embedding,
+            "layers": [asdict(w) for w in self.layers],
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlicingPlan:

@@ -102,9 +102,7 @@ def plot_sweep(summary: dict[str, Any], out: str | Path) -> list[Path]:
             ys = metric["values"][1:]
             errs = metric["stderr"][1:] if metric["stderr"] else None
             if xs:
-                ax.errorbar(
-                    xs, ys, yerr=errs, marker="o", capsize=3, color="tab:blue", label="SliceGPT (sliced)"
-                )
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color="tab:blue", label="SliceGPT (sliced)")
             dense_value = metric["values"][0]
             dense_label = f"dense model ({dense_value:.{1 if metric['stderr'] else 2}f})"
             ax.axhline(dense_value, color="tab:gray", linestyle="--", linewidth=1, label=dense_label)

@@ -143,7 +143,9 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once layer 0's inputs are caught."""
 
 
-def pad_batches(samples: Sequence[torch.Tensor], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def pad_batches(
+    samples: Sequence[torch.Tensor], batch_size: int, pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-pad 1-D token sequences into (B, T) ``input_ids`` and bool ``attention_mask``."""
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -179,7 +181,9 @@ def capture_layer_inputs(
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         total = math.ceil(len(samples) / batch_size)
-        for ids, mask in tqdm(pad_batches(samples, batch_size, pad_id), total=total, desc="embed", disable=not progress):
+        for ids, mask in tqdm(
+            pad_batches(samples, batch_size, pad_id), total=total, desc="embed", disable=not progress
+        ):
             try:
                 model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
             except _Stop:
@@ -397,8 +401,13 @@ def _slice_layer(
 def _keep_tie(model: nn.Module, layout: Layout, fused: FusedNorms, q_last: torch.Tensor, q_emb: torch.Tensor) -> dict:
     """Final norm -> RMSN + (d_L, d_0) projection; the head stays tied to the rotated embedding."""
     embedding = get_module(model, layout.embeddings[0])
-    final = RMSNProject(model.config.hidden_size, fused.eps, q_last.shape[1], q_emb.shape[1],
-                        bias=fused.final_shift is not None)
+    final = RMSNProject(
+        model.config.hidden_size,
+        fused.eps,
+        q_last.shape[1],
+        q_emb.shape[1],
+        bias=fused.final_shift is not None,
+    )
     m = q_last.T @ (fused.final_scale.to(q_last.device)[:, None] * q_emb)  # (d_L, d_0)
     final.proj.weight = nn.Parameter(m.T.contiguous().to(embedding.weight.dtype), requires_grad=False)
     if fused.final_shift is not None:

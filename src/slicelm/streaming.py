@@ -44,7 +44,9 @@ def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
 class StreamingAccess(WeightAccess):
     """Loads modules from a :class:`LazyCheckpoint` on demand; writes and frees them when done."""
 
-    def __init__(self, checkpoint: LazyCheckpoint, writer: ShardWriter, dtype: torch.dtype, device: str = "cpu") -> None:
+    def __init__(
+        self, checkpoint: LazyCheckpoint, writer: ShardWriter, dtype: torch.dtype, device: str = "cpu"
+    ) -> None:
         self.checkpoint, self.writer, self.dtype, self.device = checkpoint, writer, dtype, device
 
     def load(self, model: nn.Module, path: str) -> None:

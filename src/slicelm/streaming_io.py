@@ -44,7 +44,9 @@ class LazyCheckpoint:
         return name in self.files
 
     @torch.no_grad()
-    def materialize(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    def materialize(
+        self, module: nn.Module, prefix: str, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> None:
         """Replace every meta parameter of ``module`` (state-dict prefix ``prefix``) by its stored value.
 
         Files are opened for this call only: a mapping kept open would keep every page read so far

@@ -228,9 +228,7 @@ def _measure_point(
             resources.log(f"{label}: slicing")
             info = _slice(model, tokenizer, sparsity, config, resources)
             if point.get("params") not in (None, info["params"]):
-                raise RuntimeError(
-                    f"{label}: re-slicing gave {info['params']} parameters, stored {point['params']}"
-                )
+                raise RuntimeError(f"{label}: re-slicing gave {info['params']} parameters, stored {point['params']}")
             point.update(info)
             if config.save_models:
                 from slicelm import save_sliced

@@ -12,7 +12,8 @@ import sys
 
 from slicelm.errors import SlicelmError
 
-# Sub-command name -> module (relative to this package). Modules are imported lazily so that
+# Sub-command name -> module (relative to this package); each module registers its own parser.
+# Modules are imported lazily so that
 # `slicelm --help` stays fast and a broken optional dependency only affects its own command.
 COMMANDS: dict[str, str] = {
     "slice": "slice_cmd",
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slicelm", description="SliceGPT for Hugging Face language models.")
     parser.add_argument("--version", action="version", version=f"slicelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
+    for module_name in COMMANDS.values():
         try:
             module = importlib.import_module(f"slicelm.cli.{module_name}")
         except ModuleNotFoundError as exc:

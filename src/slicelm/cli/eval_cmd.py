@@ -52,9 +52,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"offline data folder with the task files (default: ${DATA_DIR_ENV}; if unset, download "
         "lm-eval's stock datasets from the Hugging Face hub)",
     )
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype"
-    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 

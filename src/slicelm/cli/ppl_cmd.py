@@ -28,15 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="MODEL_OR_DIR",
         help=f"alias, .gguf file, model folder (sliced or not) or hub id (default: {DEFAULT_MODEL})",
     )
-    parser.add_argument(
-        "--dataset", default="wikitext2", help=f"one of {', '.join(EVAL_SETS)} (default: wikitext2)"
-    )
-    parser.add_argument(
-        "--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window (default: 2048)"
-    )
-    parser.add_argument(
-        "--max-windows", type=int, default=None, help="score only the first W windows (default: all)"
-    )
+    parser.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(EVAL_SETS)} (default: wikitext2)")
+    parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window (default: 2048)")
+    parser.add_argument("--max-windows", type=int, default=None, help="score only the first W windows (default: all)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument(
@@ -74,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
     ids = load_eval_ids(args.dataset, tokenizer, data_dir)
 
     start = time.perf_counter()
-    result = perplexity(
-        model, ids, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size
-    )
+    result = perplexity(model, ids, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
     report = {
         "model": args.model,
         "dataset": args.dataset,

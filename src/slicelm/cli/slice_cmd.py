@@ -20,9 +20,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="slice a model with SliceGPT and save it as a Hugging Face folder",
         description="Slice a model with SliceGPT and save it as a Hugging Face folder.",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width to remove, in [0, 1)")
-    p.add_argument("--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file")
+    p.add_argument(
+        "--calib",
+        default="c4",
+        help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file",
+    )
     p.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (default 8)")
@@ -85,7 +94,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.calib not in CALIBRATION_SETS:
         if calib.suffix not in (".txt", ".jsonl"):
             raise SlicelmError(
-                f"unknown calibration set {args.calib!r}; use one of {', '.join(CALIBRATION_SETS)} or a .txt/.jsonl file"
+                f"unknown calibration set {args.calib!r}; "
+                f"use one of {', '.join(CALIBRATION_SETS)} or a .txt/.jsonl file"
             )
         if not calib.is_file():
             raise SlicelmError(f"calibration file {args.calib} does not exist")
@@ -96,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     import torch
 
+    from slicelm.arch import spec_for
     from slicelm.checkpoint import save_sliced
     from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
-    from slicelm.arch import spec_for
     from slicelm.models import load_config, load_model, load_tokenizer, resolve_source
     from slicelm.perplexity import perplexity
     from slicelm.slicing import SliceConfig, slice_model
@@ -120,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
     # Data first: a missing file should fail before the (slow) weights are loaded.
     tokenizer = load_tokenizer(source)
     samples = load_calibration(
-        args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, data_dir=data_dir
+        args.calib,
+        tokenizer,
+        n_samples=args.calib_samples,
+        seqlen=args.calib_seqlen,
+        seed=args.seed,
+        data_dir=data_dir,
     )
     eval_ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir) if args.ppl_windows else None
     calibration = {
@@ -154,8 +169,15 @@ def run(args: argparse.Namespace) -> int:
         def ppl() -> dict[str, Any] | None:
             if eval_ids is None:
                 return None
-            result = perplexity(model, eval_ids, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows, progress=progress)
-            return {"dataset": "wikitext2", "ppl": result.ppl, "windows": result.windows, "seqlen": result.seqlen}
+            result = perplexity(
+                model, eval_ids, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows, progress=progress
+            )
+            return {
+                "dataset": "wikitext2",
+                "ppl": result.ppl,
+                "windows": result.windows,
+                "seqlen": result.seqlen,
+            }
 
         ppl_before = ppl()
         report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress)
@@ -173,15 +195,22 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.stream:
         out = Path(args.out)
-        (out / "slicelm_report.json").write_text(json.dumps(full_report | {"streamed": True}, indent=2, default=str) + "\n")
+        (out / "slicelm_report.json").write_text(
+            json.dumps(full_report | {"streamed": True}, indent=2, default=str) + "\n"
+        )
     else:
         out = save_sliced(model, args.out, tokenizer, overwrite=args.overwrite, metadata=metadata, report=full_report)
     print(summary(full_report, out), file=sys.stderr)
-    print(json.dumps({k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")} | {
-        "ppl_before": ppl_before and ppl_before["ppl"],
-        "ppl_after": ppl_after and ppl_after["ppl"],
-        "out": str(out),
-    }))
+    print(
+        json.dumps(
+            {k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")}
+            | {
+                "ppl_before": ppl_before and ppl_before["ppl"],
+                "ppl_after": ppl_after and ppl_after["ppl"],
+                "out": str(out),
+            }
+        )
+    )
     return 0
 
 
@@ -225,9 +254,12 @@ def summary(report: dict[str, Any], out: Path) -> str:
     if report["perplexity_before"]:
         pb, pa = report["perplexity_before"], report["perplexity_after"]
         lines.append(
-            f"  wikitext2 ppl   {pb['ppl']:9.2f}  -> {pa['ppl']:9.2f}   ({pb['windows']} windows x {pb['seqlen']} tokens)"
+            f"  wikitext2 ppl   {pb['ppl']:9.2f}  -> {pa['ppl']:9.2f}   "
+            f"({pb['windows']} windows x {pb['seqlen']} tokens)"
         )
     ev = list(report["explained_variance"].values())
     lines.append(f"  explained var.  min {min(ev):.3f}, mean {sum(ev) / len(ev):.3f} (kept share of stream energy)")
-    lines.append(f"  slicing time    {report['seconds']['total']:.1f}s, peak RSS {report['peak_memory']['peak_rss_gib']:.2f} GiB")
+    lines.append(
+        f"  slicing time    {report['seconds']['total']:.1f}s, peak RSS {report['peak_memory']['peak_rss_gib']:.2f} GiB"
+    )
     return "\n".join(lines)

@@ -42,17 +42,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep-<model name>)")
     add_common_arguments(parser)
     group = parser.add_argument_group("slicing")
-    group.add_argument(
-        "--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 or .txt/.jsonl"
-    )
+    group.add_argument("--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 or .txt/.jsonl")
     group.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    group.add_argument(
-        "--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)"
-    )
+    group.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
     group.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
-    group.add_argument(
-        "--slice-batch-size", type=int, default=8, help="calibration sequences per forward pass"
-    )
+    group.add_argument("--slice-batch-size", type=int, default=8, help="calibration sequences per forward pass")
     group.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this")
     group.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
     group.add_argument(
@@ -70,9 +64,7 @@ def add_parser(subparsers) -> None:
         "--ppl-dataset", default="wikitext2", help="wikitext2, ptb, c4, or none to skip (default wikitext2)"
     )
     group.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    group.add_argument(
-        "--ppl-windows", type=int, default=None, help="score only the first N windows (default all)"
-    )
+    group.add_argument("--ppl-windows", type=int, default=None, help="score only the first N windows (default all)")
     parser.set_defaults(run=run)
 
 
@@ -101,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         from slicelm.data import EVAL_SETS
 
         if ppl_dataset not in EVAL_SETS:
-            raise SlicelmError(
-                f"unknown --ppl-dataset {args.ppl_dataset!r}; use {', '.join(EVAL_SETS)} or none"
-            )
+            raise SlicelmError(f"unknown --ppl-dataset {args.ppl_dataset!r}; use {', '.join(EVAL_SETS)} or none")
 
     config = SweepConfig(
         model=args.model,

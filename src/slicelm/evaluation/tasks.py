@@ -168,8 +168,7 @@ def _read_piqa(root: Path) -> list[dict[str, Any]]:
             "re-copy both files"
         )
     return [
-        {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y}
-        for d, y in zip(docs, labels, strict=True)
+        {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": y} for d, y in zip(docs, labels, strict=True)
     ]
 
 
