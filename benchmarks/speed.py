@@ -135,7 +135,8 @@ def main() -> None:
 
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    # Not with_suffix: names such as "llama-1.5b" contain a dot.
+    out.parent.joinpath(out.name + ".json").write_text(json.dumps(results, indent=2) + "\n")
     s = results["settings"]
     lines = [
         f"# Speed: {s['dense']} dense vs sliced",
@@ -160,7 +161,7 @@ def write(results: dict, out: Path) -> None:
                 f"| {phase} | {shape} | {r['dense_tokens_per_s']:.1f} | {r['sliced_tokens_per_s']:.1f} | "
                 f"{r['speedup']:.3f} | {r['limit']:.3f} ({limit_kind}) | {r['share_of_limit']:.1%} |"
             )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.parent.joinpath(out.name + ".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
