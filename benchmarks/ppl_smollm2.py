@@ -162,7 +162,10 @@ def write(rows: list[dict], settings: dict, out: Path) -> None:
         "a small projection. `untied`: the paper's method — the head gets its own matrix, which on a 135M "
         "model outweighs what slicing removes. `tied-sliced-head`: the tie kept and the shared matrix sliced "
         "too (`--slice-head`): fewest parameters, but the head then only sees the embedding's top directions.",
-        "Slicing time includes calibration forward passes; peak RSS is the whole benchmark process so far.",
+        "Slicing time is wall-clock and includes the calibration forward passes, on a 2-core machine shared with "
+        "other jobs: points measured while other benchmarks ran (or while this one was paused for speed "
+        "measurements) took longer, so the minimum is the best estimate of the uncontended cost. Peak RSS is the "
+        "whole benchmark process so far (dense model, its sliced copy and evaluation included).",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
