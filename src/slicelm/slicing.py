@@ -107,6 +107,15 @@ class SliceReport:
         return out
 
 
+def merge_report(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base | extra``, merging dict values one level deep (``extra`` wins), e.g. calibration details."""
+    merged = dict(base)
+    for key, value in extra.items():
+        old = merged.get(key)
+        merged[key] = old | value if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
 # --------------------------------------------------------------------------------------------------
 # Calibration signals
 # --------------------------------------------------------------------------------------------------
@@ -206,18 +215,18 @@ class _Bases:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.explained: dict[str, float] = {}
 
-    def new(self, name: str) -> CovarianceAccumulator:
+    def new(self) -> CovarianceAccumulator:
         return CovarianceAccumulator(self.dim, device=self.device)
 
     def choose(self, name: str, acc: CovarianceAccumulator, width: int) -> torch.Tensor:
         """(D, width) float64 with orthonormal columns."""
-        eigenvalues, q = pca(acc.covariance())
+        cov = acc.covariance()
+        _, q = pca(cov)
         if self.config.basis == "random":
             q = random_orthogonal(self.dim, self.generator).to(q.device)
         elif self.config.basis == "identity":
             q = torch.eye(self.dim, dtype=torch.float64, device=q.device)
         # Share of the stream's energy kept by the chosen basis (for PCA: top eigenvalues / trace).
-        cov = acc.covariance()
         kept = torch.einsum("ij,ik,kj->", q[:, :width], cov, q[:, :width]).item()
         self.explained[name] = kept / max(torch.trace(cov).item(), 1e-30)
         return q[:, :width]
@@ -283,7 +292,7 @@ def slice_model(
     timings["embed"] = time.perf_counter() - start
 
     bases = _Bases(config, hidden, device)
-    acc = bases.new("embedding")
+    acc = bases.new()
     for i, b in enumerate(batches):
         acc.add(store[("x", i)].to(device), b.mask.to(device))
     q_in = bases.choose("embedding", acc, plan.embedding)  # (D, d_emb)
@@ -442,7 +451,7 @@ def _slice_branch(
     norm before it commutes with that change of basis.
     """
     device = q_in.device
-    acc = bases.new(name)
+    acc = bases.new()
     for i, b in enumerate(batches):
         x = store[("x", i)].to(device)
         x_read = _project(x, q_in.T) if unrotated else x
@@ -454,9 +463,10 @@ def _slice_branch(
         acc.add(z, b.mask.to(device))
         store[("z", i)] = z
     q_out = bases.choose(name, acc, width)
-    writers = layout.mlp_outputs if (mlp or both) else layout.attn_outputs
     if both:
         writers = layout.attn_outputs + layout.mlp_outputs
+    else:
+        writers = layout.mlp_outputs if mlp else layout.attn_outputs
     for path in writers:
         rotate_writer(get_module(layer, path), q_out)
     for i in range(len(batches)):

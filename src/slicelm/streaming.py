@@ -26,7 +26,7 @@ from slicelm.checkpoint import sliced_config, staged_folder, write_companions
 from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import get_module
 from slicelm.offload import ActivationStore
-from slicelm.slicing import SliceConfig, SliceReport, WeightAccess, slice_model
+from slicelm.slicing import SliceConfig, SliceReport, WeightAccess, merge_report, slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
 
@@ -124,6 +124,6 @@ def slice_streaming(
         model.config.save_pretrained(tmp)
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
-        full_report = report.to_dict() | {"streamed": True} | (report_extra or {})
+        full_report = merge_report(report.to_dict() | {"streamed": True}, report_extra or {})
         write_companions(tmp, model.config, tokenizer, full_report)
     return report

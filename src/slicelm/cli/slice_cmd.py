@@ -27,23 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})",
     )
     p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width to remove, in [0, 1)")
-    p.add_argument(
-        "--calib",
-        default="c4",
-        help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file",
-    )
-    p.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences (default 128)")
-    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    add_slicing_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (default 8)")
-    p.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
-    p.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
-    p.add_argument(
-        "--untie-head",
-        action="store_true",
-        help="for tied-embedding models, give the head its own weight (the paper's method; costs vocab x width "
-        "parameters). Default: keep the tie",
-    )
-    p.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else the Hugging Face hub)")
     p.add_argument("--out", required=True, help="output folder")
@@ -65,6 +50,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload-dir", help="with --stream: where activations beyond --max-memory are memory-mapped")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
+
+
+def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Calibration and slicing flags shared by ``slice`` and ``sweep`` (one place for their defaults)."""
+    parser.add_argument(
+        "--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file"
+    )
+    parser.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences (default 128)")
+    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    parser.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
+    parser.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
+    parser.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
+    parser.add_argument(
+        "--untie-head",
+        action="store_true",
+        help="for tied-embedding models, give the head its own weight (the paper's method; costs vocab x width "
+        "parameters). Default: keep the tie",
+    )
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
     from slicelm.models import load_config, load_model, load_tokenizer, resolve_source
     from slicelm.perplexity import perplexity
-    from slicelm.slicing import SliceConfig, slice_model
+    from slicelm.slicing import SliceConfig, merge_report, slice_model
 
     progress = not args.quiet
     data_dir = resolve_data_dir(args.data_dir)
@@ -157,11 +160,19 @@ def run(args: argparse.Namespace) -> int:
         },
         "dtype": args.dtype,
     }
+    extra = {
+        "model": source.description,
+        "sparsity": args.sparsity,
+        "calibration": calibration,
+        "load_seconds": 0.0,
+        "perplexity_before": None,
+        "perplexity_after": None,
+        "torch": torch.__version__,
+    }
     t0 = time.perf_counter()
     ppl_before = ppl_after = None
     if args.stream:
-        report = _slice_streaming(args, source, tokenizer, samples, config, metadata)
-        load_seconds = 0.0
+        report = _slice_streaming(args, source, tokenizer, samples, config, metadata, extra)
     else:
         model, tokenizer = load_model(source, dtype=args.dtype)
         load_seconds = time.perf_counter() - t0
@@ -183,21 +194,10 @@ def run(args: argparse.Namespace) -> int:
         report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress)
         ppl_after = ppl()
 
-    full_report = {
-        "model": source.description,
-        "sparsity": args.sparsity,
-        **report.to_dict(),
-        "calibration": report.calibration | calibration,
-        "load_seconds": load_seconds,
-        "perplexity_before": ppl_before,
-        "perplexity_after": ppl_after,
-        "torch": torch.__version__,
-    }
-    if args.stream:
+        extra |= {"load_seconds": load_seconds, "perplexity_before": ppl_before, "perplexity_after": ppl_after}
+    full_report = merge_report(report.to_dict(), extra)
+    if args.stream:  # already written, report included, by slice_streaming
         out = Path(args.out)
-        (out / "slicelm_report.json").write_text(
-            json.dumps(full_report | {"streamed": True}, indent=2, default=str) + "\n"
-        )
     else:
         out = save_sliced(model, args.out, tokenizer, overwrite=args.overwrite, metadata=metadata, report=full_report)
     print(summary(full_report, out), file=sys.stderr)
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata):
+def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata, extra):
     """Streamed slicing straight from the safetensors files into ``args.out``."""
     from slicelm.models import parse_dtype
     from slicelm.streaming import slice_streaming
@@ -240,6 +240,7 @@ def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, confi
         offload_dir=args.offload_dir,
         overwrite=args.overwrite,
         metadata=metadata,
+        report_extra=extra,
         progress=not args.quiet,
     )
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from slicelm.cli.eval_cmd import add_common_arguments, data_dir_from
+from slicelm.cli.slice_cmd import add_slicing_arguments
 from slicelm.errors import SlicelmError
 
 
@@ -42,18 +43,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep-<model name>)")
     add_common_arguments(parser)
     group = parser.add_argument_group("slicing")
-    group.add_argument("--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 or .txt/.jsonl")
-    group.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    group.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
-    group.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
+    add_slicing_arguments(group)
     group.add_argument("--slice-batch-size", type=int, default=8, help="calibration sequences per forward pass")
-    group.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this")
-    group.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
-    group.add_argument(
-        "--untie-head",
-        action="store_true",
-        help="give a tied head its own weight (the paper's method); default: keep the tie",
-    )
     group.add_argument(
         "--save-models",
         action="store_true",
