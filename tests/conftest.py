@@ -23,6 +23,20 @@ def shared_data_dir() -> Path | None:
     return next((p for p in candidates if p.is_dir()), None)
 
 
+@pytest.fixture
+def hub_only(monkeypatch):
+    """No offline data folder anywhere (flag, environment or checkout): data comes from the "hub".
+
+    The hub counts as reachable, so the tests' fake loaders decide what happens.
+    """
+    import slicelm.data
+    import slicelm.hub
+
+    monkeypatch.delenv(slicelm.data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(slicelm.data, "default_data_dir", lambda: None)
+    monkeypatch.setattr(slicelm.hub, "_REACHABLE", True)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     found = shared_data_dir()

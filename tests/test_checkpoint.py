@@ -91,14 +91,23 @@ def test_plain_transformers_loads_it_without_slicelm(saved):
 def test_existing_output_needs_overwrite(saved, tmp_path):
     model, _ = saved
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    save_sliced(model, out)
+    first = (out / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(SlicelmError, match="already exists.*--overwrite"):
         save_sliced(model, out)
+    save_sliced(model, out, overwrite=True)  # a slicelm output may be replaced
+    assert (out / "model.safetensors").stat().st_mtime_ns >= first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "temporary or lock files left behind"
+
+
+def test_overwrite_never_replaces_a_folder_slicelm_did_not_write(saved, tmp_path):
+    model, _ = saved
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SlicelmError, match="only replaces folders slicelm wrote"):
+        save_sliced(model, out, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    save_sliced(model, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_unsliced_model_cannot_be_saved_as_sliced(tmp_path):

@@ -31,13 +31,17 @@ def bos_tokenizer():
 # --- data dir resolution -----------------------------------------------------------------------------
 
 
-def test_resolve_data_dir_flag_then_env_then_hub(tmp_path, monkeypatch):
+def test_resolve_data_dir_flag_then_env_then_checkout_then_hub(tmp_path, monkeypatch):
     other = tmp_path / "env"
     other.mkdir()
     monkeypatch.setenv(data.DATA_DIR_ENV, str(other))
     assert data.resolve_data_dir(str(tmp_path)) == tmp_path
     assert data.resolve_data_dir(None) == other
     monkeypatch.delenv(data.DATA_DIR_ENV)
+    # A source checkout with ../shared/data beside it finds that folder by itself (as the README says).
+    beside = data.REPO_ROOT.parent / "shared" / "data"
+    assert data.resolve_data_dir(None) == (beside if beside.is_dir() else None)
+    monkeypatch.setattr(data, "default_data_dir", lambda: None)
     assert data.resolve_data_dir(None) is None
     with pytest.raises(SlicelmError, match="does not exist"):
         data.resolve_data_dir(str(tmp_path / "missing"))
@@ -213,7 +217,7 @@ def test_not_enough_records(data_dir, bos_tokenizer):
 # --- hub fallback (no network: `datasets.load_dataset` is replaced) ----------------------------------------
 
 
-def test_hub_fallback_reads_the_right_split(monkeypatch, bos_tokenizer):
+def test_hub_fallback_reads_the_right_split(monkeypatch, bos_tokenizer, hub_only):
     import datasets
 
     calls = []
@@ -222,7 +226,6 @@ def test_hub_fallback_reads_the_right_split(monkeypatch, bos_tokenizer):
         calls.append((path, name, split, data_files))
         return datasets.Dataset.from_dict({"text": ["", " = A = \n", "the cat sat\n"]})
 
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert data.eval_text("wikitext2") == "\n\n = A = \n\n\nthe cat sat\n"
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test", None)]
@@ -230,13 +233,12 @@ def test_hub_fallback_reads_the_right_split(monkeypatch, bos_tokenizer):
     assert calls[-1][2] == "train"  # calibration never reads the test split
 
 
-def test_hub_failure_is_one_line(monkeypatch, bos_tokenizer):
+def test_hub_failure_is_one_line(monkeypatch, bos_tokenizer, hub_only):
     import datasets
 
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)\nmore detail")
 
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SlicelmError, match=r"cannot load allenai/c4 \(train\).*Couldn't reach.*--data-dir") as info:
         data.load_calibration("c4", bos_tokenizer, n_samples=1, seqlen=8)

@@ -181,7 +181,7 @@ def test_cli_eval_equals_direct_lm_eval(data_dir, tiny_folder, tmp_path, capsys)
     argv = ["eval", str(tiny_folder), "--tasks", ",".join(tasks), "--limit", str(LIMIT), "--batch-size", "2"]
     code = main([*argv, "--data-dir", str(data_dir), "--output", str(out), "--device", "cpu"])
     printed = json.loads(capsys.readouterr().out)
-    assert code == 0 and json.loads(out.read_text()) == printed
+    assert code == 0 and json.loads(out.read_text()) == {"created_by": "slicelm", **printed}
 
     model, tokenizer = load_model(str(tiny_folder))
     names = resolve_tasks(tasks)
@@ -238,14 +238,13 @@ def test_sliced_tiny_model_end_to_end(data_dir, tmp_path, smollm2_tokenizer, cap
     assert 0.0 <= printed["average"] <= 1.0
 
 
-def test_hub_failure_is_a_one_line_error(tiny_folder, monkeypatch, capsys):
+def test_hub_failure_is_a_one_line_error(tiny_folder, monkeypatch, capsys, hub_only):
     """Without a data folder the stock tasks download from the hub; offline that must say what to do."""
     import datasets
 
     def offline(*_args, **_kwargs):
         raise ConnectionError("Couldn't reach 'allenai/winogrande' on the Hub (LocalEntryNotFoundError)")
 
-    monkeypatch.delenv("SLICELM_DATA_DIR", raising=False)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     code = main(["eval", str(tiny_folder), "--tasks", "winogrande", "--limit", "2", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()

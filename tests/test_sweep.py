@@ -155,8 +155,8 @@ def test_changed_settings_invalidate_only_what_they_affect(tiny_folder, data_dir
 def test_sweep_cli(tiny_folder, data_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
     argv = ["sweep", str(tiny_folder), "--sparsities", "0,0.25", "--tasks", "arc_easy", "--limit", "2"]
-    argv += ["--batch-size", "2", "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu"]
-    argv += ["--calib", "c4", "--calib-samples", "2", "--calib-seqlen", "32", "--slice-batch-size", "2"]
+    argv += ["--eval-batch-size", "2", "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu"]
+    argv += ["--calib", "c4", "--calib-samples", "2", "--calib-seqlen", "32", "--calib-batch-size", "2"]
     argv += ["--ppl-dataset", "none"]
     assert main(argv) == 0
     printed = json.loads(capsys.readouterr().out)

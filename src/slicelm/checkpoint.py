@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,56 +18,36 @@ import torch
 from torch import nn
 
 from slicelm import modeling_slicelm
-from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import SLICELM_KEY, sliced_model_class
+from slicelm.errors import SlicelmError, first_line
+from slicelm.modeling_slicelm import (
+    SLICELM_KEY,
+    SlicedCheckpointError,
+    section_checksum,
+    sliced_model_class,
+    validate_section,
+)
+from slicelm.outputs import OutputClaim, finite_or_none, staged_output, to_json
+from slicelm.streaming_io import ShardWriter, check_finite
 
 MODELING_FILE = "modeling_slicelm.py"
 PLAN_FILE = "slicing_plan.json"
 REPORT_FILE = "slicelm_report.json"
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any work) if ``out`` exists and may not be replaced."""
-    out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        raise SlicelmError(f"output folder {out} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise SlicelmError(f"output path {out} exists and is not a folder; remove it or choose another --out")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise SlicelmError(f"{out.parent} is not a folder; choose another --out")
-    return out
+OUTPUT_KIND = "sliced-model"  # manifest kind of the folders written here (see slicelm.outputs)
+MAX_SHARD_BYTES = 4 * 2**30
 
 
 def sliced_config(model_config: Any, base_class: str, metadata: dict[str, Any] | None = None) -> Any:
-    """Record provenance and the remote-code entry point in a sliced model's config (in place)."""
-    info = dict(getattr(model_config, SLICELM_KEY))
-    info.update(metadata or {})
+    """Record provenance and the remote-code entry point in a sliced model's config (in place).
+
+    The section gets a checksum last, so the modeling code can refuse a hand-edited section.
+    """
+    info = {k: v for k, v in getattr(model_config, SLICELM_KEY).items() if k != "checksum"}
+    info.update(finite_or_none(metadata or {}))
     info["base_class"] = base_class
+    info["checksum"] = section_checksum(info)
     setattr(model_config, SLICELM_KEY, info)
     model_config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.Sliced{base_class}"}
     return model_config
-
-
-@contextmanager
-def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it vanishes."""
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)  # only now, once the work is done or under way
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        _check_no_pickles(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_companions(folder: Path, config: Any, tokenizer: Any = None, report: dict[str, Any] | None = None) -> None:
@@ -82,12 +59,13 @@ def write_companions(folder: Path, config: Any, tokenizer: Any = None, report: d
     shutil.copyfile(modeling_slicelm.__file__, folder / MODELING_FILE)
     (folder / PLAN_FILE).write_text(json.dumps(getattr(config, SLICELM_KEY)["plan"], indent=2) + "\n")
     if report is not None:
-        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (folder / REPORT_FILE).write_text(to_json(report) + "\n")
+    _check_no_pickles(folder)
 
 
 def save_sliced(
     model: nn.Module,
-    out: str | Path,
+    out: str | Path | OutputClaim,
     tokenizer: Any = None,
     *,
     overwrite: bool = False,
@@ -96,16 +74,42 @@ def save_sliced(
 ) -> Path:
     """Write a sliced model (and tokenizer) to ``out`` atomically. Returns the folder.
 
+    out: a folder, or an :class:`~slicelm.outputs.OutputClaim` taken before the work started.
     metadata: recorded in ``config.json`` under ``slicelm`` (source model, calibration settings...).
-    report: written as ``slicelm_report.json``.
+    report: written as ``slicelm_report.json``. Refuses (writing nothing) a model with non-finite
+    or missing weights. Weights keep their in-memory names on disk (no transformers renaming), so
+    the folder loads the same with any transformers release.
     """
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
-    out = Path(out).expanduser()
-    sliced_config(model.config, type(model).__mro__[1].__name__, metadata)  # Sliced<Base> -> Base
-    with staged_folder(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+    tensors = unique_state_dict(model)  # checks for meta (never loaded) tensors
+    for name, tensor in tensors.items():
+        check_finite(name, tensor)
+    sliced_config(model.config, model._slicelm_base.__name__, metadata)
+    with staged_output(out, overwrite, kind=OUTPUT_KIND) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes=MAX_SHARD_BYTES)
+        writer.write(tensors)
+        writer.finish()
+        model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
         write_companions(tmp, model.config, tokenizer, report)
+    return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor once: a tied head is stored with its embedding (transformers
+    re-ties it on load from ``tie_word_embeddings``)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            raise SlicelmError(f"tensor {name} was never loaded (meta device); nothing was written")
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = tensor
     return out
 
 
@@ -116,7 +120,11 @@ def _check_no_pickles(folder: Path) -> None:
 
 
 def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, device: str | None = None) -> nn.Module:
-    """Load a folder written by :func:`save_sliced` with slicelm's classes (no remote code)."""
+    """Load a folder written by :func:`save_sliced` with slicelm's classes (no remote code).
+
+    A folder whose config section was edited, or whose tensors are missing, unexpected or
+    mis-shaped, is refused with one line (the same checks the folder's own modeling file makes).
+    """
     import transformers
     from transformers import AutoConfig
 
@@ -125,19 +133,18 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, dev
     info = getattr(config, SLICELM_KEY, None)
     if info is None:
         raise SlicelmError(f"{path} is not a sliced model (config.json has no 'slicelm' section)")
+    try:
+        info = validate_section(info, config)
+    except SlicedCheckpointError as exc:
+        raise SlicelmError(f"{path}: {exc}") from None
     base_name = info.get("base_class")
     base = getattr(transformers, str(base_name), None)
     if not isinstance(base, type):
         raise SlicelmError(f"{path}: unknown architecture {base_name!r} in config.json")
-    model, info = sliced_model_class(base).from_pretrained(
-        path, config=config, dtype=dtype, device_map=device, output_loading_info=True
-    )
-    # A sliced checkpoint must match its structure exactly: a missing tensor would be random.
-    problems = [
-        f"{len(v)} {k.replace('_', ' ')} (e.g. {sorted(map(str, v))[0]})"
-        for k, v in info.items()
-        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
-    ]
-    if problems:
-        raise SlicelmError(f"{path} does not match its slicing plan: {'; '.join(problems)}; re-create it")
+    try:
+        model = sliced_model_class(base).from_pretrained(path, config=config, dtype=dtype, device_map=device)
+    except SlicedCheckpointError as exc:
+        raise SlicelmError(f"{path}: {exc}") from None
+    except (OSError, RuntimeError) as exc:  # truncated or unreadable safetensors
+        raise SlicelmError(f"cannot read the weights of {path} ({first_line(exc)}); re-create it") from None
     return model.eval()

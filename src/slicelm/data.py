@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from slicelm.errors import SlicelmError
+from slicelm.errors import SlicelmError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,11 +98,23 @@ HUB = {
 # Where the data lives
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # src/slicelm/data.py -> the checkout, when installed from one
+
+
+def default_data_dir() -> Path | None:
+    """``../shared/data`` beside a source checkout of slicelm (the project's offline data), if present."""
+    candidate = REPO_ROOT.parent / "shared" / "data"
+    if (REPO_ROOT / "pyproject.toml").is_file() and candidate.is_dir():
+        return candidate
+    return None
+
+
 def resolve_data_dir(flag: str | Path | None) -> Path | None:
-    """The data dir to read: ``flag``, else ``$SLICELM_DATA_DIR``, else None (use the hub)."""
+    """The data dir to read: ``flag``, else ``$SLICELM_DATA_DIR``, else ``../shared/data`` beside a
+    source checkout, else None (use the hub)."""
     value = flag if flag not in (None, "") else os.environ.get(DATA_DIR_ENV) or None
     if value is None:
-        return None
+        return default_data_dir()
     path = Path(value).expanduser()
     if not path.is_dir():
         origin = "--data-dir" if flag not in (None, "") else f"${DATA_DIR_ENV}"
@@ -120,6 +132,9 @@ def _local_file(data_dir: Path, relative: str, what: str, hub: _HubSplit | None)
 
 def _hub_column(hub: _HubSplit, limit: int | None = None) -> list[str]:
     """One text column of a hub dataset; any failure (offline, gated, renamed) becomes one line."""
+    from slicelm.hub import prepare_hub
+
+    online = prepare_hub()
     try:
         from datasets import load_dataset
 
@@ -128,7 +143,7 @@ def _hub_column(hub: _HubSplit, limit: int | None = None) -> list[str]:
             ds = ds.select(range(min(limit, len(ds))))
         return list(ds[hub.column])
     except Exception as exc:  # datasets raises many unrelated types; all of them mean "cannot load"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) if online else "the hub is unreachable and it is not in the local cache"
         raise SlicelmError(
             f"cannot load {hub.describe()} from the Hugging Face hub ({reason}); "
             f"use --data-dir/${DATA_DIR_ENV} with a local copy"
@@ -289,9 +304,14 @@ def _calibration_corpus(source: str, data_dir: str | Path | None) -> tuple[str, 
         path = Path(source).expanduser()
         if not path.is_file():
             raise SlicelmError(f"calibration file {path} does not exist")
-        if suffix == ".txt":
-            return "text", str(path), path.read_text(encoding="utf-8")
-        return "documents", str(path), _jsonl_texts(path)
+        try:
+            if suffix == ".txt":
+                return "text", str(path), path.read_text(encoding="utf-8")
+            return "documents", str(path), _jsonl_texts(path)
+        except UnicodeDecodeError as exc:
+            raise SlicelmError(
+                f"calibration file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
+            ) from None
     if source not in CALIBRATION_SETS:
         hint = " (local files must end in .txt or .jsonl)" if Path(source).exists() else ""
         raise SlicelmError(
@@ -324,6 +344,24 @@ def _calibration_corpus(source: str, data_dir: str | Path | None) -> tuple[str, 
     # alpaca
     texts = alpaca_texts(_local_file(root, ALPACA, what, hub)) if root else _hub_column(hub)
     return "records", source, texts
+
+
+def describe_calibration_source(source: str, data_dir: str | Path | None = None) -> str:
+    """Which text :func:`load_calibration` reads for ``source``, in words (for reports and docs)."""
+    root = resolve_data_dir(data_dir)
+    if source not in CALIBRATION_SETS:
+        return f"local file {Path(source).expanduser()}"
+    if root is None:
+        hub = HUB[(source, "train")]
+        shard = f", {hub.data_files['train']}" if hub.data_files else ""
+        return f"{hub.describe()}{shard} from the Hugging Face hub"
+    return {
+        "c4": f"C4 validation sample {C4_SAMPLE}, documents {C4_SAMPLE_EVAL_DOCS} onward (the first "
+        f"{C4_SAMPLE_EVAL_DOCS} are slicelm's c4 test text; no C4 train shard offline)",
+        "ptb": f"PTB train split {PTB_TRAIN}",
+        "wikitext2": f"WikiText-2 train split {WIKITEXT2_TRAIN}",
+        "alpaca": f"Alpaca subset {ALPACA}",
+    }[source]
 
 
 def _jsonl_texts(path: Path) -> list[str]:

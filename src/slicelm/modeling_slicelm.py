@@ -395,6 +395,127 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Validation: a tampered or incomplete folder is refused, never run with random weights
+# --------------------------------------------------------------------------------------------------
+class SlicedCheckpointError(ValueError):
+    """A sliced folder whose config section or tensors do not describe a consistent model."""
+
+
+def section_checksum(info: dict[str, Any]) -> str:
+    """sha256 of the ``slicelm`` config section (without its checksum), canonical JSON."""
+    import hashlib
+
+    body = {k: v for k, v in info.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def validate_section(info: Any, config: Any) -> dict[str, Any]:
+    """Check the ``slicelm`` section against itself and the config; returns it as a dict.
+
+    Raises :class:`SlicedCheckpointError` with one line saying what is wrong.
+    """
+
+    def fail(what: str) -> SlicedCheckpointError:
+        return SlicedCheckpointError(f"invalid sliced checkpoint: {what}; re-create it with slicelm")
+
+    if isinstance(info, str):
+        try:
+            info = json.loads(info)
+        except ValueError:
+            raise fail("the 'slicelm' section of config.json is not JSON") from None
+    if not isinstance(info, dict):
+        raise fail("the 'slicelm' section of config.json is not an object")
+    if "checksum" in info and info["checksum"] != section_checksum(info):
+        raise fail("the 'slicelm' section of config.json was edited (checksum mismatch)")
+    for key, kind in (("layout", dict), ("plan", dict), ("norm_eps", (int, float))):
+        if not isinstance(info.get(key), kind):
+            raise fail(f"config.json's 'slicelm' section lacks a valid {key!r}")
+    eps = float(info["norm_eps"])
+    if not eps > 0 or eps != eps or eps == float("inf"):
+        raise fail(f"norm_eps must be a positive number, got {info['norm_eps']!r}")
+    layout, plan = info["layout"], info["plan"]
+    needed = ("embeddings", "layers", "final_norm", "head", "attn_norm", "attn", "mlp", "norms", "parallel")
+    missing = [k for k in needed + ("attn_inputs", "attn_outputs", "mlp_inputs", "mlp_outputs") if k not in layout]
+    if missing:
+        raise fail(f"the layout lacks {', '.join(missing)}")
+    hidden = plan.get("hidden_size")
+    if hidden != getattr(config, "hidden_size", None):
+        raise fail(
+            f"plan.hidden_size {hidden!r} differs from config.hidden_size {getattr(config, 'hidden_size', None)}"
+        )
+    layers = plan.get("layers")
+    if not isinstance(layers, list) or len(layers) != getattr(config, "num_hidden_layers", None):
+        count = len(layers) if isinstance(layers, list) else "no"
+        raise fail(f"the plan has {count} layers, the config {getattr(config, 'num_hidden_layers', None)}")
+    widths = [plan.get("embedding")]
+    for entry in layers:
+        if not isinstance(entry, dict) or (entry.get("mid") is None) != bool(layout["parallel"]):
+            raise fail("the plan's layer widths do not match the block layout")
+        widths += [entry.get("out")] if layout["parallel"] else [entry.get("mid"), entry.get("out")]
+    if not all(_positive_int(w) and w <= hidden for w in widths):
+        raise fail(f"the plan has widths outside 1..{hidden}")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied != bool(info.get("tied_head")):
+        raise fail("tie_word_embeddings and the section's tied_head disagree")
+    return info
+
+
+def loading_problems(loading_info: dict[str, Any]) -> str | None:
+    """What ``from_pretrained(..., output_loading_info=True)`` left missing, unexpected or mis-shaped
+    (transformers only warns about those: a missing tensor stays randomly initialised), or None."""
+
+    def example(item: Any) -> str:
+        if isinstance(item, tuple) and len(item) == 3:  # mismatched: (name, stored shape, expected shape)
+            return f"{item[0]} is {list(item[1])}, expected {list(item[2])}"
+        return str(item)
+
+    problems = [
+        f"{len(v)} {k.replace('_', ' ')} (e.g. {sorted(map(example, v))[0]})"
+        for k, v in loading_info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    ]
+    return "; ".join(problems) or None
+
+
+class _SlicedModel:
+    """Mixin of every ``Sliced<Base>`` class: builds the sliced structure and loads it strictly."""
+
+    _slicelm_model = True
+    _slicelm_base: type
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        info = getattr(config, SLICELM_KEY, None)
+        if info is None:
+            raise SlicedCheckpointError("config has no 'slicelm' section: this is not a sliced checkpoint")
+        info = validate_section(info, config)
+        apply_sliced_structure(self, info)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``from_pretrained`` that fails instead of initialising missing tensors at random."""
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reported with their names, then refused
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        problems = loading_problems(loading_info)
+        never_loaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+        if never_loaded and not problems:  # e.g. a tied embedding missing from the file: not reported
+            problems = f"{len(never_loaded)} tensors not in the checkpoint (e.g. {never_loaded[0]})"
+        if problems:
+            raise SlicedCheckpointError(
+                f"{pretrained_model_name_or_path} does not match its slicing plan: {problems}; "
+                "re-create it with slicelm"
+            )
+        return (model, loading_info) if want_info else model
+
+
+# --------------------------------------------------------------------------------------------------
 # Model classes
 # --------------------------------------------------------------------------------------------------
 _MODEL_CLASSES: dict[type, type] = {}
@@ -405,17 +526,7 @@ def sliced_model_class(base: type) -> type:
     if getattr(base, "_slicelm_model", False):
         return base
     if base not in _MODEL_CLASSES:
-
-        def __init__(self, config, *args, **kwargs):
-            base.__init__(self, config, *args, **kwargs)
-            info = getattr(config, SLICELM_KEY, None)
-            if info is None:
-                raise ValueError("config has no 'slicelm' section: this is not a sliced checkpoint")
-            if isinstance(info, str):
-                info = json.loads(info)
-            apply_sliced_structure(self, info)
-
-        _MODEL_CLASSES[base] = type(f"Sliced{base.__name__}", (base,), {"__init__": __init__, "_slicelm_model": True})
+        _MODEL_CLASSES[base] = type(f"Sliced{base.__name__}", (_SlicedModel, base), {"_slicelm_base": base})
     return _MODEL_CLASSES[base]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slicelm.errors import SlicelmError
+from slicelm.errors import SlicelmError, first_line
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -39,6 +39,12 @@ class ModelSource:
     path: str  # folder or hub id
     gguf_file: str | None = None  # file name inside `path` when loading GGUF
     description: str = ""  # what the user asked for, for reports
+
+    @property
+    def local_path(self) -> Path | None:
+        """The file or folder on this machine the model is read from (None for a hub id)."""
+        path = Path(self.path) / self.gguf_file if self.gguf_file else Path(self.path)
+        return path if path.exists() else None
 
     @property
     def is_sliced(self) -> bool:
@@ -87,6 +93,9 @@ def resolve_source(spec: str) -> ModelSource:
 
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SlicelmError(f"model path {spec} does not exist")
+    from slicelm.hub import prepare_hub
+
+    prepare_hub()  # offline: cached hub models still load, others fail at once instead of after retries
     return ModelSource(spec, description=spec)  # a hub id; transformers reports if it cannot be fetched
 
 
@@ -97,7 +106,7 @@ def load_config(source: ModelSource):
     try:
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
-        raise SlicelmError(f"cannot load the config of {source.description}: {_first_line(exc)}") from None
+        raise SlicelmError(f"cannot load the config of {source.description}: {first_line(exc)}") from None
 
 
 def load_tokenizer(source: ModelSource):
@@ -106,7 +115,7 @@ def load_tokenizer(source: ModelSource):
     try:
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
-        raise SlicelmError(f"cannot load the tokenizer of {source.description}: {_first_line(exc)}") from None
+        raise SlicelmError(f"cannot load the tokenizer of {source.description}: {first_line(exc)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked out everywhere; any id will do
     return tok
@@ -128,15 +137,38 @@ def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str
         from slicelm.checkpoint import load_sliced
 
         return load_sliced(source.path, dtype=dtype), tokenizer
+    from safetensors import SafetensorError
+
+    from slicelm.modeling_slicelm import loading_problems
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=dtype)
+        # Mis-shaped tensors are reported (and refused below) rather than raised without their names.
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
     except OSError as exc:
-        raise SlicelmError(f"cannot load model {source.description}: {_first_line(exc)}") from None
+        raise SlicelmError(f"cannot load model {source.description}: {first_line(exc)}") from None
+    except SafetensorError as exc:
+        raise SlicelmError(
+            f"the weights of {source.description} are damaged or truncated ({first_line(exc)})"
+        ) from None
+    problems = loading_problems(info)
+    if problems:
+        raise SlicelmError(f"{source.description} does not match its config: {problems}; fix or re-download it")
+    check_finite_parameters(model, source.description)
     if source.gguf_file:
         drop_quantization(model)
     model.eval()
     model.config.name_or_path = source.description
     return model, tokenizer
+
+
+def check_finite_parameters(model, description: str) -> None:
+    """Refuse a model with NaN/inf weights: slicing would turn them into a model of NaN logits."""
+    from slicelm.streaming_io import check_finite
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        check_finite(name, tensor, f"fix the checkpoint {description}")
 
 
 def drop_quantization(model) -> None:
@@ -149,8 +181,3 @@ def drop_quantization(model) -> None:
     for attr in ("is_quantized", "quantization_method"):
         if attr in model.__dict__:
             del model.__dict__[attr]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

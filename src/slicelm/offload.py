@@ -8,6 +8,7 @@ back page by page, one batch at a time, never all at once).
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import Hashable
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+OFFLOAD_PREFIX = "slicelm-offload"  # + host, pid and a random part: see slicelm.outputs.remove_stale
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
@@ -63,9 +65,12 @@ class ActivationStore:
 
     def _spill(self, index: Hashable, tensor: torch.Tensor) -> torch.Tensor:
         if self._dir is None:
-            if self._root is not None:
-                self._root.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="slicelm-offload-", dir=self._root))
+            from slicelm.outputs import remove_stale, temp_name
+
+            root = self._root if self._root is not None else Path(tempfile.gettempdir())
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale(root, OFFLOAD_PREFIX)  # left by runs that were killed
+            self._dir = Path(tempfile.mkdtemp(prefix=temp_name(OFFLOAD_PREFIX), dir=root))
         self._generation += 1
         self._spills += 1
         path = self._dir / f"act-{self._generation}.bin"
@@ -106,6 +111,10 @@ def parse_bytes(text: str) -> int:
     raw = text.strip().lower().replace(" ", "")
     number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = raw[len(number) :]
-    if not number or unit not in units:
-        raise ValueError(f"cannot read {text!r} as a size; use e.g. 2GiB or 512MB")
-    return int(float(number) * units[unit])
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 2GiB or 512MB") from None
+    if not math.isfinite(value) or value <= 0 or value >= 2**63:
+        raise ValueError(f"{text!r} is not a usable size; give a positive size such as 2GiB")
+    return int(value)

@@ -97,4 +97,9 @@ def uniform_width(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
     if sparsity == 0.0:
         return hidden_size
     width = int(hidden_size * (1.0 - sparsity)) // round_to * round_to
-    return max(width, min(round_to, hidden_size))
+    if width == 0:
+        raise SlicelmError(
+            f"sparsity {sparsity} with --round-to {round_to} leaves no width of the {hidden_size}-wide stream "
+            f"(round_to must be at most {int(hidden_size * (1.0 - sparsity))}); lower --round-to"
+        )
+    return width

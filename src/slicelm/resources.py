@@ -38,3 +38,26 @@ class PeakMemory:
         if self.cuda:
             out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return out
+
+
+AVAILABLE_MEMORY_ENV = "SLICELM_AVAILABLE_MEMORY"  # e.g. "8GiB": pretend only this much memory is free
+
+
+def available_memory_bytes() -> int | None:
+    """Memory this process can still use without swapping: ``$SLICELM_AVAILABLE_MEMORY`` if set,
+    else the kernel's MemAvailable (Linux), else None (unknown)."""
+    import os
+
+    override = os.environ.get(AVAILABLE_MEMORY_ENV)
+    if override:
+        from slicelm.offload import parse_bytes
+
+        return parse_bytes(override)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -221,6 +221,11 @@ class _Bases:
     def choose(self, name: str, acc: CovarianceAccumulator, width: int) -> torch.Tensor:
         """(D, width) float64 with orthonormal columns."""
         cov = acc.covariance()
+        if not bool(torch.isfinite(cov).all()):
+            raise SlicelmError(
+                f"the residual stream at {name} holds non-finite values (NaN/inf) on the calibration data; "
+                "the model overflows in its dtype: slice in float32 (--dtype float32)"
+            )
         _, q = pca(cov)
         if self.config.basis == "random":
             q = random_orthogonal(self.dim, self.generator).to(q.device)
@@ -254,6 +259,7 @@ def slice_model(
     progress: bool = True,
     access: WeightAccess | None = None,
     store: ActivationStore | None = None,
+    device: torch.device | str | None = None,
 ) -> SliceReport:
     """Slice ``model`` in place with SliceGPT and return a report.
 
@@ -262,9 +268,12 @@ def slice_model(
     be saved with :func:`slicelm.save_sliced` and loaded by plain transformers with remote code.
     access / store: where weights and calibration activations live (see :mod:`slicelm.streaming`);
     by default everything stays in memory.
+    device: where to compute (e.g. ``"cuda"``); the model stays where it is and each module visits
+    the device only while it is processed (see :mod:`slicelm.devices`). Default: where it is.
     """
     config = config or SliceConfig()
     access = access or WeightAccess()
+    home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     store = store if store is not None else ActivationStore()
     if getattr(model, "_slicelm_model", False):
         raise SlicelmError("this model is already sliced; load the original model to slice it again")
@@ -272,6 +281,11 @@ def slice_model(
         raise SlicelmError("no calibration samples; give at least one sequence")
     layout = resolve(model)
     model.eval()
+    if device is not None and torch.device(device) != home:
+        from slicelm.devices import DeviceAccess, move_buffers_outside
+
+        access = DeviceAccess(access, torch.device(device), home)
+        move_buffers_outside(model, layout.layers, torch.device(device))
     hidden = model.config.hidden_size
     layers = get_module(model, layout.layers)
     pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
@@ -301,7 +315,7 @@ def slice_model(
         access.done(model, path)
     q_embedding = q_in
     for i in range(len(batches)):
-        store[("x", i)] = _project(store[("x", i)], q_in.cpu())
+        store[("x", i)] = _project(store[("x", i)].to(device), q_in)
 
     roles = block_roles(layout.to_dict())
     t_layers = time.perf_counter()
@@ -329,6 +343,8 @@ def slice_model(
     for i in range(len(batches)):
         del store[("x", i)]
 
+    if device is not None and torch.device(device) != home:
+        move_buffers_outside(model, layout.layers, home)
     model.__class__ = sliced_model_class(type(model))
     setattr(model.config, SLICELM_KEY, info)
     timings["total"] = time.perf_counter() - start
@@ -470,6 +486,6 @@ def _slice_branch(
     for path in writers:
         rotate_writer(get_module(layer, path), q_out)
     for i in range(len(batches)):
-        store[("x", i)] = _project(store[("z", i)], q_out.cpu())
+        store[("x", i)] = _project(store[("z", i)].to(device), q_out)  # the store keeps it on the CPU
         del store[("z", i)]
     return q_out

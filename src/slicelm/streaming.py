@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from slicelm.arch import resolve
-from slicelm.checkpoint import sliced_config, staged_folder, write_companions
+from slicelm.checkpoint import OUTPUT_KIND, sliced_config, write_companions
 from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import get_module
 from slicelm.offload import ActivationStore
+from slicelm.outputs import OutputClaim, staged_output
 from slicelm.slicing import SliceConfig, SliceReport, WeightAccess, merge_report, slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
@@ -38,6 +39,9 @@ def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Meta initialisation leaves a tied head with its own (meta) parameter: tie it, so parameter
+    # counts and the tied checkpoint's single stored matrix are right.
+    model.tie_weights()
     return model.eval()
 
 
@@ -77,7 +81,7 @@ def resolve_cached(model: nn.Module):
 
 def slice_streaming(
     source: str | Path,
-    out: str | Path,
+    out: str | Path | OutputClaim,
     calibration: Sequence[torch.Tensor],
     config: SliceConfig | None = None,
     *,
@@ -86,22 +90,24 @@ def slice_streaming(
     max_memory: int | None = None,
     offload_dir: str | Path | None = None,
     overwrite: bool = False,
+    device: torch.device | str | None = None,
     metadata: dict[str, Any] | None = None,
     report_extra: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> SliceReport:
     """Slice the safetensors checkpoint in ``source`` into the folder ``out``, layer by layer.
 
+    out: the output folder, or an :class:`~slicelm.outputs.OutputClaim` on it taken earlier.
     max_memory: bytes of calibration activations kept in RAM (the rest goes to memory-mapped files
-    under ``offload_dir``, default the system temp folder). The output folder is the same as
-    :func:`slicelm.save_sliced` writes, in several shards.
+    under ``offload_dir``, default the system temp folder). device: where each layer is computed.
+    The output folder is the same as :func:`slicelm.save_sliced` writes, in several shards.
     """
     source = Path(source)
     if not (source / "config.json").is_file():
         raise SlicelmError(f"{source} is not a Hugging Face model folder (no config.json); streaming needs one")
     checkpoint = LazyCheckpoint(source)
     model = skeleton(source, dtype)
-    with staged_folder(Path(out).expanduser(), overwrite) as tmp:
+    with staged_output(out, overwrite, kind=OUTPUT_KIND, protect=[source]) as tmp:
         writer = ShardWriter(tmp)
         store = ActivationStore(max_memory, offload_dir)
         try:
@@ -113,13 +119,13 @@ def slice_streaming(
                 progress=progress,
                 access=StreamingAccess(checkpoint, writer, dtype),
                 store=store,
+                device=device,
             )
         finally:
             store.close()
             checkpoint.close()
         writer.finish()
-        base = type(model).__mro__[1].__name__
-        sliced_config(model.config, base, metadata)
+        sliced_config(model.config, model._slicelm_base.__name__, metadata)
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(tmp)
         if (source / "generation_config.json").is_file():

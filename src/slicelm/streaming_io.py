@@ -10,14 +10,15 @@ from __future__ import annotations
 import ctypes
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from slicelm.errors import SlicelmError
+from slicelm.errors import SlicelmError, first_line
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -32,7 +33,7 @@ class LazyCheckpoint:
             weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
             self.files = {name: self.folder / file for name, file in weight_map.items()}
         elif (self.folder / SINGLE).is_file():
-            with safe_open(self.folder / SINGLE, framework="pt") as f:
+            with open_safetensors(self.folder / SINGLE) as f:
                 self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
         else:
             raise SlicelmError(
@@ -61,10 +62,11 @@ class LazyCheckpoint:
                 raise SlicelmError(f"{self.folder}: tensor {key} is missing from the checkpoint")
             wanted.setdefault(self.files[key], []).append((name, key))
         for path, items in wanted.items():
-            with safe_open(path, framework="pt") as handle:
+            with open_safetensors(path) as handle:
                 for name, key in items:
                     param = module.get_parameter(name)
                     value = handle.get_tensor(key).to(device=device, dtype=dtype)
+                    check_finite(key, value, f"fix the checkpoint in {self.folder}")
                     if value.shape != param.shape:
                         raise SlicelmError(
                             f"{self.folder}: {key} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
@@ -75,6 +77,16 @@ class LazyCheckpoint:
 
     def close(self) -> None:
         """Nothing stays open between calls; kept for symmetry with other readers."""
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` whose failures (a truncated or damaged file) are one line for the user."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            yield handle
+    except SafetensorError as exc:
+        raise SlicelmError(f"{path} is damaged or truncated ({first_line(exc)}); re-download it") from None
 
 
 def release(module: nn.Module) -> None:
@@ -104,28 +116,52 @@ _LIBC = None
 
 
 class ShardWriter:
-    """Writes ``model-XXXXX-of-YYYYY.safetensors`` shards as pieces arrive, then the index."""
+    """Writes safetensors shards as tensors arrive, then the index transformers reads.
 
-    def __init__(self, folder: str | Path) -> None:
+    max_shard_bytes: None writes one shard per :meth:`write` call (streaming: a module is written
+    and freed as soon as it is final); a number groups tensors into shards of about that size.
+    A single shard is named ``model.safetensors``, as ``save_pretrained`` names it. Every tensor is
+    checked for NaN/inf first: slicelm never writes a model with non-finite values.
+    """
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int | None = None) -> None:
         self.folder = Path(folder)
-        self.pending: list[tuple[str, dict[str, torch.Tensor]]] = []
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
         self.total = 0
         self._count = 0
 
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Write one shard now (tensors are copied to contiguous CPU memory, then released)."""
-        if not tensors:
+        for name, tensor in tensors.items():
+            check_finite(name, tensor)
+            size = tensor.numel() * tensor.element_size()
+            if self.max_shard_bytes is not None and self.pending and self.pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self.pending[name] = tensor
+            self.pending_bytes += size
+        if self.max_shard_bytes is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the pending tensors as one shard (copied to contiguous CPU memory only if needed)."""
+        if not self.pending:
             return
         self._count += 1
         name = f"shard-{self._count:05d}.safetensors"
-        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        data = {k: v.detach().to("cpu").contiguous() for k, v in self.pending.items()}
         save_file(data, self.folder / name, metadata={"format": "pt"})
         self.weight_map.update(dict.fromkeys(data, name))
-        self.total += sum(v.numel() * v.element_size() for v in data.values())
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
 
     def finish(self) -> None:
-        """Rename shards to the standard pattern and write the index transformers reads."""
+        """Rename shards to the standard pattern and write the index (none for a single file)."""
+        self._flush()
+        if self._count == 1:
+            (self.folder / "shard-00001.safetensors").rename(self.folder / SINGLE)
+            return
         final = {}
         for i in range(1, self._count + 1):
             old = self.folder / f"shard-{i:05d}.safetensors"
@@ -135,3 +171,12 @@ class ShardWriter:
         weight_map = {k: final[v] for k, v in sorted(self.weight_map.items())}
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+WRITE_HINT = "nothing was written; check the source weights, or slice in float32 (--dtype float32)"
+
+
+def check_finite(name: str, tensor: torch.Tensor, hint: str = WRITE_HINT) -> None:
+    """Raise a one-line error naming ``name`` if a floating-point tensor holds NaN or inf."""
+    if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+        raise SlicelmError(f"tensor {name} holds non-finite values (NaN/inf); {hint}")

@@ -23,10 +23,19 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (``slicelm: error: ...``) and exit code 2, like every
+    other user mistake, instead of a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"slicelm: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slicelm import __version__
 
-    parser = argparse.ArgumentParser(prog="slicelm", description="SliceGPT for Hugging Face language models.")
+    parser = OneLineParser(prog="slicelm", description="SliceGPT for Hugging Face language models.")
     parser.add_argument("--version", action="version", version=f"slicelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMANDS.values():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
+import math
 import sys
 from pathlib import Path
 
+from slicelm.cli.common import add_device_argument, quiet_libraries
 from slicelm.errors import SlicelmError
 
 DATA_DIR_ENV = "SLICELM_DATA_DIR"
@@ -20,6 +20,8 @@ def parse_limit(text: str) -> int | float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     if value >= 1:
         if value != int(value):
             raise argparse.ArgumentTypeError(f"a count must be a whole number, got {text}")
@@ -29,8 +31,8 @@ def parse_limit(text: str) -> int | float:
     return value
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by ``eval`` and ``sweep``."""
+def add_common_arguments(parser: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    """Flags shared by ``eval`` and ``sweep`` (where the lm-eval batch size is ``--eval-batch-size``)."""
     from slicelm.evaluation.tasks import PAPER_TASKS
 
     parser.add_argument(
@@ -45,7 +47,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="score only the first N documents of each task (or a fraction < 1); default: all",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    parser.add_argument(batch_flag, dest="eval_batch_size", type=int, default=8, help="lm-eval batch size (default: 8)")
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -53,7 +55,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "lm-eval's stock datasets from the Hugging Face hub)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(parser, "run the model")
 
 
 def add_parser(subparsers) -> None:
@@ -63,29 +65,37 @@ def add_parser(subparsers) -> None:
         description="Run lm-evaluation-harness zero-shot tasks on a dense or sliced model and print, as one "
         "JSON object, the metric the SliceGPT paper reports for each task and their average.",
     )
-    parser.add_argument("model", help="model alias, .gguf file, model folder (dense or sliced) or hub id")
+    from slicelm.models import DEFAULT_MODEL
+
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"model alias, .gguf file, model folder (dense or sliced) or hub id (default {DEFAULT_MODEL})",
+    )
     add_common_arguments(parser)
     parser.add_argument("--output", type=Path, default=None, help="also write the JSON object to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if slicelm wrote it before")
     parser.set_defaults(run=run)
 
 
 def data_dir_from(args: argparse.Namespace) -> str | None:
-    """``--data-dir``, else ``$SLICELM_DATA_DIR``, else None (the hub)."""
-    return args.data_dir or os.environ.get(DATA_DIR_ENV) or None
+    """``--data-dir``, else ``$SLICELM_DATA_DIR``, else ``../shared/data`` beside a checkout, else None (the hub)."""
+    from slicelm.data import resolve_data_dir
+
+    found = resolve_data_dir(args.data_dir)
+    return str(found) if found is not None else None
 
 
 def pick_device(name: str | None):
-    import torch
+    """``--device``: default cuda when available, else cpu; an unavailable device is one line."""
+    from slicelm.devices import resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SlicelmError(f"unknown device {name!r}; use e.g. cpu or cuda") from None
+    return resolve_device(name)
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_libraries()
     from slicelm.evaluation import evaluate_zeroshot, resolve_tasks
     from slicelm.evaluation.tasks import check_local_data
     from slicelm.models import load_model
@@ -95,9 +105,14 @@ def run(args: argparse.Namespace) -> int:
     if data_dir is not None:  # fail on missing files before spending time loading the model
         for task in tasks:
             check_local_data(task, data_dir)
-    if args.batch_size < 1:
-        raise SlicelmError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.eval_batch_size < 1:
+        raise SlicelmError(f"--batch-size must be at least 1, got {args.eval_batch_size}")
     device = pick_device(args.device)
+    output = None
+    if args.output is not None:  # checked now: finding out after the evaluation would lose it
+        from slicelm.outputs import check_output_file
+
+        output = check_output_file(args.output, args.overwrite)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
@@ -108,13 +123,18 @@ def run(args: argparse.Namespace) -> int:
             tokenizer,
             tasks,
             limit=args.limit,
-            batch_size=args.batch_size,
+            batch_size=args.eval_batch_size,
             data_dir=data_dir,
             model_name=args.model,
         )
-    text = json.dumps(summary, indent=2)
-    if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(text + "\n")
-    print(text)
+    from slicelm.outputs import to_json, write_result_file
+
+    print(to_json(summary), flush=True)  # first: whatever happens to --output, the result is not lost
+    if output is not None:
+        try:
+            write_result_file(output, summary)
+        except OSError as exc:
+            raise SlicelmError(
+                f"could not write --output {output} ({exc.strerror or exc}); the result is above"
+            ) from None
     return 0

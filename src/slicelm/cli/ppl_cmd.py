@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+from slicelm.cli.common import add_device_argument, quiet_libraries
 from slicelm.errors import SlicelmError
 
 DEFAULT_SEQLEN = 2048
@@ -38,13 +38,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help=f"offline data folder (default: ${DATA_DIR_ENV}, else download from the Hugging Face hub)",
     )
+    add_device_argument(parser, "run the model")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_libraries(progress=not args.quiet)
     from slicelm.data import EVAL_SETS, load_eval_ids, resolve_data_dir
-    from slicelm.models import load_model, parse_dtype
+    from slicelm.devices import resolve_device
+    from slicelm.models import load_config, load_model, parse_dtype, resolve_source
+    from slicelm.outputs import to_json
     from slicelm.perplexity import perplexity
 
     # Check everything cheap before loading a model, so mistakes fail in a second.
@@ -57,23 +62,34 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SlicelmError(f"--batch-size must be at least 1, got {args.batch_size}")
     dtype = parse_dtype(args.dtype)
+    device = resolve_device(args.device)
     data_dir = resolve_data_dir(args.data_dir)
-
-    model, tokenizer = load_model(args.model, dtype=dtype)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    source = resolve_source(args.model)
+    max_positions = getattr(load_config(source), "max_position_embeddings", None)
     if max_positions is not None and args.seqlen > max_positions:
         raise SlicelmError(
             f"--seqlen {args.seqlen} is longer than the model's {max_positions} positions; lower --seqlen"
         )
+
+    model, tokenizer = load_model(source, dtype=dtype)
     ids = load_eval_ids(args.dataset, tokenizer, data_dir)
+    model.to(device)
 
     start = time.perf_counter()
-    result = perplexity(model, ids, seqlen=args.seqlen, max_windows=args.max_windows, batch_size=args.batch_size)
+    result = perplexity(
+        model,
+        ids,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     report = {
         "model": args.model,
         "dataset": args.dataset,
         "data_dir": str(data_dir) if data_dir else None,
         "dtype": args.dtype,
+        "device": str(device),
         "seqlen": result.seqlen,
         "windows": result.windows,
         "tokens": result.tokens,
@@ -81,5 +97,5 @@ def run(args: argparse.Namespace) -> int:
         "ppl": result.ppl,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    print(json.dumps(report))
+    print(to_json(report, indent=None))
     return 0

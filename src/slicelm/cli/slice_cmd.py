@@ -1,15 +1,22 @@
-"""``slicelm slice``: slice a model, save it, and print a before/after report."""
+"""``slicelm slice``: slice a model, save it, and print a before/after report.
+
+Order of work, so that every mistake is found before it costs anything: flags; the output folder
+(checked and claimed); the model's config (architecture, widths, positions); the tokenizer and the
+calibration data; only then the weights.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from slicelm.errors import SlicelmError
+from slicelm.cli.common import add_device_argument, quiet_libraries
+from slicelm.errors import SlicelmError, first_line
+
+DEFAULT_SEQLEN = 2048
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,27 +35,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width to remove, in [0, 1)")
     add_slicing_arguments(p)
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else the Hugging Face hub)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--data-dir",
+        help="offline data folder (else $SLICELM_DATA_DIR, else ../shared/data beside a checkout, else the hub)",
+    )
+    p.add_argument("--out", required=True, help="output folder (a new one, or one slicelm wrote, with --overwrite)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it is an earlier slicelm output (nothing else)"
+    )
+    add_device_argument(p, "compute (the model stays in CPU memory; each layer visits the device)")
     p.add_argument(
         "--ppl-windows",
         type=int,
         default=0,
         help="also measure WikiText-2 test perplexity before and after on this many windows (default 0: skip)",
     )
-    p.add_argument("--ppl-seqlen", type=int, default=2048, help="window length for --ppl-windows (default 2048)")
+    p.add_argument(
+        "--ppl-seqlen",
+        type=int,
+        default=None,
+        help=f"window length for --ppl-windows (default {DEFAULT_SEQLEN}, or the model's positions if fewer)",
+    )
     p.add_argument(
         "--stream",
         action="store_true",
         help="never load the whole model: stream decoder layers from the safetensors files one at a time "
-        "(for models larger than memory; needs a Hugging Face folder or hub id)",
+        "(for models larger than memory; needs a Hugging Face folder or hub id). Chosen automatically when "
+        "the model and its calibration activations would not fit in the memory available",
     )
-    p.add_argument("--max-memory", help="with --stream: RAM for calibration activations, e.g. 4GiB (default: no limit)")
-    p.add_argument("--offload-dir", help="with --stream: where activations beyond --max-memory are memory-mapped")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--max-memory", help="when streaming: RAM for calibration activations, e.g. 4GiB (default: no limit)"
+    )
+    p.add_argument("--offload-dir", help="when streaming: where activations beyond --max-memory are memory-mapped")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (slicelm's or the libraries')")
     p.set_defaults(run=run)
 
 
@@ -58,7 +78,20 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         "--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file"
     )
     parser.add_argument("--calib-samples", type=int, default=128, help="number of calibration sequences (default 128)")
-    parser.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    parser.add_argument(
+        "--calib-seqlen",
+        type=int,
+        default=None,
+        help=f"tokens per calibration sequence (default {DEFAULT_SEQLEN}, or the model's positions if fewer)",
+    )
+    parser.add_argument(
+        "--calib-batch-size",
+        "--batch-size",
+        dest="calib_batch_size",
+        type=int,
+        default=8,
+        help="calibration sequences per forward pass (default 8; --batch-size is the old name)",
+    )
     parser.add_argument("--seed", type=int, default=42, help="calibration sampling seed (default 42)")
     parser.add_argument("--round-to", type=int, default=8, help="round widths down to a multiple of this (default 8)")
     parser.add_argument("--slice-head", action="store_true", help="also slice the input of the LM head")
@@ -70,22 +103,38 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     )
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
-    from slicelm.checkpoint import check_output_dir
+def validate_slicing_arguments(args: argparse.Namespace) -> None:
+    """Check the shared calibration/slicing flags (no files opened)."""
     from slicelm.data import CALIBRATION_SETS
 
+    for flag in ("calib_samples", "calib_seqlen", "calib_batch_size", "round_to"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.calib not in CALIBRATION_SETS:
+        calib = Path(args.calib).expanduser()
+        if calib.suffix.lower() not in (".txt", ".jsonl"):
+            raise SlicelmError(
+                f"unknown calibration set {args.calib!r}; "
+                f"use one of {', '.join(CALIBRATION_SETS)} or a .txt/.jsonl file"
+            )
+        if not calib.is_file():
+            raise SlicelmError(f"calibration file {args.calib} does not exist")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
     if not 0.0 <= args.sparsity < 1.0:
         raise SlicelmError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    for flag in ("calib_samples", "calib_seqlen", "batch_size", "round_to", "ppl_seqlen"):
-        if getattr(args, flag) < 1:
-            raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
+    validate_slicing_arguments(args)
+    if args.ppl_seqlen is not None and args.ppl_seqlen < 2:
+        raise SlicelmError("--ppl-seqlen must be at least 2")
     if args.ppl_windows < 0:
         raise SlicelmError("--ppl-windows must be 0 or more")
     if args.stream and args.ppl_windows:
         raise SlicelmError("--ppl-windows needs the whole model in memory; with --stream, run `slicelm ppl OUT` after")
-    if (args.max_memory or args.offload_dir) and not args.stream:
-        raise SlicelmError("--max-memory and --offload-dir apply to --stream only")
+    if args.offload_dir and not (args.stream or args.max_memory):
+        raise SlicelmError("--offload-dir applies when streaming (--stream or --max-memory)")
+    args.max_memory_bytes = None
     if args.max_memory:
         from slicelm.offload import parse_bytes
 
@@ -93,41 +142,67 @@ def validate(args: argparse.Namespace) -> None:
             args.max_memory_bytes = parse_bytes(args.max_memory)
         except ValueError as exc:
             raise SlicelmError(f"--max-memory: {exc}") from None
-    calib = Path(args.calib)
-    if args.calib not in CALIBRATION_SETS:
-        if calib.suffix not in (".txt", ".jsonl"):
-            raise SlicelmError(
-                f"unknown calibration set {args.calib!r}; "
-                f"use one of {', '.join(CALIBRATION_SETS)} or a .txt/.jsonl file"
-            )
-        if not calib.is_file():
-            raise SlicelmError(f"calibration file {args.calib} does not exist")
-    check_output_dir(args.out, args.overwrite)
+
+
+def fit_seqlens(model_config: Any, args: argparse.Namespace, flags: tuple[str, ...]) -> None:
+    """Default sequence lengths to min(2048, the model's positions); refuse explicit ones beyond them."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    for flag in flags:
+        length = getattr(args, flag)
+        if length is None:
+            setattr(args, flag, min(DEFAULT_SEQLEN, positions or DEFAULT_SEQLEN))
+        elif positions is not None and length > positions:
+            name = "--" + flag.replace("_", "-")
+            raise SlicelmError(f"{name} {length} is longer than the model's {positions} positions; lower {name}")
+
+
+def check_model_config(model_config: Any, args: argparse.Namespace) -> None:
+    """What the config alone can refuse: the architecture, the widths, sequences beyond its positions."""
+    from slicelm.arch import spec_for
+    from slicelm.plan import uniform_width
+
+    spec_for(model_config)
+    uniform_width(model_config.hidden_size, args.sparsity, args.round_to)
+    fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
 
 
 def run(args: argparse.Namespace) -> int:
     validate(args)
+    quiet_libraries(progress=not args.quiet)
+    from slicelm.checkpoint import OUTPUT_KIND
+    from slicelm.devices import resolve_device
+    from slicelm.models import resolve_source
+    from slicelm.outputs import OutputClaim
+
+    args.device = resolve_device(args.device)
+    source = resolve_source(args.model)
+    if source.is_sliced:
+        raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
+    # Claimed before any work: a refused or busy --out costs nothing, and no other run can take it.
+    with OutputClaim(args.out, args.overwrite, kind=OUTPUT_KIND, protect=[source.local_path]) as claim:
+        return _run(args, source, claim)
+
+
+def _run(args: argparse.Namespace, source, claim) -> int:
     import torch
 
-    from slicelm.arch import spec_for
     from slicelm.checkpoint import save_sliced
     from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
-    from slicelm.models import load_config, load_model, load_tokenizer, resolve_source
+    from slicelm.models import load_config, load_model, load_tokenizer
+    from slicelm.outputs import to_json
     from slicelm.perplexity import perplexity
     from slicelm.slicing import SliceConfig, merge_report, slice_model
 
     progress = not args.quiet
     data_dir = resolve_data_dir(args.data_dir)
-    source = resolve_source(args.model)
-    if source.is_sliced:
-        raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
-    spec_for(load_config(source))  # refuse unsupported architectures before loading any weights
+    model_config = load_config(source)
+    check_model_config(model_config, args)
     config = SliceConfig(
         sparsity=args.sparsity,
         round_to=args.round_to,
         slice_head=args.slice_head,
         untie_head=args.untie_head,
-        batch_size=args.batch_size,
+        batch_size=args.calib_batch_size,
     )
 
     # Data first: a missing file should fail before the (slow) weights are loaded.
@@ -143,10 +218,11 @@ def run(args: argparse.Namespace) -> int:
     eval_ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir) if args.ppl_windows else None
     calibration = {
         "dataset": args.calib,
+        "source": calibration_source(args.calib, data_dir),
         "samples": args.calib_samples,
         "seqlen": args.calib_seqlen,
         "seed": args.seed,
-        "batch_size": args.batch_size,
+        "batch_size": args.calib_batch_size,
         "tokens": int(sum(len(x) for x in samples)),
     }
     metadata = {
@@ -167,12 +243,15 @@ def run(args: argparse.Namespace) -> int:
         "load_seconds": 0.0,
         "perplexity_before": None,
         "perplexity_after": None,
+        "device": str(args.device),
         "torch": torch.__version__,
     }
+    if not args.stream:
+        args.stream = _should_stream(args, source, model_config, samples)
     t0 = time.perf_counter()
     ppl_before = ppl_after = None
     if args.stream:
-        report = _slice_streaming(args, source, tokenizer, samples, config, metadata, extra)
+        report = _slice_streaming(args, source, tokenizer, samples, config, metadata, extra, claim)
     else:
         model, tokenizer = load_model(source, dtype=args.dtype)
         load_seconds = time.perf_counter() - t0
@@ -180,42 +259,72 @@ def run(args: argparse.Namespace) -> int:
         def ppl() -> dict[str, Any] | None:
             if eval_ids is None:
                 return None
+            model.to(args.device)
             result = perplexity(
                 model, eval_ids, seqlen=args.ppl_seqlen, max_windows=args.ppl_windows, progress=progress
             )
-            return {
-                "dataset": "wikitext2",
-                "ppl": result.ppl,
-                "windows": result.windows,
-                "seqlen": result.seqlen,
-            }
+            model.to("cpu")
+            return {"dataset": "wikitext2", "ppl": result.ppl, "windows": result.windows, "seqlen": result.seqlen}
 
         ppl_before = ppl()
-        report = slice_model(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress)
+        report = slice_model(
+            model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress, device=args.device
+        )
         ppl_after = ppl()
-
         extra |= {"load_seconds": load_seconds, "perplexity_before": ppl_before, "perplexity_after": ppl_after}
     full_report = merge_report(report.to_dict(), extra)
     if args.stream:  # already written, report included, by slice_streaming
-        out = Path(args.out)
+        out = claim.out
     else:
-        out = save_sliced(model, args.out, tokenizer, overwrite=args.overwrite, metadata=metadata, report=full_report)
+        out = save_sliced(model, claim, tokenizer, metadata=metadata, report=full_report)
     print(summary(full_report, out), file=sys.stderr)
-    print(
-        json.dumps(
-            {k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")}
-            | {
-                "ppl_before": ppl_before and ppl_before["ppl"],
-                "ppl_after": ppl_after and ppl_after["ppl"],
-                "out": str(out),
-            }
-        )
-    )
+    result = {k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")}
+    result |= {
+        "ppl_before": ppl_before and ppl_before["ppl"],
+        "ppl_after": ppl_after and ppl_after["ppl"],
+        "out": str(out),
+    }
+    print(to_json(result, indent=None))
     return 0
 
 
-def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata, extra):
-    """Streamed slicing straight from the safetensors files into ``args.out``."""
+def calibration_source(name: str, data_dir: Path | None) -> str:
+    """Which text calibration read, in words (for the report)."""
+    from slicelm.data import describe_calibration_source
+
+    return describe_calibration_source(name, data_dir)
+
+
+def _should_stream(args: argparse.Namespace, source, model_config, samples) -> bool:
+    """Stream by itself when the model and its calibration activations would not fit in memory."""
+    from slicelm.memory import estimate_in_memory_bytes
+    from slicelm.models import parse_dtype
+    from slicelm.resources import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return False
+    need = estimate_in_memory_bytes(model_config, parse_dtype(args.dtype), sum(len(s) for s in samples))
+    if need <= 0.9 * available:
+        return False
+    gib = 2**30
+    if source.gguf_file:
+        print(
+            f"slicelm: warning: slicing in memory needs about {need / gib:.1f} GiB and {available / gib:.1f} GiB "
+            "are available; GGUF files cannot be streamed (convert to safetensors, or use fewer --calib-samples)",
+            file=sys.stderr,
+        )
+        return False
+    print(
+        f"slicelm: the model and its calibration activations need about {need / gib:.1f} GiB, more than the "
+        f"{available / gib:.1f} GiB available: streaming layers from disk (as with --stream)",
+        file=sys.stderr,
+    )
+    return True
+
+
+def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata, extra, claim):
+    """Streamed slicing straight from the safetensors files into the claimed output folder."""
     from slicelm.models import parse_dtype
     from slicelm.streaming import slice_streaming
 
@@ -228,30 +337,38 @@ def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, confi
         try:
             folder = snapshot_download(folder, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
         except Exception as exc:  # offline, unknown repo, gated...: one line for the user
-            raise SlicelmError(f"cannot download {source.description}: {str(exc).splitlines()[0]}") from None
+            raise SlicelmError(f"cannot download {source.description}: {first_line(exc)}") from None
     return slice_streaming(
         folder,
-        args.out,
+        claim,
         samples,
         config,
         tokenizer=tokenizer,
         dtype=parse_dtype(args.dtype),
-        max_memory=getattr(args, "max_memory_bytes", None),
+        max_memory=args.max_memory_bytes,
         offload_dir=args.offload_dir,
-        overwrite=args.overwrite,
         metadata=metadata,
         report_extra=extra,
         progress=not args.quiet,
+        device=args.device,
     )
 
 
 def summary(report: dict[str, Any], out: Path) -> str:
     """A short human-readable before/after table."""
     before, after = report["params_before"], report["params_after"]
+    plan = report["plan"]
+    widths = sorted(w["out"] for w in plan["layers"])
     lines = [
-        f"sliced {report['model']} at sparsity {report['sparsity']:.2f} -> {out}",
+        f"sliced {report['model']} at sparsity {report['sparsity']:.2f} "
+        f"(stream width {widths[len(widths) // 2]} of {plan['hidden_size']}) -> {out}",
         f"  parameters      {before / 1e6:9.2f}M -> {after / 1e6:9.2f}M  ({after / before:.1%})",
     ]
+    if after >= before:
+        lines.append(
+            f"  note            the sliced model is {'larger than' if after > before else 'as large as'} the "
+            "original: its shortcut matrices outweigh what this sparsity removes; slice more"
+        )
     if report["perplexity_before"]:
         pb, pa = report["perplexity_before"], report["perplexity_after"]
         lines.append(
@@ -261,6 +378,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
     ev = list(report["explained_variance"].values())
     lines.append(f"  explained var.  min {min(ev):.3f}, mean {sum(ev) / len(ev):.3f} (kept share of stream energy)")
     lines.append(
-        f"  slicing time    {report['seconds']['total']:.1f}s, peak RSS {report['peak_memory']['peak_rss_gib']:.2f} GiB"
+        f"  slicing time    {report['seconds']['total']:.1f}s; peak memory of the process so far "
+        f"{report['peak_memory']['peak_rss_gib']:.2f} GiB RSS"
     )
     return "\n".join(lines)

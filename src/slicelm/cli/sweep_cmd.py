@@ -9,8 +9,9 @@ import re
 import sys
 from pathlib import Path
 
+from slicelm.cli.common import quiet_libraries
 from slicelm.cli.eval_cmd import add_common_arguments, data_dir_from
-from slicelm.cli.slice_cmd import add_slicing_arguments
+from slicelm.cli.slice_cmd import add_slicing_arguments, fit_seqlens, validate_slicing_arguments
 from slicelm.errors import SlicelmError
 
 
@@ -36,15 +37,21 @@ def add_parser(subparsers) -> None:
         "Every measurement is stored as soon as it is made: rerunning the same command resumes an "
         "interrupted sweep, or only redraws the table and plots of a finished one.",
     )
-    parser.add_argument("model", help="model alias, .gguf file, model folder or hub id (dense)")
+    from slicelm.models import DEFAULT_MODEL
+
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"model alias, .gguf file, model folder or hub id (dense; default {DEFAULT_MODEL})",
+    )
     parser.add_argument(
         "--sparsities", type=parse_sparsities, default=(0.1, 0.2, 0.25, 0.3), help="e.g. 0,0.1,0.2,0.25,0.3"
     )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep-<model name>)")
-    add_common_arguments(parser)
+    add_common_arguments(parser, batch_flag="--eval-batch-size")
     group = parser.add_argument_group("slicing")
     add_slicing_arguments(group)
-    group.add_argument("--slice-batch-size", type=int, default=8, help="calibration sequences per forward pass")
     group.add_argument(
         "--save-models",
         action="store_true",
@@ -65,6 +72,7 @@ def default_out(model: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_libraries()
     from slicelm.evaluation import resolve_tasks
     from slicelm.evaluation.tasks import check_local_data
     from slicelm.sweep import SweepConfig, run_sweep
@@ -74,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     if data_dir is not None:
         for task in tasks:
             check_local_data(task, data_dir)
-    for flag in ("calib_samples", "calib_seqlen", "slice_batch_size", "round_to", "ppl_seqlen", "batch_size"):
+    validate_slicing_arguments(args)
+    from slicelm.models import load_config, resolve_source
+
+    fit_seqlens(load_config(resolve_source(args.model)), args, ("calib_seqlen",))
+    for flag in ("ppl_seqlen", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
     if args.ppl_windows is not None and args.ppl_windows < 1:
@@ -91,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         sparsities=args.sparsities,
         tasks=tuple(tasks),
         limit=args.limit,
-        eval_batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
         data_dir=str(Path(data_dir).expanduser().resolve()) if data_dir else None,
         dtype=args.dtype,
         device=args.device,
@@ -99,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
         seed=args.seed,
-        slice_batch_size=args.slice_batch_size,
+        slice_batch_size=args.calib_batch_size,
         round_to=args.round_to,
         slice_head=args.slice_head,
         ppl_dataset=ppl_dataset,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from slicelm.errors import SlicelmError
+from slicelm.errors import SlicelmError, first_line
 from slicelm.evaluation.tasks import (
     PAPER_METRICS,
     offline_task_config,
@@ -133,7 +133,7 @@ def evaluate_zeroshot(
     except (ConnectionError, OSError) as exc:
         if data_dir is None:
             raise SlicelmError(
-                f"could not download the task data from the Hugging Face hub ({_first_line(exc)}); "
+                f"could not download the task data from the Hugging Face hub ({first_line(exc)}); "
                 "pass --data-dir (or SLICELM_DATA_DIR) pointing to an offline data folder"
             ) from None
         raise
@@ -157,8 +157,3 @@ def check_limit(limit: int | float | None) -> None:
     if limit is None or count or (isinstance(limit, float) and 0 < limit < 1):
         return
     raise SlicelmError(f"--limit must be a positive whole number or a fraction in (0, 1), got {limit}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
