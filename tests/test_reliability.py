@@ -509,3 +509,14 @@ def test_every_family_round_trips_a_checkpoint_from_disk(tmp_path_factory, smoll
         if error > 1e-4:
             problems.append(f"{case}: relative logit error {error:.2e}")
     assert not problems, "\n".join(problems)
+
+
+def test_sweep_never_writes_into_a_foreign_folder(tmp_path):
+    from slicelm.sweep import SweepConfig, run_sweep
+
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "paper.md").write_text("draft")
+    with pytest.raises(SlicelmError, match="not a slicelm sweep folder"):
+        run_sweep(SweepConfig(model="unused", sparsities=(0.1,)), foreign)
+    assert sorted(p.name for p in foreign.iterdir()) == ["paper.md"]

@@ -96,7 +96,11 @@ def plot_sweep(summary: dict[str, Any], out: str | Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True, constrained_layout=True)
         xs_sets = (
             ([100 * p["sparsity"] for p in sliced], 0.0, "sparsity (% of hidden width removed)"),
-            ([p["params"] / scale for p in sliced], dense["params"] / scale, f"parameters ({unit})"),
+            (
+                [p["params"] / scale for p in sliced],
+                dense["params"] / scale,
+                f"parameters ({unit}; axis reversed: fewer to the right)",
+            ),
         )
         for ax, (xs, dense_x, xlabel) in zip(axes, xs_sets, strict=True):
             ys = metric["values"][1:]
@@ -106,11 +110,13 @@ def plot_sweep(summary: dict[str, Any], out: str | Path) -> list[Path]:
             dense_value = metric["values"][0]
             dense_label = f"dense model ({dense_value:.{1 if metric['stderr'] else 2}f})"
             ax.axhline(dense_value, color="tab:gray", linestyle="--", linewidth=1, label=dense_label)
-            ax.plot(
+            ax.errorbar(
                 [dense_x],
                 [metric["values"][0]],
+                yerr=[metric["stderr"][0]] if metric["stderr"] else None,
                 marker="*",
                 markersize=12,
+                capsize=3,
                 color="tab:gray",
                 linestyle="none",
             )

@@ -131,6 +131,27 @@ def missing_work(point: dict[str, Any], config: SweepConfig) -> tuple[bool, list
     return need_ppl, tasks
 
 
+SWEEP_KIND = "sweep"
+
+
+def claim_sweep_folder(out: Path) -> None:
+    """A sweep works in place (it resumes): its folder must be new, empty, or an earlier sweep's.
+
+    Anything else is refused, so a mistyped ``--out`` never writes into (or over) a user's folder.
+    """
+    from slicelm.outputs import read_manifest, write_manifest
+
+    if out.exists() and not out.is_dir():
+        raise SlicelmError(f"sweep output {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        manifest = read_manifest(out)
+        if manifest is None or manifest.get("kind") != SWEEP_KIND:
+            raise SlicelmError(f"{out} holds files and is not a slicelm sweep folder; choose another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, SWEEP_KIND)
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 
@@ -289,6 +310,7 @@ def run_sweep(config: SweepConfig, out: str | Path, log: Callable[[str], None] =
     Returns the summary written to ``sweep.json``.
     """
     out = Path(out)
+    claim_sweep_folder(out)
     resources = _Resources(config, log)
     sparsities = [0.0, *sorted({float(s) for s in config.sparsities if s > 0})]
     points = []
