@@ -58,6 +58,12 @@ class ArchSpec:
     returns_tuple: bool = False  # the decoder layer returns (hidden_states, ...)
     norm: NormKind = "rms"
     norm_offset: float = 0.0  # Gemma stores norm scales as (w - 1)
+    # MLP channel pruning: each MLP reader's outputs hold this many equal blocks of intermediate
+    # channels (Phi-3's fused gate_up_proj: 2). None: the MLP cannot be pruned per channel (MoE).
+    mlp_chunks: int | None = 1
+    # Config fields of a stock checkpoint with other widths (the plain layout writes one).
+    intermediate_field: str = "intermediate_size"
+    scaled_embedding: bool = False  # the embedding multiplies by sqrt(config.hidden_size) (Gemma)
     # Refuses configurations whose structure breaks computational invariance: returns a reason.
     refuse: Callable[[Any], str | None] | None = field(default=None, compare=False)
 
@@ -99,6 +105,7 @@ OPT = replace(
     mlp=("fc1", "activation_fn", "fc2"),  # the MLP is not a submodule: three modules on the layer
     mlp_inputs=("fc1",),
     mlp_outputs=("fc2",),
+    intermediate_field="ffn_dim",
     refuse=_refuse_opt,
 )
 
@@ -115,6 +122,7 @@ GPT2 = replace(
     mlp_inputs=("mlp.c_fc",),
     mlp_outputs=("mlp.c_proj",),
     ends_same_width=True,
+    intermediate_field="n_inner",
     refuse=_refuse_gpt2,
 )
 
@@ -141,7 +149,7 @@ PHI = replace(
     parallel=True,
 )
 
-PHI3 = replace(LLAMA, attn_inputs=("self_attn.qkv_proj",), mlp_inputs=("mlp.gate_up_proj",))
+PHI3 = replace(LLAMA, attn_inputs=("self_attn.qkv_proj",), mlp_inputs=("mlp.gate_up_proj",), mlp_chunks=2)
 
 MIXTRAL = replace(
     LLAMA,
@@ -149,6 +157,7 @@ MIXTRAL = replace(
     mlp_inputs=("mlp.gate", "mlp.experts.gate_up_proj"),
     mlp_outputs=("mlp.experts.down_proj",),
     mlp_same_width=True,
+    mlp_chunks=None,  # experts have their own channels; a router decides between them
 )
 
 # model_type -> spec. Families that are Llama-shaped share the default spec.
@@ -157,7 +166,7 @@ REGISTRY: dict[str, ArchSpec] = {
     "mistral": LLAMA,
     "qwen2": LLAMA,  # q/k/v carry biases; the rotation handles biases generically
     "qwen3": LLAMA,  # q_norm/k_norm act on head dimensions, not on the stream: left alone
-    "gemma": replace(LLAMA, norm_offset=1.0),  # the sqrt(d) embedding scale commutes with rotations
+    "gemma": replace(LLAMA, norm_offset=1.0, scaled_embedding=True),  # sqrt(d) scale commutes with rotations
     "phi3": PHI3,
     "mixtral": MIXTRAL,
     "opt": OPT,
@@ -201,6 +210,7 @@ class Layout:
     returns_tuple: bool
     norm: NormKind
     norm_offset: float
+    mlp_chunks: int | None = 1
     # Readers without a bias whose norm has one: folding the norm gives them a bias, so the sliced
     # structure must have one too. Block-level paths, plus ``head`` when the final norm has a bias.
     new_biases: tuple[str, ...] = ()
@@ -312,6 +322,7 @@ def resolve(model: nn.Module) -> Layout:
         returns_tuple=spec.returns_tuple,
         norm=spec.norm,
         norm_offset=spec.norm_offset,
+        mlp_chunks=spec.mlp_chunks,
         new_biases=tuple(new_biases),
     )
 

@@ -75,6 +75,7 @@ def save_sliced(
     """Write a sliced model (and tokenizer) to ``out`` atomically. Returns the folder.
 
     out: a folder, or an :class:`~slicelm.outputs.OutputClaim` taken before the work started.
+    A model sliced with ``layout="plain"`` is written in its original architecture (no remote code).
     metadata: recorded in ``config.json`` under ``slicelm`` (source model, calibration settings...).
     report: written as ``slicelm_report.json``. Refuses (writing nothing) a model with non-finite
     or missing weights. Weights keep their in-memory names on disk (no transformers renaming), so
@@ -82,6 +83,10 @@ def save_sliced(
     """
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
+    if getattr(model.config, SLICELM_KEY, {}).get("kind") == "plain":  # the original architecture, stock
+        from slicelm.plain import save_plain
+
+        return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     tensors = unique_state_dict(model)  # checks for meta (never loaded) tensors
     for name, tensor in tensors.items():
         check_finite(name, tensor)

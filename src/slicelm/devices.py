@@ -59,6 +59,13 @@ class DeviceAccess:
 
     def done(self, model: nn.Module, path: str) -> None:
         self.inner.done(model, path)
+        self._park(model, path)
+
+    def release(self, model: nn.Module, path: str) -> None:
+        self.inner.release(model, path)
+        self._park(model, path)
+
+    def _park(self, model: nn.Module, path: str) -> None:
         module = get_module(model, path)
         if is_materialized(module):  # streaming frees written modules (back to meta): nothing to move
             module.to(self.home)

@@ -16,13 +16,9 @@ RUNTIME_BYTES = 1 * 2**30  # Python, torch, tokenizers and the calibration ids, 
 
 def parameter_count(model_config: Any) -> int:
     """Parameters of the model ``model_config`` describes (tied weights once), built on the meta device."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
+    from slicelm.models import meta_model
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(model_config)
-    model.tie_weights()
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(model_config).parameters())
 
 
 def estimate_in_memory_bytes(model_config: Any, dtype: torch.dtype, calibration_tokens: int) -> int:

@@ -187,6 +187,19 @@ def add_bias(module: nn.Module) -> None:
         module.bias = nn.Parameter(module.weight.new_empty(out), requires_grad=False)
 
 
+def resize_channels(target: StreamTarget, side: Side, channels: int) -> None:
+    """Give a reader ``channels`` outputs or a writer ``channels`` inputs (MLP channel pruning).
+
+    That is the axis next to the stream axis in :func:`stream_weight`'s view; a reader's bias
+    follows its outputs, a writer's bias is on the stream axis and keeps its size.
+    """
+    weight = stream_weight(target, side)
+    bias = stream_bias(target)
+    if side == "reader" and bias is not None:
+        bias = bias.new_empty(channels)
+    set_stream_weight(target, side, weight.new_empty(*weight.shape[:-2], channels, weight.shape[-1]), bias)
+
+
 def resize_writer(target: StreamTarget, width: int) -> None:
     """Give a stream writer (linear, Conv1D, embedding, stacked experts) ``width`` outputs."""
     weight = stream_weight(target, "writer")
@@ -381,6 +394,12 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
             resize_reader(get_module(layer, path), d_in if layout["parallel"] else d_mid)
         for path in layout["mlp_outputs"]:
             resize_writer(get_module(layer, path), d_out)
+        channels = plan["layers"][index].get("mlp")
+        if channels is not None:  # MLP channels were pruned
+            for path in layout["mlp_inputs"]:
+                resize_channels(get_module(layer, path), "reader", channels * (layout.get("mlp_chunks") or 1))
+            for path in layout["mlp_outputs"]:
+                resize_channels(get_module(layer, path), "writer", channels)
         make_sliced_block(layer, roles, d_in, d_mid, d_out)
     head = get_module(model, layout["head"])
     tied = info.get("tied_head")

@@ -40,6 +40,9 @@ class ActivationStore:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, index: Hashable) -> bool:
+        return index in self._items
+
     def __getitem__(self, index: Hashable) -> torch.Tensor:
         return self._items[index]
 

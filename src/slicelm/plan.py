@@ -19,10 +19,12 @@ from slicelm.errors import SlicelmError
 
 @dataclass(frozen=True)
 class LayerWidths:
-    """Widths of one decoder layer's outputs. ``mid`` (after attention) is None for parallel blocks."""
+    """Widths of one decoder layer. ``mid`` (the stream after attention) is None for parallel blocks;
+    ``mlp`` is the MLP's intermediate width after channel pruning (None: unchanged)."""
 
     mid: int | None
     out: int
+    mlp: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,19 @@ class SlicingPlan:
         bad = [w for w in widths if not 0 < w <= self.hidden_size]
         if bad:
             raise SlicelmError(f"slicing plan has widths outside 1..{self.hidden_size}: {bad[:5]}")
+        if any(lw.mlp is not None and lw.mlp < 1 for lw in self.layers):
+            raise SlicelmError("slicing plan has an MLP width below 1")
+
+    @property
+    def is_uniform(self) -> bool:
+        """One stream width everywhere and one MLP width in every layer (what a stock config can hold)."""
+        widths = {self.embedding} | {w for lw in self.layers for w in (lw.mid, lw.out) if w is not None}
+        return len(widths) == 1 and len({lw.mlp for lw in self.layers}) == 1
+
+    def with_mlp(self, widths: list[int | None]) -> SlicingPlan:
+        """The same plan with these MLP intermediate widths, one per layer."""
+        layers = tuple(LayerWidths(lw.mid, lw.out, m) for lw, m in zip(self.layers, widths, strict=True))
+        return SlicingPlan(self.hidden_size, self.embedding, layers)
 
     @classmethod
     def uniform(
@@ -70,15 +85,12 @@ class SlicingPlan:
         return self.layers[-1].out
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "hidden_size": self.hidden_size,
-            "embedding": self.embedding,
-            "layers": [asdict(w) for w in self.layers],
-        }
+        layers = [{k: v for k, v in asdict(w).items() if k != "mlp" or v is not None} for w in self.layers]
+        return {"hidden_size": self.hidden_size, "embedding": self.embedding, "layers": layers}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlicingPlan:
-        layers = tuple(LayerWidths(w.get("mid"), w["out"]) for w in data["layers"])
+        layers = tuple(LayerWidths(w.get("mid"), w["out"], w.get("mlp")) for w in data["layers"])
         return cls(int(data["hidden_size"]), int(data["embedding"]), layers)
 
     def save(self, path: str | Path) -> None:

@@ -16,10 +16,9 @@ Each branch is computed once per calibration batch; covariances accumulate in fl
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -28,6 +27,9 @@ from tqdm.auto import tqdm
 
 from slicelm import __version__
 from slicelm.arch import Layout, resolve
+from slicelm.budget import ParameterCounter, PlanContext, build_plan
+from slicelm.calibration import Batch, WeightAccess, capture_layer_inputs
+from slicelm.channels import check_prunable, obs_prune, reconstruction_error, select_channels
 from slicelm.errors import SlicelmError
 from slicelm.fuse import FusedNorms, fuse_final, fuse_layer, prepare_ends
 from slicelm.modeling_slicelm import (
@@ -41,15 +43,19 @@ from slicelm.modeling_slicelm import (
     mlp_half,
     set_module,
     sliced_model_class,
-    split_layer_call,
+    stream_weight,
 )
 from slicelm.offload import ActivationStore
 from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
-from slicelm.plan import LayerWidths, SlicingPlan
+from slicelm.plan import SlicingPlan
 from slicelm.resources import PeakMemory, count_parameters
 from slicelm.rotate import rotate_reader, rotate_writer
+from slicelm.statistics import collect_statistics
 
-Basis = Literal["pca", "random", "identity"]
+Basis = Literal["pca", "random", "identity", "channels"]
+LayoutKind = Literal["slicegpt", "plain"]
+BASES = ("pca", "random", "identity", "channels")
+LAYOUTS = ("slicegpt", "plain")
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,30 @@ class SliceConfig:
     """How to slice. Validated on construction.
 
     sparsity: fraction of the hidden width removed at every point of the stream, in [0, 1).
+    mlp_sparsity: fraction of every MLP's intermediate channels removed (structured OBS with a
+        least-squares refit of the MLP's output, :mod:`slicelm.channels`), in [0, 1).
+    target_params: instead of the two above, the wanted fraction of the dense model's true
+        parameter count, in (0, 1): slicelm chooses the widths (see :mod:`slicelm.budget` and
+        ``schedule``).
+    schedule: how ``target_params`` is spent: ``uniform`` (the paper: stream only), ``mlp``
+        (MLP channels only, the same number per layer), ``mlp-global`` (MLP channels where the
+        calibration says they cost least), ``auto`` (searches stream width and MLP channels
+        together by their calibration cost).
+    layout: ``slicegpt`` (a PCA basis per point of the stream, shortcut matrices on the residuals,
+        loads with remote code) or ``plain`` (one basis for the whole stream: no shortcuts, the
+        original architecture with smaller widths, loads in stock transformers, vLLM, llama.cpp).
     round_to: widths are rounded down to a multiple of this (GEMM-friendly shapes).
     slice_head: also slice the input of the LM head (the last block's output). For a kept tie the
-        head is the embedding, so without slice_head the shared matrix keeps its full width.
+        head is the embedding, so without slice_head the shared matrix keeps its full width. The
+        plain layout always slices it (the stream has one width).
     untie_head: for models whose head is tied to the embedding, give the head its own weight (the
         paper's method). By default the tie is kept: the head reads the embedding's basis and the
         final norm becomes a small (d_L, d_0) projection, so the vocabulary matrix is stored once.
         LayerNorm families are always untied (mean-centring the embedding would change the head).
     basis: ``pca`` (SliceGPT); ``random`` (a Haar-random rotation: an exactness check and a
-        baseline) or ``identity`` (plain truncation of the original coordinates, a baseline).
+        baseline), ``identity`` (plain truncation of the original coordinates, a baseline) or
+        ``channels`` (keep the stream channels with the most calibration energy, no rotation:
+        Minitron-style channel selection).
     batch_size: calibration sequences per forward pass.
     seed: for the random basis.
     """
@@ -77,14 +98,30 @@ class SliceConfig:
     basis: Basis = "pca"
     batch_size: int = 8
     seed: int = 0
+    mlp_sparsity: float = 0.0
+    layout: LayoutKind = "slicegpt"
+    target_params: float | None = None
+    schedule: str = "uniform"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
-            raise SlicelmError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        from slicelm.budget import SCHEDULES
+
+        for name in ("sparsity", "mlp_sparsity"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise SlicelmError(f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if self.target_params is not None and not 0.0 < self.target_params < 1.0:
+            raise SlicelmError(
+                f"target-params is a fraction of the dense model's parameters in (0, 1), got {self.target_params}"
+            )
         if int(self.round_to) < 1:
             raise SlicelmError(f"round_to must be a positive integer, got {self.round_to}")
-        if self.basis not in ("pca", "random", "identity"):
-            raise SlicelmError(f"basis must be pca, random or identity, got {self.basis!r}")
+        if self.basis not in BASES:
+            raise SlicelmError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if self.layout not in LAYOUTS:
+            raise SlicelmError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.schedule not in SCHEDULES:
+            raise SlicelmError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if int(self.batch_size) < 1:
             raise SlicelmError(f"batch size must be a positive integer, got {self.batch_size}")
 
@@ -100,6 +137,10 @@ class SliceReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, float] = field(default_factory=dict)
+    layout: str = "slicegpt"
+    planning: dict[str, Any] = field(default_factory=dict)  # how a --target-params plan was chosen
+    mlp_error: dict[str, float] = field(default_factory=dict)  # layer -> refit MLP error / MLP output energy
+    tied_final_norm_error: float | None = None  # plain layout, kept tie: relative logit error of the diagonal
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -117,103 +158,16 @@ def merge_report(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Calibration signals
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class Batch:
-    """One calibration batch, captured at the input of decoder layer 0.
-
-    mask: (B, T) bool, True on real tokens (padding never enters the statistics); kwargs: what the
-    model passes to each decoder layer (attention mask, position embeddings, ...), on the model's
-    device. The batch's stream itself, (B, T, d), lives in an :class:`ActivationStore` under
-    ``("x", index)`` so it can be spilled to disk.
-    """
-
-    mask: torch.Tensor
-    kwargs: dict[str, Any]
-
-
-class WeightAccess:
-    """How slicing reaches the weights of a module (a path relative to the model).
-
-    The default does nothing: the whole model is in memory. The streaming path
-    (:mod:`slicelm.streaming`) loads a module from disk in :meth:`load` and writes it out and frees
-    it in :meth:`done`, so one algorithm serves both.
-    """
-
-    def load(self, model: nn.Module, path: str) -> None:
-        """Called before ``path`` is read or modified."""
-
-    def done(self, model: nn.Module, path: str) -> None:
-        """Called once ``path`` holds its final sliced weights."""
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once layer 0's inputs are caught."""
-
-
-def pad_batches(
-    samples: Sequence[torch.Tensor], batch_size: int, pad_id: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Right-pad 1-D token sequences into (B, T) ``input_ids`` and bool ``attention_mask``."""
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        length = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.bool)
-        for row, sample in enumerate(chunk):
-            ids[row, : len(sample)] = sample
-            mask[row, : len(sample)] = True
-        yield ids, mask
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module,
-    layout: Layout,
-    samples: Sequence[torch.Tensor],
-    batch_size: int,
-    pad_id: int,
-    store: ActivationStore,
-    progress: bool = True,
-) -> list[Batch]:
-    """Run the embeddings on every batch and catch what decoder layer 0 receives (into ``store``)."""
-    first = get_module(model, layout.layers)[0]
-    device = get_module(model, layout.embeddings[0]).weight.device
-    caught: dict[str, Any] = {}
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        caught["hidden"], caught["kwargs"] = split_layer_call(module, args, kwargs)  # names positional args
-        raise _Stop
-
-    batches = []
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        total = math.ceil(len(samples) / batch_size)
-        for ids, mask in tqdm(
-            pad_batches(samples, batch_size, pad_id), total=total, desc="embed", disable=not progress
-        ):
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.long().to(device), use_cache=False)
-            except _Stop:
-                pass
-            store[("x", len(batches))] = caught["hidden"]
-            batches.append(Batch(mask, caught["kwargs"]))
-    finally:
-        handle.remove()
-    return batches
-
-
-# --------------------------------------------------------------------------------------------------
 # The algorithm
 # --------------------------------------------------------------------------------------------------
 class _Bases:
     """Chooses the basis at each point of the stream and records explained variance."""
 
-    def __init__(self, config: SliceConfig, dim: int, device: torch.device) -> None:
+    def __init__(self, config: SliceConfig, dim: int, device: torch.device, fixed: torch.Tensor | None = None) -> None:
         self.config, self.dim, self.device = config, dim, device
         self.generator = torch.Generator().manual_seed(config.seed)
         self.explained: dict[str, float] = {}
+        self.fixed = fixed.to(device) if fixed is not None else None  # (D, D): one basis for every point
 
     def new(self) -> CovarianceAccumulator:
         return CovarianceAccumulator(self.dim, device=self.device)
@@ -226,11 +180,17 @@ class _Bases:
                 f"the residual stream at {name} holds non-finite values (NaN/inf) on the calibration data; "
                 "the model overflows in its dtype: slice in float32 (--dtype float32)"
             )
-        _, q = pca(cov)
-        if self.config.basis == "random":
-            q = random_orthogonal(self.dim, self.generator).to(q.device)
+        if self.fixed is not None:
+            q = self.fixed
+        elif self.config.basis == "random":
+            q = random_orthogonal(self.dim, self.generator).to(cov.device)
         elif self.config.basis == "identity":
-            q = torch.eye(self.dim, dtype=torch.float64, device=q.device)
+            q = torch.eye(self.dim, dtype=torch.float64, device=cov.device)
+        elif self.config.basis == "channels":  # keep the most energetic coordinates, no rotation
+            order = torch.argsort(torch.diagonal(cov), descending=True)
+            q = torch.eye(self.dim, dtype=torch.float64, device=cov.device)[:, order]
+        else:
+            q = pca(cov)[1]
         # Share of the stream's energy kept by the chosen basis (for PCA: top eigenvalues / trace).
         kept = torch.einsum("ij,ik,kj->", q[:, :width], cov, q[:, :width]).item()
         self.explained[name] = kept / max(torch.trace(cov).item(), 1e-30)
@@ -297,15 +257,39 @@ def slice_model(
     params_before = count_parameters(model)
     start = time.perf_counter()
 
+    plain = config.layout == "plain"
+    if plain:
+        from slicelm.plain import check_plain
+
+        check_plain(layout.norm, layout.model_type)
+    prunes_mlp = config.mlp_sparsity > 0 or (config.target_params is not None and config.schedule != "uniform")
+    if prunes_mlp:
+        check_prunable(layout.mlp_chunks, layout.model_type)
+
     for path in layout.embeddings:
         access.load(model, path)
     device = get_module(model, layout.embeddings[0]).weight.device
     fused = prepare_ends(model, layout, keep_tie=not config.untie_head)
-    plan = _plan(layout, hidden, len(layers), config, fused.keep_tie)
     batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
     timings["embed"] = time.perf_counter() - start
 
-    bases = _Bases(config, hidden, device)
+    # Decisions that must see every layer first: one basis (plain) and where a budget goes.
+    stats = None
+    wants_curves = config.target_params is not None and config.schedule in ("mlp-global", "auto")
+    if plain or wants_curves:
+        t_stats = time.perf_counter()
+        stats = collect_statistics(
+            model, layout, batches, store, access, device=device, mlp_curves=wants_curves, progress=progress
+        )
+        batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
+        timings["statistics"] = time.perf_counter() - t_stats
+    ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
+    plan, planning = build_plan(ctx, config, params_before, stats)
+    fixed = _global_basis(stats, config, hidden) if plain else None
+    if stats is not None:
+        stats.clear()
+
+    bases = _Bases(config, hidden, device, fixed)
     acc = bases.new()
     for i, b in enumerate(batches):
         acc.add(store[("x", i)].to(device), b.mask.to(device))
@@ -318,12 +302,13 @@ def slice_model(
         store[("x", i)] = _project(store[("x", i)].to(device), q_in)
 
     roles = block_roles(layout.to_dict())
+    mlp_error: dict[str, float] = {}
     t_layers = time.perf_counter()
     for index, layer in enumerate(tqdm(layers, desc="slice layers", disable=not progress)):
         layer_path = f"{layout.layers}.{index}"
         access.load(model, layer_path)
         fuse_layer(layer, layout, hidden, fused.eps)
-        q_in = _slice_layer(layer, index, layout, plan, roles, batches, store, bases, q_in)
+        q_in = _slice_layer(layer, index, layout, plan, roles, batches, store, bases, q_in, mlp_error)
         access.done(model, layer_path)
         memory.sample()
     timings["layers"] = time.perf_counter() - t_layers
@@ -333,8 +318,15 @@ def slice_model(
         access.load(model, layout.head)
     fuse_final(model, layout, fused)
     info = {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": fused.eps}
+    if plain:
+        info["kind"] = "plain"
+    tied_error = None
     if fused.keep_tie:
         info["tied_head"] = _keep_tie(model, layout, fused, q_in, q_embedding)
+        if plain:  # a stock norm holds a diagonal: the best one on the calibration data
+            from slicelm.plain import plain_final_norm
+
+            tied_error = plain_final_norm(model, layout, _final_moment(model, layout, batches, store, device))
     else:
         rotate_reader(get_module(model, layout.head), q_in)
     access.done(model, layout.final_norm)
@@ -349,9 +341,11 @@ def slice_model(
     setattr(model.config, SLICELM_KEY, info)
     timings["total"] = time.perf_counter() - start
     memory.sample()
+    # The plain layout is saved in the stock architecture (norm weights back, no shortcuts): count that.
+    params_after = ParameterCounter(ctx).count(plan) if plain else count_parameters(model)
     return SliceReport(
         params_before=params_before,
-        params_after=count_parameters(model),
+        params_after=params_after,
         plan=plan.to_dict(),
         explained_variance=bases.explained,
         calibration={
@@ -363,18 +357,43 @@ def slice_model(
         },
         seconds=timings,
         peak_memory=memory.as_dict(),
+        layout=config.layout,
+        planning=planning,
+        mlp_error=mlp_error,
+        tied_final_norm_error=tied_error,
     )
 
 
-def _plan(layout: Layout, hidden: int, num_layers: int, config: SliceConfig, tied: bool) -> SlicingPlan:
-    plan = SlicingPlan.uniform(hidden, num_layers, config.sparsity, config.round_to, config.slice_head, layout.parallel)
-    if tied and not config.slice_head:  # the head *is* the embedding: an unsliced head keeps it full width
-        plan = replace(plan, embedding=hidden)
-    if layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
-        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
-    if layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
-        plan = replace(plan, embedding=plan.head)
-    return plan
+def _intermediate(model: nn.Module, layout: Layout) -> int:
+    """The MLP's intermediate width, from the first layer's writer (shapes are known before loading)."""
+    from slicelm.channels import intermediate_width
+
+    return intermediate_width(get_module(model, layout.layers)[0], layout)
+
+
+def _global_basis(stats, config: SliceConfig, hidden: int) -> torch.Tensor:
+    """The plain layout's one basis (D, D), chosen from every point's stream statistics."""
+    from slicelm.statistics import channel_basis, global_basis
+
+    if config.basis == "pca":
+        return global_basis(stats)[1]
+    if config.basis == "channels":
+        return channel_basis(stats)
+    if config.basis == "identity":
+        return torch.eye(hidden, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(config.seed)
+    return random_orthogonal(hidden, generator)
+
+
+def _final_moment(model: nn.Module, layout: Layout, batches, store, device) -> torch.Tensor:
+    """sum of y^T y over calibration tokens, y = the final norm's normalised output (k, k), float64."""
+    norm = get_module(model, layout.final_norm).norm
+    acc = None
+    for i, b in enumerate(batches):
+        y = norm(store[("x", i)].to(device))
+        acc = acc or CovarianceAccumulator(y.shape[-1], device=device)
+        acc.add(y, b.mask.to(device))
+    return acc.sum
 
 
 def _slice_layer(
@@ -387,12 +406,16 @@ def _slice_layer(
     store: ActivationStore,
     bases: _Bases,
     q_in: torch.Tensor,
+    mlp_error: dict[str, float],
 ) -> torch.Tensor:
     """Rotate and slice one (norm-fused) decoder layer whose input is in basis ``q_in``.
 
     Returns the basis of its output (D, d_out); the store then holds the layer's output signals.
+    When the plan narrows the MLP, its channels are pruned (and its output refit) on the inputs it
+    really receives here, before the branch's statistics are taken.
     """
     d_in, d_mid, d_out = plan.layer(index)
+    mlp = plan.layers[index].mlp
     layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
     forget_parts(layer)
     for path in layout.attn_inputs:
@@ -400,6 +423,8 @@ def _slice_layer(
     if layout.parallel:
         for path in layout.mlp_inputs:
             rotate_reader(get_module(layer, path), q_in)
+        if mlp is not None:
+            mlp_error[f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
         q_out = _slice_branch(layer, layout, batches, store, bases, f"layer{index}", q_in, d_out, both=True)
         make_sliced_block(layer, roles, d_in, None, d_out)
         _set_shortcut(layer.attn_shortcut, q_in, q_out)
@@ -412,6 +437,8 @@ def _slice_layer(
     if not late:
         for reader in mlp_readers:
             rotate_reader(reader, q_mid)
+    if mlp is not None:
+        mlp_error[f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
     name = f"layer{index}.mlp"
     q_out = _slice_branch(layer, layout, batches, store, bases, name, q_mid, d_out, mlp=True, unrotated=late)
     if late:
@@ -421,6 +448,37 @@ def _slice_layer(
     _set_shortcut(layer.attn_shortcut, q_in, q_mid)
     _set_shortcut(layer.ffn_shortcut, q_mid, q_out)
     return q_out
+
+
+def _prune_mlp(
+    layer: nn.Module, layout: Layout, batches: list[Batch], store: ActivationStore, width: int, device: torch.device
+) -> float:
+    """Keep ``width`` intermediate channels of the layer's MLP (structured OBS + refit).
+
+    The MLP reads ``store["x", i]`` (the stream it receives in this layer, already in its readers'
+    basis). Returns the refit's output error relative to the MLP's output energy.
+    """
+    writer = get_module(layer, layout.mlp_outputs[0])
+    weight = stream_weight(writer, "writer")  # (I, D_out)
+    if width >= weight.shape[-2]:
+        return 0.0
+    acc = CovarianceAccumulator(weight.shape[-2], device=device)
+    current: dict[str, torch.Tensor] = {}
+    handle = writer.register_forward_pre_hook(lambda _m, args: acc.add(args[0], current["mask"]))
+    try:
+        for i, b in enumerate(batches):
+            current["mask"] = b.mask.to(device)
+            mlp_half(layer, store[("x", i)].to(device))
+    finally:
+        handle.remove()
+    cov = acc.covariance()
+    if not bool(torch.isfinite(cov).all()):
+        raise SlicelmError("the MLP's intermediate activations hold non-finite values on the calibration data")
+    result = obs_prune(weight, cov, width)
+    energy = torch.einsum("id,ij,jd->", weight.double(), cov, weight.double()).item()
+    error = reconstruction_error(weight, cov, result.keep, result.weight)
+    select_channels(layer, layout, result.keep, result.weight)
+    return error / max(energy, 1e-30)
 
 
 def _keep_tie(model: nn.Module, layout: Layout, fused: FusedNorms, q_last: torch.Tensor, q_emb: torch.Tensor) -> dict:

@@ -22,27 +22,23 @@ import torch
 from torch import nn
 
 from slicelm.arch import resolve
+from slicelm.calibration import WeightAccess
 from slicelm.checkpoint import OUTPUT_KIND, sliced_config, write_companions
 from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import get_module
 from slicelm.offload import ActivationStore
 from slicelm.outputs import OutputClaim, staged_output
-from slicelm.slicing import SliceConfig, SliceReport, WeightAccess, merge_report, slice_model
+from slicelm.slicing import SliceConfig, SliceReport, merge_report, slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
 
 def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``folder`` with every parameter on the meta device (no weight memory)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Meta initialisation leaves a tied head with its own (meta) parameter: tie it, so parameter
-    # counts and the tied checkpoint's single stored matrix are right.
-    model.tie_weights()
-    return model.eval()
+    from slicelm.models import meta_model
+
+    return meta_model(AutoConfig.from_pretrained(folder), dtype)
 
 
 class StreamingAccess(WeightAccess):
@@ -68,6 +64,12 @@ class StreamingAccess(WeightAccess):
             return  # tied: written with the embedding; transformers re-ties it on load
         self.writer.write(module.state_dict(prefix=f"{path}."))
         release(module)
+
+    def release(self, model: nn.Module, path: str) -> None:
+        """Read only (a statistics pass): free the module; it is loaded again when sliced."""
+        if path == resolve_cached(model).embeddings[0]:
+            return  # the embeddings stay loaded until they are rotated and written
+        release(get_module(model, path))
 
 
 def resolve_cached(model: nn.Module):

@@ -17,6 +17,7 @@ from slicelm.cli.common import add_device_argument, quiet_libraries
 from slicelm.errors import SlicelmError, first_line
 
 DEFAULT_SEQLEN = 2048
+DEFAULT_SCHEDULE = "auto"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=DEFAULT_MODEL,
         help=f"hub id, folder, .gguf file or alias (default {DEFAULT_MODEL})",
     )
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of the hidden width to remove, in [0, 1)")
     add_slicing_arguments(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
@@ -72,8 +72,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Calibration and slicing flags shared by ``slice`` and ``sweep`` (one place for their defaults)."""
+def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, sweep: bool = False) -> None:
+    """Calibration and slicing flags shared by ``slice`` and ``sweep`` (one place for their defaults).
+
+    ``sweep``: the sweep sets the stream sparsity per point itself.
+    """
+    from slicelm.budget import SCHEDULES
+    from slicelm.slicing import BASES, LAYOUTS
+
+    if not sweep:
+        parser.add_argument(
+            "--sparsity", type=float, default=None, help="fraction of the stream's width to remove, in [0, 1)"
+        )
+        parser.add_argument(
+            "--target-params",
+            type=float,
+            default=None,
+            help="instead of sparsities: the wanted fraction of the dense model's true parameter count, in (0, 1); "
+            "slicelm chooses the widths (see --schedule)",
+        )
+    parser.add_argument(
+        "--mlp-sparsity",
+        type=float,
+        default=0.0,
+        help="fraction of every MLP's intermediate channels to remove (with a least-squares refit), in [0, 1)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=DEFAULT_SCHEDULE,
+        help="how --target-params is spent: uniform (stream width only, the paper), mlp (MLP channels, the same "
+        "in every layer), mlp-global (MLP channels where calibration says they cost least), auto (stream and "
+        f"MLP together, by calibration cost). Default {DEFAULT_SCHEDULE}",
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="slicegpt",
+        help="slicegpt: a basis per point with shortcut matrices (remote code); plain: one basis, no shortcuts, "
+        "the original architecture with smaller widths (stock transformers, vLLM, llama.cpp). Default slicegpt",
+    )
+    parser.add_argument(
+        "--basis",
+        choices=BASES,
+        default="pca",
+        help="pca (SliceGPT); channels (keep the most active channels, no rotation); identity/random (baselines)",
+    )
     parser.add_argument(
         "--calib", default="c4", help="calibration set: c4, alpaca, ptb, wikitext2 (train) or a .txt/.jsonl file"
     )
@@ -110,6 +154,8 @@ def validate_slicing_arguments(args: argparse.Namespace) -> None:
     for flag in ("calib_samples", "calib_seqlen", "calib_batch_size", "round_to"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if not 0.0 <= args.mlp_sparsity < 1.0:
+        raise SlicelmError(f"--mlp-sparsity must be in [0, 1), got {args.mlp_sparsity}")
     if args.calib not in CALIBRATION_SETS:
         calib = Path(args.calib).expanduser()
         if calib.suffix.lower() not in (".txt", ".jsonl"):
@@ -123,6 +169,16 @@ def validate_slicing_arguments(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
+    if args.target_params is not None:
+        if args.sparsity is not None or args.mlp_sparsity:
+            raise SlicelmError("give either --target-params or --sparsity/--mlp-sparsity, not both")
+        if not 0.0 < args.target_params < 1.0:
+            raise SlicelmError(
+                f"--target-params is a fraction of the dense model's parameters in (0, 1), got {args.target_params}"
+            )
+    elif args.sparsity is None and not args.mlp_sparsity:
+        raise SlicelmError("give --sparsity (stream), --mlp-sparsity (MLP channels) or --target-params (a budget)")
+    args.sparsity = args.sparsity or 0.0
     if not 0.0 <= args.sparsity < 1.0:
         raise SlicelmError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     validate_slicing_arguments(args)
@@ -156,13 +212,12 @@ def fit_seqlens(model_config: Any, args: argparse.Namespace, flags: tuple[str, .
             raise SlicelmError(f"{name} {length} is longer than the model's {positions} positions; lower {name}")
 
 
-def check_model_config(model_config: Any, args: argparse.Namespace) -> None:
-    """What the config alone can refuse: the architecture, the widths, sequences beyond its positions."""
-    from slicelm.arch import spec_for
-    from slicelm.plan import uniform_width
+def check_model_config(model_config: Any, config: Any, args: argparse.Namespace) -> None:
+    """What the config alone can refuse: the architecture and layout, the widths or the budget,
+    sequences beyond its positions. Nothing is loaded (structures are built on the meta device)."""
+    from slicelm.budget import check_against_config
 
-    spec_for(model_config)
-    uniform_width(model_config.hidden_size, args.sparsity, args.round_to)
+    check_against_config(model_config, config)
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
 
 
@@ -191,19 +246,13 @@ def _run(args: argparse.Namespace, source, claim) -> int:
     from slicelm.models import load_config, load_model, load_tokenizer
     from slicelm.outputs import to_json
     from slicelm.perplexity import perplexity
-    from slicelm.slicing import SliceConfig, merge_report, slice_model
+    from slicelm.slicing import merge_report, slice_model
 
     progress = not args.quiet
     data_dir = resolve_data_dir(args.data_dir)
     model_config = load_config(source)
-    check_model_config(model_config, args)
-    config = SliceConfig(
-        sparsity=args.sparsity,
-        round_to=args.round_to,
-        slice_head=args.slice_head,
-        untie_head=args.untie_head,
-        batch_size=args.calib_batch_size,
-    )
+    config = slice_config_from(args)
+    check_model_config(model_config, config, args)
 
     # Data first: a missing file should fail before the (slow) weights are loaded.
     tokenizer = load_tokenizer(source)
@@ -228,12 +277,7 @@ def _run(args: argparse.Namespace, source, claim) -> int:
     metadata = {
         "source_model": source.description,
         "calibration": calibration,
-        "slice_config": {
-            "sparsity": args.sparsity,
-            "round_to": args.round_to,
-            "slice_head": args.slice_head,
-            "untie_head": args.untie_head,
-        },
+        "slice_config": slice_config_summary(config),
         "dtype": args.dtype,
     }
     extra = {
@@ -286,6 +330,31 @@ def _run(args: argparse.Namespace, source, claim) -> int:
     }
     print(to_json(result, indent=None))
     return 0
+
+
+def slice_config_from(args: argparse.Namespace):
+    """The :class:`~slicelm.slicing.SliceConfig` the flags describe."""
+    from slicelm.slicing import SliceConfig
+
+    return SliceConfig(
+        sparsity=args.sparsity,
+        mlp_sparsity=args.mlp_sparsity,
+        target_params=getattr(args, "target_params", None),
+        schedule=args.schedule,
+        layout=args.layout,
+        basis=args.basis,
+        round_to=args.round_to,
+        slice_head=args.slice_head,
+        untie_head=args.untie_head,
+        batch_size=args.calib_batch_size,
+        seed=args.seed,
+    )
+
+
+def slice_config_summary(config) -> dict[str, Any]:
+    """The settings that decide the sliced model (recorded in its config and report)."""
+    keys = ("sparsity", "mlp_sparsity", "target_params", "schedule", "layout", "basis", "round_to")
+    return {k: getattr(config, k) for k in keys} | {"slice_head": config.slice_head, "untie_head": config.untie_head}
 
 
 def calibration_source(name: str, data_dir: Path | None) -> str:

@@ -1,0 +1,328 @@
+"""The widths a slicing run follows: from explicit sparsities, or from a parameter budget.
+
+Every width lives in a :class:`~slicelm.plan.SlicingPlan`. :func:`build_plan` makes one from a
+:class:`~slicelm.slicing.SliceConfig`:
+
+* ``sparsity`` / ``mlp_sparsity``: the same stream width at every point, the same MLP width in
+  every layer (the paper's schedule, plus MLP channels);
+* ``target_params``: a fraction of the dense model's **true** parameter count (shortcuts, a kept
+  or untied head, everything that is stored). Parameter counts are exact: each candidate plan's
+  structure is built on the meta device and counted.
+
+How a budget is spent is the ``schedule``:
+
+* ``uniform``: stream width only (SliceGPT);
+* ``mlp``: MLP channels only, the same number in every layer;
+* ``mlp-global``: MLP channels only, where they cost least: each layer's structured-OBS removal
+  curve (measured on the calibration data, :mod:`slicelm.statistics`) divided by the energy of the
+  stream the MLP writes into, removed in ``round_to`` blocks in order of that relative cost;
+* ``auto``: searches the stream width too, scoring each candidate by the same currency — the share
+  of stream energy a width drops at every point (PCA tail), plus the MLPs' relative removal costs
+  — and keeps the cheapest. Nothing in it is tuned to a model: all of it is calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from slicelm.arch import Layout
+from slicelm.errors import SlicelmError
+from slicelm.plan import LayerWidths, SlicingPlan, uniform_width
+
+SCHEDULES = ("uniform", "mlp", "mlp-global", "auto")
+TOLERANCE = 0.01  # --target-params lands within 1% below the requested count, or says why not
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What planning needs to know about the model being sliced."""
+
+    layout: Layout
+    model_config: Any  # the config as it will be sliced (a head untied by slicing is untied here)
+    kind: str  # slicegpt | plain
+    tied: bool  # the tie is kept: head and embedding share one matrix
+    intermediate: int  # the MLP's intermediate width
+
+    @property
+    def hidden(self) -> int:
+        return self.model_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+
+def mlp_width(intermediate: int, sparsity: float, round_to: int) -> int | None:
+    """Intermediate width after removing ``sparsity`` of the channels (None: nothing removed)."""
+    if sparsity == 0.0:
+        return None
+    width = int(intermediate * (1.0 - sparsity)) // round_to * round_to
+    if width == 0:
+        raise SlicelmError(f"mlp-sparsity {sparsity} with --round-to {round_to} leaves no MLP channel; lower either")
+    return width
+
+
+def stream_plan(ctx: PlanContext, width: int, config: Any) -> SlicingPlan:
+    """A plan with stream width ``width`` everywhere the layout allows, MLPs unchanged."""
+    hidden, parallel = ctx.hidden, ctx.layout.parallel
+    if ctx.kind == "plain":  # one basis, one width: the head reads it too
+        layers = tuple(LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers))
+        return SlicingPlan(hidden, width, layers)
+    slice_head = config.slice_head
+    layers = [LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers)]
+    if not slice_head:
+        layers[-1] = LayerWidths(layers[-1].mid, hidden)
+    plan = SlicingPlan(hidden, width, tuple(layers))
+    if ctx.tied and not slice_head:  # the head *is* the embedding: an unsliced head keeps it full width
+        plan = replace(plan, embedding=hidden)
+    if ctx.layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
+        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
+    if ctx.layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
+        plan = replace(plan, embedding=plan.head)
+    return plan
+
+
+def explicit_plan(ctx: PlanContext, config: Any) -> SlicingPlan:
+    width = uniform_width(ctx.hidden, config.sparsity, config.round_to)
+    plan = stream_plan(ctx, width, config)
+    mlp = mlp_width(ctx.intermediate, config.mlp_sparsity, config.round_to)
+    return plan.with_mlp([mlp] * ctx.num_layers) if mlp is not None else plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact parameter counts
+# --------------------------------------------------------------------------------------------------
+class ParameterCounter:
+    """True parameter counts of plans, from structures built on the meta device (no memory)."""
+
+    def __init__(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+        self._cache: dict[tuple, tuple[int, list[int]]] = {}
+
+    def _structure(self, plan: SlicingPlan):
+        from slicelm.modeling_slicelm import apply_sliced_structure
+        from slicelm.models import meta_model
+        from slicelm.plain import plain_config
+
+        ctx = self.ctx
+        if ctx.kind == "plain":
+            return meta_model(plain_config(ctx.model_config, ctx.layout, plan))
+        model = meta_model(ctx.model_config)
+        info = {"layout": ctx.layout.to_dict(), "plan": plan.to_dict(), "norm_eps": 1e-6}
+        if ctx.tied:
+            info["tied_head"] = {"bias": False}
+        apply_sliced_structure(model, info)  # new tensors follow the meta ones (not init_empty_weights: it unties)
+        return model
+
+    def stream_counts(self, plan: SlicingPlan) -> tuple[int, list[int]]:
+        """(parameters of ``plan`` with full MLPs, parameters per MLP channel of each layer)."""
+        from slicelm.modeling_slicelm import get_module, stream_bias, stream_weight
+
+        key = (plan.embedding, tuple((lw.mid, lw.out) for lw in plan.layers))
+        if key not in self._cache:
+            model = self._structure(plan.with_mlp([None] * len(plan.layers)))
+            total = sum(p.numel() for p in model.parameters())
+            per_channel = []
+            layout = self.ctx.layout
+            for layer in get_module(model, layout.layers):
+                cost = 0
+                for path in layout.mlp_inputs:
+                    reader = get_module(layer, path)
+                    bias = stream_bias(reader)
+                    cost += stream_weight(reader, "reader").numel() + (bias.numel() if bias is not None else 0)
+                cost += stream_weight(get_module(layer, layout.mlp_outputs[0]), "writer").numel()
+                per_channel.append(cost // self.ctx.intermediate)
+            self._cache[key] = (total, per_channel)
+        return self._cache[key]
+
+    def count(self, plan: SlicingPlan) -> int:
+        total, per_channel = self.stream_counts(plan)
+        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp is not None else 0 for lw in plan.layers]
+        return total - sum(r * c for r, c in zip(removed, per_channel, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Spending a budget
+# --------------------------------------------------------------------------------------------------
+def stream_costs(stats: Any, ctx: PlanContext) -> dict[int, float]:
+    """Stream width -> share of stream energy dropped, summed over every point (calibration data).
+
+    slicegpt: each point keeps its own top-k PCA directions; plain: the global basis's top k.
+    """
+    from slicelm.statistics import global_basis
+
+    hidden = ctx.hidden
+    tails = torch.zeros(hidden + 1, dtype=torch.float64)  # tails[k]: energy share lost keeping k
+    q = global_basis(stats)[1] if ctx.kind == "plain" else None
+    for point in stats.points:
+        moment = stats.moment(point).to(torch.float64)
+        if q is None:
+            energy = torch.linalg.eigvalsh((moment + moment.T) / 2).flip(0).clamp_min(0)
+        else:
+            energy = torch.einsum("ij,ik,kj->j", q, moment, q).clamp_min(0)
+        share = energy / energy.sum().clamp_min(1e-30)
+        kept = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(share, 0)])
+        tails += 1.0 - kept
+    return {k: tails[k].item() for k in range(hidden + 1)}
+
+
+def mlp_relative_costs(stats: Any) -> dict[int, torch.Tensor]:
+    """Layer -> cumulative MLP error after removing 1, 2, ... channels, over the energy of the
+    stream the MLP writes into (the same currency as :func:`stream_costs`)."""
+    return {layer: cost / max(stats.traces[stats.mlp_point[layer]], 1e-30) for layer, cost in stats.mlp_cost.items()}
+
+
+def allocate_global(costs: dict[int, torch.Tensor], per_channel: list[int], need: int, step: int, floor: int):
+    """Remove channels in blocks of ``step`` where the relative cost per parameter is lowest until
+    ``need`` parameters are gone. Returns (channels removed per layer, total relative cost)."""
+    removed = [0] * len(per_channel)
+    saved = 0
+    while saved < need:
+        best, best_layer = None, None
+        for layer, curve in costs.items():
+            r = removed[layer]
+            if r + step > curve.numel() + 1 - floor:
+                continue
+            before = curve[r - 1].item() if r > 0 else 0.0
+            price = (curve[r + step - 1].item() - before) / (step * per_channel[layer])
+            if best is None or price < best:
+                best, best_layer = price, layer
+        if best_layer is None:
+            return None, float("inf")
+        removed[best_layer] += step
+        saved += step * per_channel[best_layer]
+    total = sum(costs[layer][r - 1].item() for layer, r in enumerate(removed) if r > 0)
+    return removed, total
+
+
+def build_plan(ctx: PlanContext, config: Any, params_before: int, stats: Any = None) -> tuple[SlicingPlan, dict]:
+    """The plan for ``config`` and a report of how it was chosen."""
+    if config.target_params is None:
+        return explicit_plan(ctx, config), {}
+    counter = ParameterCounter(ctx)
+    target = int(config.target_params * params_before)
+    step, hidden, intermediate = config.round_to, ctx.hidden, ctx.intermediate
+    schedule = config.schedule
+    if schedule != "uniform":
+        from slicelm.channels import check_prunable
+
+        check_prunable(ctx.layout.mlp_chunks, ctx.layout.model_type)
+    if schedule in ("uniform", "auto"):
+        widths = [hidden] + list(range(hidden // step * step, 0, -step))
+        widths = sorted({w for w in widths if w > 0}, reverse=True)
+    else:
+        widths = [hidden]
+    stream_cost = stream_costs(stats, ctx) if schedule == "auto" else None
+    mlp_cost = mlp_relative_costs(stats) if schedule in ("mlp-global", "auto") else None
+    uniform_mlp = schedule == "mlp" or ctx.kind == "plain"
+    candidates = []
+    for width in widths:
+        plan = stream_plan(ctx, width, config)
+        total, per_channel = counter.stream_counts(plan)
+        need = total - target
+        if need <= 0:
+            removed, cost = [0] * ctx.num_layers, 0.0
+        elif schedule == "uniform":
+            continue
+        elif uniform_mlp:
+            per_layer = -(-need // sum(per_channel))  # channels per layer, rounded up to the step
+            per_layer = -(-per_layer // step) * step
+            if per_layer > intermediate - step:
+                continue
+            removed = [per_layer] * ctx.num_layers
+            cost = sum(mlp_cost[i][per_layer - 1].item() for i in range(ctx.num_layers)) if mlp_cost else 0.0
+        else:
+            removed, cost = allocate_global(mlp_cost, per_channel, need, step, floor=step)
+            if removed is None:
+                continue
+        candidate = plan.with_mlp([intermediate - r if r else None for r in removed])
+        score = cost + (stream_cost[width] if stream_cost is not None else 0.0)
+        candidates.append((candidate, counter.count(candidate), score, width))
+        if schedule == "uniform":
+            break  # the widest stream that fits: the paper's plan
+    if not candidates:
+        raise SlicelmError(
+            f"--target-params {config.target_params} ({target:,} parameters) cannot be met with schedule "
+            f"{schedule} on this model; raise it or use --schedule auto"
+        )
+    plan, count, score, width = min(candidates, key=lambda c: (c[2], -c[1])) if schedule == "auto" else candidates[0]
+    report = {
+        "target_params": config.target_params,
+        "target_count": target,
+        "planned_count": count,
+        "planned_ratio": count / params_before,
+        "schedule": schedule,
+        "stream_width": width,
+        "predicted_cost": score if schedule in ("auto", "mlp-global") else None,
+    }
+    if schedule == "auto":
+        report["candidates"] = [
+            {"stream_width": w, "params": n, "cost": c} for _, n, c, w in sorted(candidates, key=lambda c: -c[3])
+        ]
+    shortfall = (target - count) / max(target, 1)
+    if shortfall > TOLERANCE:
+        report["note"] = (
+            f"the plan has {count:,} parameters, {shortfall:.1%} below the target: widths move in steps of "
+            f"--round-to {step}; lower it to land closer"
+        )
+    return plan, report
+
+
+def minimal_plan_params(ctx: PlanContext, config: Any) -> int:
+    """Parameters of the smallest plan a schedule could choose (every width one ``round_to`` step)."""
+    counter = ParameterCounter(ctx)
+    step = config.round_to
+    width = min(step, ctx.hidden) if config.schedule in ("uniform", "auto") else ctx.hidden
+    plan = stream_plan(ctx, width, config)
+    if config.schedule != "uniform" and ctx.layout.mlp_chunks is not None:
+        plan = plan.with_mlp([step] * ctx.num_layers)
+    return counter.count(plan)
+
+
+def context_from_config(model_config: Any, config: Any) -> tuple[PlanContext, int]:
+    """(planning context, dense parameter count) from a config alone, on the meta device."""
+    import copy
+
+    from slicelm.arch import resolve
+    from slicelm.channels import intermediate_width
+    from slicelm.modeling_slicelm import get_module
+    from slicelm.models import meta_model
+
+    model_config = copy.deepcopy(model_config)
+    model = meta_model(model_config)
+    params = sum(p.numel() for p in model.parameters())
+    layout = resolve(model)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False)) and not config.untie_head and layout.norm == "rms"
+    if not tied:
+        model_config.tie_word_embeddings = False
+    width = intermediate_width(get_module(model, layout.layers)[0], layout)
+    return PlanContext(layout, model_config, config.layout, tied, width), params
+
+
+def check_against_config(model_config: Any, config: Any) -> None:
+    """Everything the config alone can refuse, before any weight is loaded: the architecture, the
+    layout, MLP pruning of a MoE, widths rounded to nothing, an impossible ``target_params``."""
+    from slicelm.arch import spec_for
+    from slicelm.plain import check_plain
+
+    spec = spec_for(model_config)
+    if config.layout == "plain":
+        check_plain(spec.norm, model_config.model_type)
+    prunes_mlp = config.mlp_sparsity > 0 or (config.target_params is not None and config.schedule != "uniform")
+    if prunes_mlp:
+        from slicelm.channels import check_prunable
+
+        check_prunable(spec.mlp_chunks, model_config.model_type)
+    ctx, params = context_from_config(model_config, config)
+    if config.target_params is None:
+        explicit_plan(ctx, config)  # widths rounded to nothing are refused here
+        return
+    smallest = minimal_plan_params(ctx, config)
+    if config.target_params * params < smallest:
+        raise SlicelmError(
+            f"--target-params {config.target_params} ({int(config.target_params * params):,} parameters) is below "
+            f"the smallest model schedule {config.schedule} can make ({smallest:,}, mostly the embeddings); raise it"
+        )
