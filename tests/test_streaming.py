@@ -65,6 +65,37 @@ def test_streamed_equals_in_memory(model_type, tied, max_memory, tmp_path):
     assert json.loads((out / "slicelm_report.json").read_text())["streamed"] is True
 
 
+@pytest.mark.parametrize(
+    "model_type,tied,extra",
+    [
+        ("llama", True, {"layout": "plain", "mlp_sparsity": 0.25}),
+        ("gemma", True, {"layout": "plain"}),
+        ("qwen2", False, {"layout": "plain"}),
+        ("llama", False, {"mlp_sparsity": 0.25}),
+        ("llama", False, {"target_params": 0.8, "schedule": "auto", "round_to": 4}),
+    ],
+)
+def test_new_steps_stream_too(model_type, tied, extra, tmp_path):
+    """Plain layout, MLP pruning and budgets (with their statistics pass) give the same model streamed."""
+    from transformers import AutoModelForCausalLM
+
+    from slicelm.checkpoint import save_sliced
+
+    source = tmp_path / "source"
+    build_tiny_model(model_type, tie_word_embeddings=tied).save_pretrained(source)
+    samples = calibration(96)
+    config = SliceConfig(sparsity=0.25 if "target_params" not in extra else 0.0, batch_size=3, **extra)
+    in_memory = build_tiny_model(model_type, tie_word_embeddings=tied)
+    report = slice_model(in_memory, samples, config, progress=False)
+    save_sliced(in_memory, tmp_path / "memory")
+    streamed_report = slice_streaming(source, tmp_path / "streamed", samples, config, max_memory=2048, progress=False)
+    assert streamed_report.plan == report.plan and streamed_report.params_after == report.params_after
+    ids, mask = padded_batch(96)
+    load = AutoModelForCausalLM.from_pretrained if extra.get("layout") == "plain" else load_sliced
+    expected = logits(load(tmp_path / "memory"), ids, mask)
+    assert relative_error(expected, logits(load(tmp_path / "streamed"), ids, mask), mask) <= 1e-5
+
+
 def test_activation_store_spills_and_reads_back(tmp_path):
     store = ActivationStore(max_bytes=100, offload_dir=tmp_path)
     small, big = torch.randn(4), torch.randn(8, 16)

@@ -36,6 +36,8 @@ from slicelm.errors import SlicelmError
 
 MANIFEST = "slicelm_output.json"
 _TAG = "slicelm"
+# Kinds of model folder: --overwrite may replace one kind by another (re-slicing with another layout).
+MODEL_KINDS = ("sliced-model", "plain-model", "finetuned-model")
 
 
 def _host() -> str:
@@ -201,7 +203,9 @@ class OutputClaim:
         self.out = Path(os.path.abspath(Path(out).expanduser()))
         self.overwrite = overwrite
         self.kind = kind
-        self.replace_kinds = tuple(replace_kinds) if replace_kinds is not None else (kind,)
+        if replace_kinds is None:
+            replace_kinds = MODEL_KINDS if kind in MODEL_KINDS else (kind,)
+        self.replace_kinds = tuple(replace_kinds)
         self._created_parents: list[Path] = []
         self._lock: Path | None = None
         self.published = False
@@ -276,10 +280,11 @@ class OutputClaim:
 
     # -- staging and publishing ------------------------------------------------------------------
     @contextlib.contextmanager
-    def stage(self, manifest: dict[str, Any] | None = None) -> Iterator[Path]:
+    def stage(self, manifest: dict[str, Any] | None = None, kind: str | None = None) -> Iterator[Path]:
         """Yield an empty temporary folder beside the target; on success it becomes the target.
 
-        manifest: extra fields for the manifest written into the folder before it is published.
+        manifest: extra fields for the manifest written into the folder before it is published;
+        kind: what the folder holds, when it is not the claim's kind (another model layout).
         """
         if self._lock is None:
             raise RuntimeError("the output claim was released")
@@ -287,7 +292,7 @@ class OutputClaim:
         tmp = Path(tempfile.mkdtemp(prefix=temp_name(f".{self.out.name}.{_TAG}-tmp"), dir=parent))
         try:
             yield tmp
-            write_manifest(tmp, self.kind, manifest)
+            write_manifest(tmp, kind or self.kind, manifest)
             _chmod_like_mkdir(tmp)
             self._publish(tmp)
         except BaseException:
@@ -370,7 +375,7 @@ def staged_output(
 ) -> Iterator[Path]:
     """Stage a folder for ``out`` (a path, claimed here and released after, or an existing claim)."""
     if isinstance(out, OutputClaim):
-        with out.stage(manifest) as tmp:
+        with out.stage(manifest, kind) as tmp:
             yield tmp
         return
     with OutputClaim(out, overwrite, kind=kind, protect=protect) as claim, claim.stage(manifest) as tmp:

@@ -14,12 +14,12 @@ Three details keep the function exact (in float64 up to storage rounding):
   (Gemma stores ``w - 1`` and its embedding multiplies by ``sqrt(hidden_size)``: both adjusted.)
 * **Attention shapes.** ``head_dim`` is written explicitly, since configs derive it from
   ``hidden_size / num_attention_heads`` when it is absent.
-* **A tied head.** The head reads the final norm's output through the shared embedding, and the
-  final norm's scale ``w`` becomes ``Q^T diag(w) Q`` in the new basis — a full matrix no stock norm
-  can hold. Slicing replaces it by the diagonal that best preserves the logits on the calibration
-  data (:func:`calibrated_diagonal`); that is the one approximation of the plain layout, reported
-  as ``tied_final_norm_error``. ``--untie-head`` (or an untied model) is exact; so is the
-  ``channels`` basis, whose permutation commutes with any diagonal.
+* **A tied head.** The head reads the final norm's output through the shared embedding, so the
+  final norm's scale ``w`` cannot be folded into it: in the new basis it is ``Q_k^T diag(w) Q_k``,
+  a full matrix in general, which no stock norm can hold. But the rotation *within* the kept
+  subspace is free (it keeps the same energy and every module just sees another basis of the same
+  span), so it is chosen to diagonalise that matrix (:func:`diagonalise_final_norm`): the tied
+  plain model is exact too.
 
 LayerNorm families are refused: their mean subtraction is baked into every writer, which a stock
 LayerNorm would subtract again over the smaller width.
@@ -37,7 +37,7 @@ from torch import nn
 
 from slicelm.arch import Layout, spec_for
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import SLICELM_KEY, get_module
+from slicelm.modeling_slicelm import SLICELM_KEY
 from slicelm.plan import SlicingPlan
 
 OUTPUT_KIND = "plain-model"
@@ -75,28 +75,21 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
     return new
 
 
-def calibrated_diagonal(m: torch.Tensor, gram: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
-    """The diagonal ``v`` (k,) that best replaces the (k, k) final-norm matrix ``m`` for a tied head.
+def diagonalise_final_norm(q: torch.Tensor, width: int, scale: torch.Tensor) -> torch.Tensor:
+    """Rotate the kept subspace of ``q`` (D, D) so that a tied head's final norm stays diagonal.
 
-    Logits are ``y m E^T`` for normalised final states y; with ``diag(v)`` instead the squared error
-    summed over calibration tokens is ``tr((D_v - m) G (D_v - m)^T S)``, with G = E^T E the shared
-    matrix's Gram and S = sum y^T y. Its minimiser solves ``(G * S) v = diag(G m^T S)`` (Hadamard
-    product; positive semi-definite by the Schur product theorem). If ``m`` is diagonal, v = diag(m).
+    Everything but the final norm is invariant to a rotation R (k, k) *inside* the kept span
+    ``U = q[:, :k]``: the same energy is kept and every reader and writer just sees another basis
+    of it. The final norm's scale becomes ``R^T (U^T diag(w) U) R`` there; choosing R as the
+    eigenvectors of ``U^T diag(w) U`` makes it exactly diagonal — a stock norm weight. Returns the
+    basis with its first k columns replaced by ``U R``.
     """
-    g, s, m = gram.to(torch.float64), moment.to(torch.float64), m.to(torch.float64)
-    lhs = g * s
-    ridge = 1e-12 * torch.diagonal(lhs).mean().clamp_min(1e-30)
-    rhs = torch.diagonal(g @ m.T @ s)
-    return torch.linalg.solve(lhs + ridge * torch.eye(lhs.shape[0], dtype=torch.float64, device=lhs.device), rhs)
-
-
-def diagonal_error(m: torch.Tensor, v: torch.Tensor, gram: torch.Tensor, moment: torch.Tensor) -> float:
-    """Relative logit error of replacing ``m`` by ``diag(v)``: sqrt(error / energy of the exact logits)."""
-    g, s, m = gram.to(torch.float64), moment.to(torch.float64), m.to(torch.float64)
-    delta = torch.diag(v.to(torch.float64)) - m
-    error = torch.trace(delta @ g @ delta.T @ s).item()
-    energy = torch.trace(m @ g @ m.T @ s).item()
-    return math.sqrt(max(error, 0.0) / max(energy, 1e-30))
+    q = q.to(torch.float64).clone()
+    u = q[:, :width]  # (D, k)
+    m = u.T @ (scale.to(torch.float64).to(u.device)[:, None] * u)  # (k, k)
+    _, r = torch.linalg.eigh((m + m.T) / 2)
+    q[:, :width] = u @ r
+    return q
 
 
 def stock_tensors(tensors: dict[str, torch.Tensor], info: dict[str, Any], model_config: Any) -> dict[str, torch.Tensor]:
@@ -204,7 +197,7 @@ def save_plain(
     plan = model.config.slicelm["plan"]
     provenance = {k: v for k, v in (metadata or {}).items()}
     with staged_output(out, overwrite, kind=OUTPUT_KIND) as tmp:
-        stock.save_pretrained(tmp, safe_serialization=True)
+        stock.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / PLAN_FILE).write_text(to_json(plan) + "\n")
@@ -214,23 +207,3 @@ def save_plain(
         if leftovers:
             raise RuntimeError(f"a plain folder must hold no code or pickles, found {leftovers}")
     return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
-
-
-def plain_final_norm(model: nn.Module, layout: Layout, final_moment: torch.Tensor) -> float:
-    """Replace a kept tie's (k, k) final projection by its calibrated diagonal; returns the error."""
-    final = get_module(model, layout.final_norm)
-    embedding = get_module(model, layout.embeddings[0]).weight  # (V, k)
-    m = final.proj.weight.detach().to(torch.float64).T  # y -> y m
-    from slicelm.rotate import map_rows
-
-    gram = torch.zeros(m.shape[0], m.shape[0], dtype=torch.float64, device=m.device)
-
-    def accumulate(block: torch.Tensor) -> torch.Tensor:
-        gram.addmm_(block.T, block)
-        return block[:, :1]
-
-    map_rows(embedding.detach(), accumulate, 1)  # the Gram E^T E in float64, block by block
-    v = calibrated_diagonal(m, gram, final_moment)
-    error = diagonal_error(m, v, gram, final_moment)
-    final.proj.weight = nn.Parameter(torch.diag(v).to(final.proj.weight.dtype), requires_grad=False)
-    return error

@@ -140,7 +140,6 @@ class SliceReport:
     layout: str = "slicegpt"
     planning: dict[str, Any] = field(default_factory=dict)  # how a --target-params plan was chosen
     mlp_error: dict[str, float] = field(default_factory=dict)  # layer -> refit MLP error / MLP output energy
-    tied_final_norm_error: float | None = None  # plain layout, kept tie: relative logit error of the diagonal
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -285,7 +284,14 @@ def slice_model(
         timings["statistics"] = time.perf_counter() - t_stats
     ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
     plan, planning = build_plan(ctx, config, params_before, stats)
-    fixed = _global_basis(stats, config, hidden) if plain else None
+    fixed = None
+    if plain:
+        fixed = _global_basis(stats, config, hidden)
+        if fused.keep_tie:  # the final norm must stay diagonal in the kept subspace (see plain.py)
+            from slicelm.plain import diagonalise_final_norm
+
+            access.load(model, layout.final_norm)
+            fixed = diagonalise_final_norm(fixed, plan.embedding, _final_scale(model, layout))
     if stats is not None:
         stats.clear()
 
@@ -296,6 +302,7 @@ def slice_model(
     q_in = bases.choose("embedding", acc, plan.embedding)  # (D, d_emb)
     for path in layout.embeddings:
         rotate_writer(get_module(model, path), q_in)
+    for path in layout.embeddings:
         access.done(model, path)
     q_embedding = q_in
     for i in range(len(batches)):
@@ -320,13 +327,8 @@ def slice_model(
     info = {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": fused.eps}
     if plain:
         info["kind"] = "plain"
-    tied_error = None
     if fused.keep_tie:
         info["tied_head"] = _keep_tie(model, layout, fused, q_in, q_embedding)
-        if plain:  # a stock norm holds a diagonal: the best one on the calibration data
-            from slicelm.plain import plain_final_norm
-
-            tied_error = plain_final_norm(model, layout, _final_moment(model, layout, batches, store, device))
     else:
         rotate_reader(get_module(model, layout.head), q_in)
     access.done(model, layout.final_norm)
@@ -360,7 +362,6 @@ def slice_model(
         layout=config.layout,
         planning=planning,
         mlp_error=mlp_error,
-        tied_final_norm_error=tied_error,
     )
 
 
@@ -369,6 +370,15 @@ def _intermediate(model: nn.Module, layout: Layout) -> int:
     from slicelm.channels import intermediate_width
 
     return intermediate_width(get_module(model, layout.layers)[0], layout)
+
+
+def _final_scale(model: nn.Module, layout: Layout) -> torch.Tensor:
+    """The final norm's effective scale (D,), float64 (ones for a weightless norm)."""
+    norm = get_module(model, layout.final_norm)
+    weight = getattr(norm, "weight", None)
+    if weight is None:
+        return torch.ones(model.config.hidden_size, dtype=torch.float64)
+    return weight.detach().to(torch.float64).cpu() + layout.norm_offset
 
 
 def _global_basis(stats, config: SliceConfig, hidden: int) -> torch.Tensor:
@@ -383,17 +393,6 @@ def _global_basis(stats, config: SliceConfig, hidden: int) -> torch.Tensor:
         return torch.eye(hidden, dtype=torch.float64)
     generator = torch.Generator().manual_seed(config.seed)
     return random_orthogonal(hidden, generator)
-
-
-def _final_moment(model: nn.Module, layout: Layout, batches, store, device) -> torch.Tensor:
-    """sum of y^T y over calibration tokens, y = the final norm's normalised output (k, k), float64."""
-    norm = get_module(model, layout.final_norm).norm
-    acc = None
-    for i, b in enumerate(batches):
-        y = norm(store[("x", i)].to(device))
-        acc = acc or CovarianceAccumulator(y.shape[-1], device=device)
-        acc.add(y, b.mask.to(device))
-    return acc.sum
 
 
 def _slice_layer(

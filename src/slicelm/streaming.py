@@ -28,6 +28,7 @@ from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import get_module
 from slicelm.offload import ActivationStore
 from slicelm.outputs import OutputClaim, staged_output
+from slicelm.plain import OUTPUT_KIND as PLAIN_KIND
 from slicelm.slicing import SliceConfig, SliceReport, merge_report, slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
@@ -109,7 +110,15 @@ def slice_streaming(
         raise SlicelmError(f"{source} is not a Hugging Face model folder (no config.json); streaming needs one")
     checkpoint = LazyCheckpoint(source)
     model = skeleton(source, dtype)
-    with staged_output(out, overwrite, kind=OUTPUT_KIND, protect=[source]) as tmp:
+    config = config or SliceConfig()
+    if resolve_cached(model).mlp_chunks is None:
+        raise SlicelmError(
+            f"streaming does not support {model.config.model_type}: its experts are stored per expert on disk and "
+            "fused in memory; slice it without --stream"
+        )
+    plain = config.layout == "plain"
+    kind = PLAIN_KIND if plain else OUTPUT_KIND
+    with staged_output(out, overwrite, kind=kind, protect=[source]) as tmp:
         writer = ShardWriter(tmp)
         store = ActivationStore(max_memory, offload_dir)
         try:
@@ -127,11 +136,53 @@ def slice_streaming(
             store.close()
             checkpoint.close()
         writer.finish()
-        sliced_config(model.config, model._slicelm_base.__name__, metadata)
-        model.config.architectures = [type(model).__name__]
-        model.config.save_pretrained(tmp)
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
         full_report = merge_report(report.to_dict() | {"streamed": True}, report_extra or {})
-        write_companions(tmp, model.config, tokenizer, full_report)
+        if plain:
+            write_plain_folder(tmp, model, tokenizer, metadata, full_report)
+        else:
+            sliced_config(model.config, model._slicelm_base.__name__, metadata)
+            model.config.architectures = [type(model).__name__]
+            model.config.save_pretrained(tmp)
+            write_companions(tmp, model.config, tokenizer, full_report)
     return report
+
+
+def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
+    """Turn the sliced shards written in ``folder`` into the stock architecture, shard by shard."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from slicelm.arch import Layout
+    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE
+    from slicelm.modeling_slicelm import SLICELM_KEY
+    from slicelm.outputs import to_json
+    from slicelm.plain import plain_config, stock_tensors
+    from slicelm.plan import SlicingPlan
+    from slicelm.streaming_io import INDEX, SINGLE
+
+    info = getattr(model.config, SLICELM_KEY)
+    shards = sorted(folder.glob("model*.safetensors"))
+    weight_map = {}
+    for shard in shards:
+        tensors = stock_tensors(load_file(shard), info, model.config)
+        save_file(tensors, shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard.name))
+    if (folder / INDEX).is_file():
+        index = json.loads((folder / INDEX).read_text())
+        index["weight_map"] = dict(sorted(weight_map.items()))
+        index["metadata"]["total_size"] = sum(
+            t.numel() * t.element_size() for shard in shards for t in load_file(shard).values()
+        )
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    elif shards and shards[0].name != SINGLE:
+        raise RuntimeError(f"unexpected shard layout in {folder}")
+    config = plain_config(model.config, Layout.from_dict(info["layout"]), SlicingPlan.from_dict(info["plan"]))
+    config.architectures = [model._slicelm_base.__name__]
+    config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / PLAN_FILE).write_text(to_json(info["plan"]) + "\n")
+    (folder / REPORT_FILE).write_text(to_json({**report, "layout": "plain", "provenance": metadata or {}}) + "\n")

@@ -228,13 +228,15 @@ def run(args: argparse.Namespace) -> int:
     from slicelm.devices import resolve_device
     from slicelm.models import resolve_source
     from slicelm.outputs import OutputClaim
+    from slicelm.plain import OUTPUT_KIND as PLAIN_KIND
 
     args.device = resolve_device(args.device)
     source = resolve_source(args.model)
     if source.is_sliced:
         raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
     # Claimed before any work: a refused or busy --out costs nothing, and no other run can take it.
-    with OutputClaim(args.out, args.overwrite, kind=OUTPUT_KIND, protect=[source.local_path]) as claim:
+    kind = PLAIN_KIND if args.layout == "plain" else OUTPUT_KIND
+    with OutputClaim(args.out, args.overwrite, kind=kind, protect=[source.local_path]) as claim:
         return _run(args, source, claim)
 
 

@@ -1,0 +1,123 @@
+"""Export a plain (stock-architecture) model folder to GGUF with llama.cpp's own tools.
+
+slicelm does not reimplement the GGUF writer: it runs llama.cpp's ``convert_hf_to_gguf.py`` (and
+``llama-quantize`` for the k-quants and other types the converter does not write itself). Where
+they live is given by ``--llama-cpp DIR`` or ``$LLAMA_CPP_DIR``: a llama.cpp checkout, or the
+folder ``benchmarks/llama_cpp_build.sh`` builds (it holds the converter's own venv).
+
+Only folders in a stock architecture can be converted: a model sliced with ``--layout slicegpt``
+carries shortcut matrices that no llama.cpp architecture has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from slicelm.errors import SlicelmError
+
+LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
+CONVERTER = "convert_hf_to_gguf.py"
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by the converter itself
+QUANTIZE_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+HOW_TO_GET = (
+    "get llama.cpp (github.com/ggml-org/llama.cpp, or the source distribution of llama-cpp-python, which "
+    "benchmarks/llama_cpp_build.sh builds offline) and pass --llama-cpp DIR or set $LLAMA_CPP_DIR"
+)
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """Where llama.cpp's converter, the Python that runs it, and its binaries are."""
+
+    converter: Path
+    python: str
+    bin_dirs: tuple[Path, ...]
+
+    def tool(self, name: str) -> Path | None:
+        for folder in self.bin_dirs:
+            if (folder / name).is_file() and os.access(folder / name, os.X_OK):
+                return folder / name
+        found = shutil.which(name)
+        return Path(found) if found else None
+
+
+def find_llama_cpp(root: str | Path | None) -> LlamaCpp:
+    """Locate llama.cpp under ``root`` (or ``$LLAMA_CPP_DIR``); one-line error naming how to get it."""
+    value = root or os.environ.get(LLAMA_CPP_ENV)
+    if not value:
+        raise SlicelmError(f"exporting to GGUF needs llama.cpp's {CONVERTER}; {HOW_TO_GET}")
+    root = Path(value).expanduser()
+    candidates = [root, root / "vendor" / "llama.cpp", *sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp"))]
+    source = next((c for c in candidates if (c / CONVERTER).is_file()), None)
+    if source is None:
+        raise SlicelmError(f"no {CONVERTER} under {root}; {HOW_TO_GET}")
+    venv_python = root / "venv" / "bin" / "python"
+    python = str(venv_python) if venv_python.is_file() else sys.executable
+    bins = (root / "build" / "bin", source / "build" / "bin", root / "bin")
+    return LlamaCpp(source / CONVERTER, python, bins)
+
+
+def check_exportable(folder: Path) -> None:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise SlicelmError(f"{folder} has no config.json; give a Hugging Face model folder")
+    data = json.loads(config.read_text())
+    if "slicelm" in data or data.get("auto_map"):
+        raise SlicelmError(
+            f"{folder} is a --layout slicegpt model: its shortcut matrices need remote code, which llama.cpp cannot "
+            "run; re-slice with --layout plain"
+        )
+
+
+def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16", llama_cpp: str | Path | None = None) -> Path:
+    """Convert ``folder`` to the GGUF file ``out`` (written beside, then renamed: never half a file)."""
+    folder = Path(folder).expanduser()
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    outtype = outtype.lower()
+    if outtype not in CONVERTER_TYPES + QUANTIZE_TYPES:
+        raise SlicelmError(f"unknown --outtype {outtype}; use one of {', '.join(CONVERTER_TYPES + QUANTIZE_TYPES)}")
+    check_exportable(folder)
+    if out.exists():
+        raise SlicelmError(f"{out} already exists; choose another --gguf path (slicelm does not replace files)")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise SlicelmError(f"cannot write {out}: {out.parent} is not a writable folder")
+    tools = find_llama_cpp(llama_cpp)
+    quantize = None
+    if outtype in QUANTIZE_TYPES:
+        quantize = tools.tool("llama-quantize")
+        if quantize is None:
+            raise SlicelmError(f"--outtype {outtype} needs llama.cpp's llama-quantize binary; {HOW_TO_GET}")
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.slicelm-tmp-", dir=out.parent) as work:
+        first = Path(work) / ("model-f16.gguf" if quantize else out.name)
+        _run(
+            [
+                tools.python,
+                str(tools.converter),
+                str(folder),
+                "--outfile",
+                str(first),
+                "--outtype",
+                "f16" if quantize else outtype,
+            ],
+            "the GGUF conversion",
+        )
+        if quantize is not None:
+            final = Path(work) / out.name
+            _run([str(quantize), str(first), str(final), outtype.upper()], "llama-quantize")
+            first = final
+        os.replace(first, out)
+    return out
+
+
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        raise SlicelmError(f"{what} failed ({lines[-1] if lines else f'exit code {result.returncode}'})")
