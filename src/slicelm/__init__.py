@@ -14,7 +14,15 @@ from slicelm.checkpoint import load_sliced, save_sliced  # noqa: E402
 from slicelm.errors import SlicelmError  # noqa: E402
 from slicelm.models import load_model  # noqa: E402
 from slicelm.plan import SlicingPlan  # noqa: E402
+from slicelm.recovery import FinetuneConfig  # noqa: E402
 from slicelm.slicing import SliceConfig, SliceReport, slice_model  # noqa: E402
+
+
+def finetune(*args, **kwargs):
+    """See :func:`slicelm.recovery.finetune` (imported lazily: it pulls in peft)."""
+    from slicelm.recovery import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
 
 
 def load_calibration(*args, **kwargs):
@@ -25,10 +33,12 @@ def load_calibration(*args, **kwargs):
 
 
 __all__ = [
+    "FinetuneConfig",
     "SliceConfig",
     "SliceReport",
     "SlicelmError",
     "SlicingPlan",
+    "finetune",
     "load_calibration",
     "load_model",
     "load_sliced",

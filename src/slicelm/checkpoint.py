@@ -103,6 +103,34 @@ def save_sliced(
     return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
 
 
+def save_stock(
+    model: nn.Module,
+    out: str | Path | OutputClaim,
+    tokenizer: Any = None,
+    *,
+    kind: str,
+    overwrite: bool = False,
+    plan: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model in a stock architecture (plain-layout, fine-tuned dense...) as an ordinary
+    Hugging Face folder through ``save_pretrained``: no remote code, no pickles, nothing non-finite."""
+    for name, tensor in model.state_dict().items():
+        check_finite(name, tensor)
+    with staged_output(out, overwrite, kind=kind) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            (tmp / PLAN_FILE).write_text(to_json(plan) + "\n")
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(to_json(report) + "\n")
+        code = [p.name for p in tmp.iterdir() if p.suffix in (".py", ".bin", ".pt", ".pth", ".pkl")]
+        if code:
+            raise RuntimeError(f"a stock model folder must hold no code or pickles, found {code}")
+    return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
+
+
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every tensor once: a tied head is stored with its embedding (transformers
     re-ties it on load from ``tie_word_embeddings``)."""

@@ -187,23 +187,10 @@ def save_plain(
     report: dict[str, Any] | None = None,
 ) -> Path:
     """Write a plain-layout sliced model as a stock Hugging Face folder (no remote code)."""
-    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE
-    from slicelm.outputs import OutputClaim, staged_output, to_json
-    from slicelm.streaming_io import check_finite
+    from slicelm.checkpoint import save_stock
 
-    stock = to_stock_model(model)
-    for name, tensor in stock.state_dict().items():
-        check_finite(name, tensor)
+    full = {**(report or {}), "layout": "plain", "provenance": dict(metadata or {})}
     plan = model.config.slicelm["plan"]
-    provenance = {k: v for k, v in (metadata or {}).items()}
-    with staged_output(out, overwrite, kind=OUTPUT_KIND) as tmp:
-        stock.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / PLAN_FILE).write_text(to_json(plan) + "\n")
-        full = {**(report or {}), "layout": "plain", "provenance": provenance}
-        (tmp / REPORT_FILE).write_text(to_json(full) + "\n")
-        leftovers = [p.name for p in tmp.iterdir() if p.suffix in (".py", ".bin", ".pt", ".pth", ".pkl")]
-        if leftovers:
-            raise RuntimeError(f"a plain folder must hold no code or pickles, found {leftovers}")
-    return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
+    return save_stock(
+        to_stock_model(model), out, tokenizer, kind=OUTPUT_KIND, overwrite=overwrite, plan=plan, report=full
+    )

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "ppl": "ppl_cmd",
     "eval": "eval_cmd",
     "sweep": "sweep_cmd",
+    "finetune": "finetune_cmd",
     "export": "export_cmd",
 }
 

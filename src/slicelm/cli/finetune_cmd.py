@@ -1,0 +1,210 @@
+"""``slicelm finetune MODEL --out DIR --data c4``: recover a sliced model by fine-tuning or distillation.
+
+Order of work: flags; the output folder and the work folder (claimed); the training data (the
+WikiText-2 test text is refused); the teacher (its vocabulary must be the student's); then
+training, with checkpoints in the work folder; the merged model is written like ``slice`` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from slicelm.cli.common import add_device_argument, quiet_libraries
+from slicelm.errors import SlicelmError
+
+FINETUNED_KIND = "finetuned-model"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="recover a sliced (or any) model: LoRA or full fine-tuning, next-token loss or distillation",
+        description="Fine-tune a sliced, plain or dense model folder on text and write the result (adapters merged) "
+        "as the same kind of folder. --loss kd distils the dense model the folder was sliced from.",
+    )
+    p.add_argument("model", help="a folder written by slicelm slice (or any Hugging Face model folder / hub id)")
+    p.add_argument("--out", required=True, help="output folder (a new one, or one slicelm wrote, with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier slicelm output")
+    p.add_argument("--data", default="c4", help="training text: c4, alpaca, ptb or a .txt/.jsonl file (default c4)")
+    p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else ../shared/data, else the hub)")
+    p.add_argument("--loss", choices=("lm", "kd"), default="kd", help="lm: next-token loss (the paper); kd: distil")
+    p.add_argument("--teacher", help="teacher for --loss kd (default: the source model recorded in the sliced folder)")
+    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on every block linear (default 32)")
+    group.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
+    p.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha (default 64)")
+    p.add_argument(
+        "--lora-extra",
+        default="",
+        help="also adapt, comma-separated: shortcuts (a sliced model's shortcut matrices), final (a kept tie's "
+        "final projection); default none",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, default=200_000, help="training tokens (default 200000)")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps instead of --tokens")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per training window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA, 2e-5 --full)")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of the training text (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype (bf16: GPU)")
+    p.add_argument("--work-dir", help="checkpoints for --resume (default OUT.slicelm-work beside --out)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its work folder")
+    add_device_argument(p, "train")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def config_from(args: argparse.Namespace):
+    from slicelm.recovery import FinetuneConfig
+
+    extra = tuple(t.strip() for t in args.lora_extra.split(",") if t.strip())
+    return FinetuneConfig(
+        loss=args.loss,
+        temperature=args.temperature,
+        lora_rank=None if args.full else args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        tokens=args.tokens,
+        steps=args.steps,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        eval_windows=args.eval_windows,
+        seed=args.seed,
+        extra_targets=extra,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_libraries(progress=not args.quiet)
+    from slicelm.devices import resolve_device
+    from slicelm.models import resolve_source
+    from slicelm.outputs import OutputClaim
+
+    config = config_from(args)
+    device = resolve_device(args.device)
+    if args.dtype == "bfloat16" and device.type == "cpu":
+        raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
+    source = resolve_source(args.model)
+    work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
+    with OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path]) as claim:
+        _check_work_dir(work, args.resume)
+        return _run(args, config, source, claim, work, device)
+
+
+def _check_work_dir(work: Path, resume: bool) -> None:
+    """A work folder is slicelm's own (created with the first checkpoint); resuming needs one."""
+    from slicelm.outputs import read_manifest
+    from slicelm.recovery import WORK_KIND
+
+    if work.exists():
+        manifest = read_manifest(work) if work.is_dir() else None
+        if manifest is None or manifest.get("kind") != WORK_KIND:
+            raise SlicelmError(f"--work-dir {work} exists and is not a slicelm work folder; choose another")
+        if not resume:
+            raise SlicelmError(
+                f"{work} holds an interrupted run's checkpoint; pass --resume to continue it, or delete the folder"
+            )
+    elif resume:
+        raise SlicelmError(f"--resume: {work} does not exist; run without --resume to start")
+
+
+def _run(args, config, source, claim, work: Path, device) -> int:
+    from slicelm.data import resolve_data_dir
+    from slicelm.models import DTYPES, load_model, load_tokenizer
+    from slicelm.recovery import recorded_source, train, training_windows
+
+    data_dir = resolve_data_dir(args.data_dir)
+    tokenizer = load_tokenizer(source)
+    train_windows, heldout, data = training_windows(args.data, tokenizer, config, data_dir)
+    teacher = teacher_name = None
+    if config.loss == "kd":
+        teacher_name = args.teacher or recorded_source(source.path)
+        if teacher_name is None:
+            raise SlicelmError(f"--loss kd needs --teacher: {args.model} does not record the model it was sliced from")
+        teacher, teacher_tokenizer = load_model(teacher_name, dtype=DTYPES[args.dtype])
+        check_same_vocabulary(tokenizer, teacher_tokenizer, teacher_name)
+    model, _ = load_model(source, dtype=DTYPES[args.dtype])
+    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+        raise SlicelmError(
+            f"teacher {teacher_name} has another vocabulary than the student ({teacher.config.vocab_size} vs "
+            f"{model.config.vocab_size} tokens); distil from the model it was sliced from"
+        )
+    try:
+        model, report = train(
+            model,
+            train_windows,
+            heldout,
+            config,
+            teacher=teacher,
+            pad_id=int(tokenizer.pad_token_id or 0),
+            work_dir=work,
+            resume=args.resume,
+            progress=not args.quiet,
+            device=device,
+        )
+    except KeyboardInterrupt:
+        print(f"slicelm: interrupted; the last checkpoint is in {work}: continue with --resume", file=sys.stderr)
+        return 130
+    report.data = data
+    report.teacher = teacher_name
+    out = save_finetuned(model, claim, tokenizer, source.path, report.to_dict())
+    shutil.rmtree(work, ignore_errors=True)  # slicelm's own work folder (checked when claimed)
+    print(summary(report, out), file=sys.stderr)
+    from slicelm.outputs import to_json
+
+    last = report.curve[-1] if report.curve else {}
+    print(to_json({"out": str(out), "steps": report.steps, "tokens": report.tokens, **last}, indent=None))
+    return 0
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str) -> None:
+    """Distillation compares distributions token by token: the two must share one vocabulary."""
+    probe = "The quick brown fox jumps over the lazy dog. 1234 ünïcode"
+    same = (
+        len(student_tokenizer) == len(teacher_tokenizer)
+        and student_tokenizer(probe)["input_ids"] == (teacher_tokenizer(probe)["input_ids"])
+    )
+    if not same:
+        raise SlicelmError(
+            f"teacher {teacher_name} has another vocabulary than the student ({len(teacher_tokenizer)} vs "
+            f"{len(student_tokenizer)} tokens); distil from the model it was sliced from"
+        )
+
+
+def save_finetuned(model, claim, tokenizer, source_folder: str, finetune_report: dict[str, Any]) -> Path:
+    """The same kind of folder as the input: sliced (remote code), or stock (plain layout / dense)."""
+    import json
+
+    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE, save_sliced, save_stock
+
+    folder = Path(source_folder)
+    base: dict[str, Any] = {}
+    if (folder / REPORT_FILE).is_file():
+        base = json.loads((folder / REPORT_FILE).read_text())
+    report = base | {"finetune": finetune_report}
+    if getattr(model, "_slicelm_model", False):
+        return save_sliced(model, claim, tokenizer, report=report)
+    plan = json.loads((folder / PLAN_FILE).read_text()) if (folder / PLAN_FILE).is_file() else None
+    return save_stock(model, claim, tokenizer, kind=FINETUNED_KIND, plan=plan, report=report)
+
+
+def summary(report, out: Path) -> str:
+    first, last = (report.curve[0], report.curve[-1]) if report.curve else ({}, {})
+    lines = [
+        f"fine-tuned ({report.config['loss']}, {'full' if report.config['lora_rank'] is None else 'LoRA'}) -> {out}"
+    ]
+    lines.append(f"  steps {report.steps}, tokens {report.tokens:,}, trainable parameters {report.trainable_params:,}")
+    if "heldout_lm" in first:
+        lines.append(
+            f"  held-out next-token loss {first['heldout_lm']:.4f} -> {last.get('heldout_lm', float('nan')):.4f}"
+        )
+    lines.append(f"  time {report.seconds:.0f}s (teacher {report.teacher_seconds:.0f}s)")
+    return "\n".join(lines)

@@ -1,0 +1,562 @@
+"""Recovery fine-tuning: win back what slicing lost, by next-token loss or by distillation.
+
+* ``loss="lm"`` is the SliceGPT paper's recovery fine-tuning (RFT): next-token cross-entropy.
+* ``loss="kd"`` distils the dense teacher: KL divergence between the teacher's and the student's
+  next-token distributions (temperature ``T``, scaled by T^2), as Minitron does after pruning.
+
+Both ignore padding. Training is LoRA through peft on every linear of the decoder blocks (or
+``full`` fine-tuning), with AdamW and a cosine schedule; LoRA adapters are merged into the weights
+at the end, so the output is the same kind of folder the input was (a sliced folder, a plain
+stock folder, or a dense one) and loads without peft or slicelm.
+
+Long runs checkpoint their trainable weights, optimizer, schedule and data position into a work
+folder; :func:`finetune` with ``resume=True`` continues to the same result an uninterrupted run
+gives (the data order is fixed by the seed, and nothing else is random). An interrupted run keeps
+its last checkpoint and writes no output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from slicelm.errors import SlicelmError
+
+Loss = Literal["lm", "kd"]
+CHECKPOINT = "checkpoint"  # folder in the work dir: state.safetensors + state.json
+WORK_KIND = "finetune-work"  # manifest kind of a work folder (see slicelm.outputs)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How to fine-tune. Validated on construction.
+
+    loss: ``lm`` (next-token cross-entropy) or ``kd`` (distillation from ``teacher``).
+    temperature: of the KD softmaxes.
+    lora_rank: LoRA rank on every linear of the decoder blocks; None for full fine-tuning.
+    lora_alpha: LoRA scaling numerator (scale = alpha / rank).
+    tokens / steps: the training budget; ``tokens`` is converted to whole steps of
+        ``batch_size * grad_accum * seqlen`` tokens. ``steps`` wins when both are given.
+    seqlen: tokens per training window. batch_size, grad_accum: windows per step = their product.
+    lr: peak learning rate (default 2e-4 for LoRA, 2e-5 for full fine-tuning); warmup: fraction of
+        the steps spent warming up linearly before the cosine decay.
+    eval_windows: held-out windows of the training source (never trained on) scored during training.
+    eval_every / checkpoint_every: in steps (defaults: about ten of each per run).
+    seed: the training windows' order and the LoRA initialisation (nothing else is random).
+    extra_targets: LoRA on more than the blocks' attention and MLP linears: ``shortcuts`` (a sliced
+        model's shortcut matrices) and ``final`` (a kept tie's final projection).
+    """
+
+    loss: Loss = "kd"
+    temperature: float = 1.0
+    lora_rank: int | None = 32
+    lora_alpha: float = 64.0
+    tokens: int | None = 200_000
+    steps: int | None = None
+    seqlen: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_windows: int = 8
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    extra_targets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.extra_targets if t not in EXTRA_TARGETS]
+        if bad:
+            raise SlicelmError(f"unknown LoRA targets {bad}; use {', '.join(EXTRA_TARGETS)}")
+        if self.loss not in ("lm", "kd"):
+            raise SlicelmError(f"--loss must be lm or kd, got {self.loss!r}")
+        checks = {
+            "--tokens": self.tokens if self.steps is None else 1,
+            "--steps": self.steps if self.steps is not None else 1,
+            "--seqlen": self.seqlen - 1,
+            "--batch-size": self.batch_size,
+            "--grad-accum": self.grad_accum,
+            "--eval-windows": self.eval_windows + 1,
+        }
+        for flag, value in checks.items():
+            if value is None or value < 1:
+                raise SlicelmError(f"{flag} must be a positive integer")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise SlicelmError("--lora-rank must be a positive integer")
+        for name in ("temperature", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise SlicelmError(f"--{name.replace('_', '-')} must be positive")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SlicelmError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise SlicelmError("--warmup is a fraction of the steps in [0, 1)")
+
+    @property
+    def full(self) -> bool:
+        return self.lora_rank is None
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.full else 2e-4)
+
+    @property
+    def windows_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.tokens / (self.windows_per_step * self.seqlen)))
+
+
+@dataclass
+class FinetuneReport:
+    """What fine-tuning did: the ``finetune`` section of the output's report."""
+
+    config: dict[str, Any]
+    data: dict[str, Any]
+    steps: int
+    tokens: int
+    trainable_params: int
+    curve: list[dict[str, float]] = field(default_factory=list)  # step, train loss, held-out losses
+    seconds: float = 0.0
+    teacher: str | None = None
+    teacher_seconds: float = 0.0  # time spent in the teacher's forward passes
+    peak_memory: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over real tokens. logits (B, T, V), ids/mask (B, T)."""
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over real tokens of ``T^2 KL(p_teacher || p_student)`` at temperature T. (B, T, V) logits."""
+    keep = mask.bool()
+    s = F.log_softmax(student[keep].float() / temperature, dim=-1)  # (N, V)
+    t = F.log_softmax(teacher[keep].float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+# --------------------------------------------------------------------------------------------------
+# Model preparation
+# --------------------------------------------------------------------------------------------------
+EXTRA_TARGETS = ("shortcuts", "final")
+
+
+def lora_targets(model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
+    """Names of the linears LoRA adapts: every linear of the decoder blocks' attention and MLP;
+    with ``extra``, also the shortcut matrices (``shortcuts``) and a kept tie's final projection
+    (``final``) of a sliced model."""
+    from slicelm.arch import Layout, resolve
+
+    info = getattr(model.config, "slicelm", None)
+    layout = Layout.from_dict(info["layout"]) if isinstance(info, dict) else resolve(model)
+    prefix = layout.layers + "."
+    names = []
+    for name, module in model.named_modules():
+        linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        if not linear:
+            continue
+        shortcut = name.endswith(("attn_shortcut", "ffn_shortcut"))
+        if name.startswith(prefix) and (not shortcut or "shortcuts" in extra):
+            names.append(name)
+        elif "final" in extra and name == f"{layout.final_norm}.proj":
+            names.append(name)
+    return sorted(names)
+
+
+def prepare_student(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """Make the trainable parameters trainable: LoRA adapters (peft) or every weight."""
+    for param in model.parameters():
+        param.requires_grad_(config.full)
+    if config.full:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.0,  # no randomness: resumed runs equal uninterrupted ones
+        target_modules=lora_targets(model, config.extra_targets),
+        bias="none",
+    )
+    with torch.random.fork_rng():  # the adapters' initialisation depends on the seed alone
+        torch.manual_seed(config.seed)
+        return get_peft_model(model, lora)
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """The plain model with LoRA adapters merged into its weights (itself for full fine-tuning)."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+def _batches(windows: Sequence[torch.Tensor], pad_id: int, size: int):
+    from slicelm.calibration import pad_batches
+
+    yield from pad_batches(windows, size, pad_id)
+
+
+@torch.no_grad()
+def evaluate(model, teacher, windows, config: FinetuneConfig, pad_id: int, device) -> dict[str, float]:
+    """Held-out next-token loss (and KD loss when a teacher is given), mean over windows' tokens."""
+    was = model.training
+    model.eval()
+    totals = {"heldout_lm": 0.0, "heldout_kd": 0.0}
+    count = 0
+    for ids, mask in _batches(windows, pad_id, config.batch_size):
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+        n = int(mask[:, 1:].sum())
+        totals["heldout_lm"] += lm_loss(logits, ids, mask).item() * n
+        if teacher is not None:
+            t = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+            totals["heldout_kd"] += kd_loss(logits[:, :-1], t[:, :-1], mask[:, 1:], config.temperature).item() * n
+        count += n
+    model.train(was)
+    out = {"heldout_lm": totals["heldout_lm"] / max(count, 1)}
+    if teacher is not None:
+        out["heldout_kd"] = totals["heldout_kd"] / max(count, 1)
+    return out
+
+
+def train(
+    model: nn.Module,
+    train_windows: Sequence[torch.Tensor],
+    heldout_windows: Sequence[torch.Tensor],
+    config: FinetuneConfig,
+    *,
+    teacher: nn.Module | None = None,
+    pad_id: int = 0,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    stop_after: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[nn.Module, FinetuneReport]:
+    """Fine-tune ``model`` (in place) and return ``(merged model, report)``.
+
+    work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
+    stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    from slicelm.resources import PeakMemory
+
+    if config.loss == "kd" and teacher is None:
+        raise SlicelmError("--loss kd needs a teacher model")
+    total = config.total_steps()
+    per_step = config.windows_per_step
+    if total * per_step > len(train_windows):
+        raise SlicelmError(
+            f"{total} steps of {per_step} windows need {total * per_step} training windows, "
+            f"the data gives {len(train_windows)}; lower --tokens/--steps or give more data"
+        )
+    student = prepare_student(model, config).to(device)
+    student.train()
+    if teacher is not None:
+        teacher.eval().to(device)
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * total), total)
+    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    work = Path(work_dir) if work_dir is not None else None
+    report = FinetuneReport(
+        config=asdict(config) | {"peak_lr": config.peak_lr},
+        data={},
+        steps=total,
+        tokens=0,
+        trainable_params=sum(p.numel() for p in params),
+    )
+    start_step = 0
+    if resume:
+        start_step = _load_checkpoint(work, student, optimizer, scheduler, report, config)
+    eval_every = config.eval_every or max(1, total // 10)
+    checkpoint_every = config.checkpoint_every or max(1, total // 10)
+    memory = PeakMemory()
+    t0 = time.perf_counter() - report.seconds
+    step = start_step
+    bar = tqdm(total=total, initial=start_step, desc=f"finetune ({config.loss})", disable=not progress)
+    try:
+        if start_step == 0 and heldout_windows:
+            report.curve.append({"step": 0, **evaluate(student, teacher, heldout_windows, config, pad_id, device)})
+        while step < total:
+            if stop_after is not None and step - start_step >= stop_after:
+                raise KeyboardInterrupt
+            loss_value = 0.0
+            for micro in range(config.grad_accum):
+                first = (step * config.grad_accum + micro) * config.batch_size
+                chunk = [train_windows[i] for i in order[first : first + config.batch_size]]
+                ids, mask = next(_batches(chunk, pad_id, len(chunk)))
+                ids, mask = ids.to(device), mask.to(device)
+                logits = student(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                if config.loss == "kd":
+                    t_start = time.perf_counter()
+                    with torch.no_grad():
+                        target = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                    report.teacher_seconds += time.perf_counter() - t_start
+                    loss = kd_loss(logits[:, :-1], target[:, :-1], mask[:, 1:], config.temperature)
+                else:
+                    loss = lm_loss(logits, ids, mask)
+                if not torch.isfinite(loss):
+                    raise SlicelmError(f"the training loss became non-finite at step {step}; lower --lr")
+                (loss / config.grad_accum).backward()
+                loss_value += loss.item() / config.grad_accum
+                report.tokens += int(mask.sum())
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            memory.sample()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if on_step is not None:
+                on_step(step, loss_value)
+            if step % eval_every == 0 or step == total:
+                point = {"step": step, "train_loss": loss_value}
+                if heldout_windows:
+                    point |= evaluate(student, teacher, heldout_windows, config, pad_id, device)
+                report.curve.append(point)
+            if work is not None and (step % checkpoint_every == 0) and step < total:
+                report.seconds = time.perf_counter() - t0
+                _save_checkpoint(work, student, optimizer, scheduler, report, step)
+    except KeyboardInterrupt:
+        if work is not None:
+            report.seconds = time.perf_counter() - t0
+            _save_checkpoint(work, student, optimizer, scheduler, report, step)
+        raise
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    report.peak_memory = memory.as_dict()
+    return merged(student.to("cpu")), report
+
+
+def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int) -> None:
+    """Atomically replace the work folder's checkpoint: trainable weights and optimizer moments as
+    safetensors, step, schedule and report as JSON (nothing pickled)."""
+    from safetensors.torch import save_file
+
+    from slicelm.outputs import to_json, write_manifest
+
+    if not work.exists():
+        work.mkdir(parents=True)
+        write_manifest(work, WORK_KIND)
+    tensors = {f"param.{n}": t.contiguous() for n, t in trainable_state(student).items()}
+    optim = optimizer.state_dict()
+    for index, entry in optim["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+    meta = {
+        "step": step,
+        "param_groups": optim["param_groups"],
+        "scheduler": scheduler.state_dict(),
+        "report": report.to_dict(),
+    }
+    tmp = work / f".{CHECKPOINT}.tmp{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(to_json(meta) + "\n")
+    old = work / f".{CHECKPOINT}.old{os.getpid()}"
+    if (work / CHECKPOINT).exists():
+        (work / CHECKPOINT).rename(old)
+    tmp.rename(work / CHECKPOINT)
+    if old.exists():
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+
+
+def _load_checkpoint(work: Path | None, student, optimizer, scheduler, report: FinetuneReport, config) -> int:
+    from safetensors.torch import load_file
+
+    folder = work / CHECKPOINT if work is not None else None
+    if folder is None or not (folder / "state.json").is_file():
+        raise SlicelmError(f"--resume: no checkpoint in {work}; run without --resume to start")
+    meta = json.loads((folder / "state.json").read_text())
+    saved = meta["report"]["config"]
+    wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
+    if saved != wanted:
+        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        raise SlicelmError(
+            f"--resume with other settings than the checkpoint ({', '.join(changed)}); use the same flags"
+        )
+    tensors = load_file(folder / "state.safetensors")
+    names = dict(student.named_parameters())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for key, value in tensors.items():
+            kind, rest = key.split(".", 1)
+            if kind == "param":
+                names[rest].copy_(value)
+            else:
+                index, name = rest.split(".", 1)
+                state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
+        setattr(report, key, meta["report"][key])
+    report.resumed_from = meta["step"]
+    return int(meta["step"])
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    data: str = "c4",
+    config: FinetuneConfig | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    data_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, FinetuneReport]:
+    """Fine-tune ``model`` on ``data`` (c4, alpaca, ptb or a file) and return ``(merged model, report)``.
+
+    The public front door: ``slicelm.finetune(model, tokenizer, "c4", FinetuneConfig(loss="kd"),
+    teacher=dense)``. Save the result with :func:`slicelm.save_sliced` (sliced models) or
+    ``save_pretrained`` (plain and dense ones).
+    """
+    config = config or FinetuneConfig()
+    train_windows, heldout, description = training_windows(data, tokenizer, config, data_dir)
+    model, report = train(
+        model,
+        train_windows,
+        heldout,
+        config,
+        teacher=teacher,
+        pad_id=int(tokenizer.pad_token_id or 0),
+        work_dir=work_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+    )
+    report.data = description
+    return model, report
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+def training_windows(
+    source: str,
+    tokenizer,
+    config: FinetuneConfig,
+    data_dir: str | Path | None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]]:
+    """(training windows, held-out windows, description). Disjoint windows of one source.
+
+    The WikiText-2 test text is refused, by name and by content (a file that contains it).
+    """
+    from slicelm.data import describe_calibration_source, load_calibration
+
+    check_not_test_text(source, data_dir)
+    train_count = config.total_steps() * config.windows_per_step
+    windows = load_calibration(
+        source,
+        tokenizer,
+        n_samples=train_count + config.eval_windows,
+        seqlen=config.seqlen,
+        seed=config.seed,
+        data_dir=data_dir,
+    )
+    heldout, train_windows = windows[: config.eval_windows], windows[config.eval_windows :]
+    data = {
+        "source": source,
+        "text": describe_calibration_source(source, data_dir),
+        "train_windows": len(train_windows),
+        "heldout_windows": len(heldout),
+        "seqlen": config.seqlen,
+        "seed": config.seed,
+    }
+    return train_windows, heldout, data
+
+
+def check_not_test_text(source: str, data_dir: str | Path | None) -> None:
+    """Refuse training on WikiText-2 test text (the evaluation text): named, or inside a file."""
+    if source.lower() in ("wikitext2-test", "wikitext2_test", "wiki.test.raw"):
+        raise SlicelmError("the WikiText-2 test split is the evaluation text; train on c4, alpaca, ptb or a file")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return
+    from slicelm.data import eval_text, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return  # no local copy of the test text to compare with
+    try:
+        test = eval_text("wikitext2", root)
+    except SlicelmError:
+        return
+    with contextlib.suppress(UnicodeDecodeError):
+        text = path.read_text(encoding="utf-8")
+        if _overlaps(text, test):
+            raise SlicelmError(
+                f"{path} contains WikiText-2 test text, the evaluation text; train on c4, alpaca, ptb or other text"
+            )
+
+
+def _overlaps(text: str, reference: str, probes: int = 32, width: int = 80) -> bool:
+    """Whether most of ``probes`` evenly spaced ``width``-character pieces of ``text`` occur in ``reference``."""
+    pieces = [text[i : i + width] for i in range(0, max(len(text) - width, 1), max(len(text) // probes, 1))]
+    pieces = [p for p in pieces if len(p.strip()) >= width // 2]
+    if not pieces:
+        return False
+    return sum(p in reference for p in pieces) >= max(3, len(pieces) // 4)
+
+
+def recorded_source(folder: str | Path) -> str | None:
+    """The dense model a slicelm output was made from (its config section or report), if recorded."""
+    folder = Path(folder)
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text())
+        section = config.get("slicelm")
+        if isinstance(section, dict) and section.get("source_model"):
+            return section["source_model"]
+    with contextlib.suppress(OSError, ValueError):
+        report = json.loads((folder / "slicelm_report.json").read_text())
+        for key in ("source_model", "model"):
+            value = (report.get("provenance") or {}).get(key) or report.get(key)
+            if value:
+                return value
+    return None

@@ -1,0 +1,240 @@
+"""Recovery fine-tuning: LoRA / full, next-token loss / distillation, merge, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from helpers import calibration, logits, padded_batch, relative_error
+
+from slicelm.cli import main
+from slicelm.recovery import FinetuneConfig, kd_loss, prepare_student, train
+from slicelm.slicing import SliceConfig, slice_model
+
+
+def sliced_tiny(layout: str = "slicegpt", tied: bool = True):
+    model = build_tiny_model("llama", tie_word_embeddings=tied)
+    slice_model(model, calibration(96), SliceConfig(sparsity=0.25, layout=layout), progress=False)
+    return model
+
+
+def windows(n: int, length: int = 24, seed: int = 1) -> list[torch.Tensor]:
+    """Token windows with structure a tiny model can learn (a repeating pattern with noise)."""
+    pattern = torch.randint(3, 96, (8,), generator=torch.Generator().manual_seed(0))  # one "language"
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        w = pattern.repeat(length // 8 + 1)[:length].clone()
+        noise = torch.rand(length, generator=gen) < 0.1
+        w[noise] = torch.randint(3, 96, (int(noise.sum()),), generator=gen)
+        out.append(w)
+    return out
+
+
+CONFIG = dict(tokens=None, steps=12, seqlen=24, batch_size=4, eval_windows=2, lr=5e-3)
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("loss", ["lm", "kd"])
+def test_training_reduces_the_loss(full, loss):
+    teacher = build_tiny_model("llama", seed=3, tie_word_embeddings=True) if loss == "kd" else None
+    config = FinetuneConfig(loss=loss, lora_rank=None if full else 8, **CONFIG)
+    model, report = train(sliced_tiny(), windows(48), windows(2, seed=2), config, teacher=teacher, progress=False)
+    first, last = report.curve[0], report.curve[-1]
+    key = "heldout_kd" if loss == "kd" else "heldout_lm"
+    assert last[key] < first[key], report.curve
+    assert report.steps == 12 and report.tokens == 12 * 4 * 24
+    assert not any(p.requires_grad for p in model.parameters())  # merged: a plain frozen model
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_kd_loss_is_zero_for_identical_distributions():
+    logits_ = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert kd_loss(logits_, logits_, mask, 1.0).abs().item() < 1e-6
+    assert kd_loss(logits_, logits_, mask, 2.0).abs().item() < 1e-6
+    assert kd_loss(logits_, torch.randn(2, 5, 11), mask, 1.0).item() > 0
+
+
+def test_kd_with_teacher_equal_to_student_has_zero_loss():
+    import copy
+
+    student = sliced_tiny()
+    teacher = copy.deepcopy(student)
+    config = FinetuneConfig(loss="kd", lora_rank=4, **CONFIG)
+    _, report = train(student, windows(48), windows(2, seed=2), config, teacher=teacher, progress=False)
+    assert report.curve[0]["heldout_kd"] < 1e-6  # before any step the student is the teacher
+
+
+def test_merged_model_equals_the_peft_model():
+    from slicelm.recovery import merged
+
+    for model in (sliced_tiny(), sliced_tiny("plain"), build_tiny_model("gpt2")):
+        student = prepare_student(model, FinetuneConfig(lora_rank=4))
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in student.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero: give the adapters something to merge
+                    param.copy_(0.05 * torch.randn(param.shape, generator=gen))
+        ids, mask = padded_batch(96)
+        expected = logits(student, ids, mask)
+        plain = merged(student)
+        assert not any("lora" in n for n, _ in plain.named_parameters())
+        assert relative_error(expected, logits(plain, ids, mask), mask) <= 1e-5
+
+
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
+    config = FinetuneConfig(loss="lm", lora_rank=8, checkpoint_every=3, **CONFIG)
+    data, heldout = windows(48), windows(2, seed=2)
+    uninterrupted, _ = train(sliced_tiny(), data, heldout, config, progress=False)
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        train(sliced_tiny(), data, heldout, config, work_dir=work, progress=False, stop_after=5)
+    assert (work / "checkpoint" / "state.safetensors").is_file()
+    assert json.loads((work / "checkpoint" / "state.json").read_text())["step"] == 5
+    resumed, report = train(sliced_tiny(), data, heldout, config, work_dir=work, resume=True, progress=False)
+    assert report.resumed_from == 5
+    expected, got = uninterrupted.state_dict(), resumed.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_lora_targets_every_block_linear_and_optionally_shortcuts():
+    from slicelm.recovery import lora_targets
+
+    model = sliced_tiny()
+    names = lora_targets(model)
+    assert "model.layers.0.self_attn.q_proj" in names and "model.layers.2.mlp.down_proj" in names
+    assert not any("shortcut" in n for n in names) and "model.norm.proj" not in names
+    more = lora_targets(model, ("shortcuts", "final"))
+    assert "model.layers.1.attn_shortcut" in more and "model.norm.proj" in more
+    student = prepare_student(model, FinetuneConfig(lora_rank=4))
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command, end to end on a tiny model with a real tokenizer
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sliced_folder(tmp_path_factory, smollm2_tokenizer, data_dir):
+    root = tmp_path_factory.mktemp("ft")
+    dense = root / "dense"
+    model = build_tiny_model("llama", vocab_size=len(smollm2_tokenizer), tie_word_embeddings=True)
+    model.save_pretrained(dense)
+    smollm2_tokenizer.save_pretrained(dense)
+    sliced = root / "sliced"
+    argv = ["slice", dense, "--sparsity", 0.25, "--calib-samples", 4, "--calib-seqlen", 32, "--out", sliced]
+    assert main([str(a) for a in [*argv, "--data-dir", data_dir, "--quiet"]]) == 0
+    return dense, sliced
+
+
+FT = ["--tokens", "256", "--seqlen", "32", "--batch-size", "2", "--eval-windows", "1", "--quiet", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("layout", ["slicegpt", "plain"])
+def test_finetune_cli_writes_a_loadable_folder_without_peft_or_slicelm(
+    tiny_sliced_folder, tmp_path, data_dir, capsys, layout
+):
+    dense, sliced = tiny_sliced_folder
+    if layout == "plain":
+        sliced = tmp_path / "plain-in"
+        argv = ["slice", dense, "--sparsity", 0.25, "--layout", "plain", "--calib-samples", 4, "--calib-seqlen", 32]
+        assert main([str(a) for a in [*argv, "--out", sliced, "--data-dir", data_dir, "--quiet"]]) == 0
+    out = tmp_path / "recovered"
+    code = main(["finetune", str(sliced), "--out", str(out), "--data-dir", str(data_dir), *FT])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["steps"] == 4 and "heldout_lm" in result
+    report = json.loads((out / "slicelm_report.json").read_text())
+    assert report["finetune"]["teacher"] == str(dense) and report["finetune"]["config"]["loss"] == "kd"
+    assert not (tmp_path / "recovered.slicelm-work").exists()  # the work folder goes once the output is written
+    ids, mask = padded_batch(96)
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["slicelm"] = None
+        sys.modules["peft"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code={layout == "slicegpt"})
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor({ids.tolist()}), attention_mask=torch.tensor({mask.tolist()})).logits
+        print(json.dumps(out.tolist()))
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from slicelm.models import load_model
+
+    expected = logits(load_model(str(out))[0], ids, mask)
+    assert relative_error(expected, torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), mask) <= 1e-5
+
+
+def test_finetune_cli_interrupt_then_resume(tiny_sliced_folder, tmp_path, data_dir, capsys, monkeypatch):
+    from slicelm import recovery
+
+    _, sliced = tiny_sliced_folder
+    out = tmp_path / "recovered"
+    argv = ["finetune", str(sliced), "--out", str(out), "--data-dir", str(data_dir), "--loss", "lm", *FT]
+    original = recovery.train
+    monkeypatch.setattr(recovery, "train", lambda *a, **k: original(*a, **k, stop_after=2))
+    assert main(argv) == 130
+    assert "continue with --resume" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "recovered.slicelm-work" / "checkpoint").is_dir()
+    code = main(argv)  # without --resume the checkpoint is not silently discarded
+    assert code == 2 and "pass --resume" in capsys.readouterr().err
+    monkeypatch.setattr(recovery, "train", original)
+    assert main([*argv, "--resume"]) == 0
+    assert out.is_dir() and not (tmp_path / "recovered.slicelm-work").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--data", "WIKITEXT2_TEST"], "contains WikiText-2 test text"),
+        (["--data", "c4", "--data-dir", "EMPTY"], "c4"),
+        (["--tokens", "0"], "--tokens must be a positive integer"),
+        (["--teacher", "OTHER_VOCAB"], "another vocabulary"),
+        (["--model", "NOT_A_MODEL"], "has no config.json"),
+    ],
+)
+def test_finetune_bad_input_is_one_line_and_writes_nothing(
+    extra, message, tiny_sliced_folder, tmp_path, data_dir, capsys
+):
+    from conftest import build_tiny_model as build
+
+    _, sliced = tiny_sliced_folder
+    substitutions = {
+        "WIKITEXT2_TEST": str(data_dir / "wikitext-2-raw" / "wiki.test.raw"),
+        "EMPTY": str(tmp_path / "empty"),
+    }
+    (tmp_path / "empty").mkdir()
+    if "OTHER_VOCAB" in extra:
+        other = tmp_path / "other"
+        build("llama", vocab_size=96).save_pretrained(other)
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(95)} | {"[UNK]": 95}, unk_token="[UNK]"))
+        words.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(other)
+        substitutions["OTHER_VOCAB"] = str(other)
+    model = str(sliced)
+    if "--model" in extra:
+        (tmp_path / "notes").mkdir()
+        model, extra = str(tmp_path / "notes"), []
+    extra = [substitutions.get(a, a) for a in extra]
+    argv = ["finetune", model, "--out", str(tmp_path / "out"), *FT, *extra]
+    if "--data-dir" not in extra:
+        argv += ["--data-dir", str(data_dir)]
+    code = main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and err[-1].startswith("slicelm: error: ") and message in err[-1], err[-3:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.slicelm-work").exists()
