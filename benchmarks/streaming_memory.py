@@ -1,12 +1,13 @@
-"""Compress a synthetic >=1.5B Llama-shaped model by layer streaming and record its peak memory.
+"""Compress a synthetic >=1.5B Llama-shaped model and record the peak memory of each path.
 
 Builds the model (random weights, float32, one shard per layer) in a temporary folder, runs
-``slicelm slice --stream`` on it in a child process, and writes docs/results/streaming_<preset>.json
-and .md with: size on disk, peak resident memory of the compressing process (ru_maxrss, which
-includes the Python/torch runtime), their ratio, wall time, and the calibration size. The model and
-the sliced output are deleted afterwards unless --keep is given.
+``slicelm slice`` on it in a child process per mode — ``--stream`` (layer streaming) and/or the
+in-memory path — and writes docs/results/streaming_<preset>.json/.md (streaming) and
+docs/results/memory_<preset>.json/.md (both paths side by side) with: size on disk, peak resident
+memory of the compressing process (ru_maxrss, which includes the Python/torch runtime), their ratio,
+wall time, and the calibration size. The model and outputs are deleted unless --keep is given.
 
-    python benchmarks/streaming_memory.py --preset 1.5b --calib-samples 16 --calib-seqlen 256
+    python benchmarks/streaming_memory.py --preset 1.5b --calib-samples 16 --calib-seqlen 256 --modes stream,memory
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,68 +42,90 @@ def main() -> None:
     p.add_argument("--max-memory", default="256MiB", help="RAM budget for calibration activations")
     p.add_argument("--work-dir", default=None, help="where the model is built (default: a temp folder)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--modes", default="stream", help="comma-separated: stream, memory (default stream)")
     args = p.parse_args()
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="slicelm-synthetic-"))
-    source, out = work / f"llama-{args.preset}", work / f"llama-{args.preset}-sliced"
+    source = work / f"llama-{args.preset}"
+    results = {}
     try:
         t = time.perf_counter()
         if not (source / "config.json").is_file():
             build(source, args.preset)
         build_seconds = time.perf_counter() - t
-        size = folder_bytes(source)
-        cmd = [
-            sys.executable,
-            "-m",
-            "slicelm",
-            "slice",
-            str(source),
-            "--stream",
-            "--sparsity",
-            str(args.sparsity),
-            "--calib",
-            args.calib,
-            "--calib-samples",
-            str(args.calib_samples),
-            "--calib-seqlen",
-            str(args.calib_seqlen),
-            "--batch-size",
-            "4",
-            "--max-memory",
-            args.max_memory,
-            "--offload-dir",
-            str(work / "offload"),
-            "--out",
-            str(out),
-            "--overwrite",
-        ]
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        wall = time.perf_counter() - t
-        child_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        report = json.loads((out / "slicelm_report.json").read_text())
-        result = {
-            "preset": args.preset,
-            "params_before": report["params_before"],
-            "params_after": report["params_after"],
-            "bytes_on_disk": size,
-            "sliced_bytes_on_disk": folder_bytes(out),
-            "peak_rss_bytes": child_peak,
-            "peak_rss_share_of_disk_size": child_peak / size,
-            "wall_seconds": wall,
-            "build_seconds": build_seconds,
-            "slicing_seconds": report["seconds"],
-            "calibration": report["calibration"],
-            "activations_max_memory": args.max_memory,
-            "sparsity": args.sparsity,
-            "cpu_count": os.cpu_count(),
-            "command": " ".join(["slicelm"] + cmd[3:]).replace(str(work), "$WORK"),
-        }
+        for mode in modes:
+            results[mode] = measure(args, mode, source, work) | {"build_seconds": build_seconds}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    write(result, REPO / "docs" / "results" / f"streaming_{args.preset}")
-    print(json.dumps(result, indent=2))
+    if "stream" in results:
+        write(results["stream"], REPO / "docs" / "results" / f"streaming_{args.preset}")
+    if len(results) > 1:
+        write_comparison(results, REPO / "docs" / "results" / f"memory_{args.preset}")
+    print(json.dumps(results, indent=2))
+
+
+def measure(args: argparse.Namespace, mode: str, source: Path, work: Path) -> dict:
+    """Slice ``source`` in a child process in ``mode`` (stream or memory); its peak RSS and timings."""
+    out = work / f"{source.name}-sliced-{mode}"
+    cmd = [sys.executable, "-m", "slicelm", "slice", str(source), "--sparsity", str(args.sparsity)]
+    cmd += ["--calib", args.calib, "--calib-samples", str(args.calib_samples), "--calib-seqlen", str(args.calib_seqlen)]
+    cmd += ["--calib-batch-size", "4", "--out", str(out), "--overwrite", "--quiet"]
+    if mode == "stream":
+        cmd += ["--stream", "--max-memory", args.max_memory, "--offload-dir", str(work / "offload")]
+    size = folder_bytes(source)
+    t = time.perf_counter()
+    # A fresh child per mode: ru_maxrss of RUSAGE_CHILDREN is the largest child so far, so measure
+    # through a wrapper that reports its own peak.
+    wrapper = [sys.executable, str(REPO / "benchmarks" / "peak_rss.py"), *cmd]
+    done = subprocess.run(wrapper, check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    child_peak = int(done.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "slicelm_report.json").read_text())
+    result = {
+        "mode": mode,
+        "preset": args.preset,
+        "params_before": report["params_before"],
+        "params_after": report["params_after"],
+        "bytes_on_disk": size,
+        "sliced_bytes_on_disk": folder_bytes(out),
+        "peak_rss_bytes": child_peak,
+        "peak_rss_share_of_disk_size": child_peak / size,
+        "wall_seconds": wall,
+        "slicing_seconds": report["seconds"],
+        "calibration": report["calibration"],
+        "activations_max_memory": args.max_memory if mode == "stream" else None,
+        "sparsity": args.sparsity,
+        "cpu_count": os.cpu_count(),
+        "command": " ".join(["slicelm"] + cmd[3:]).replace(str(work), "$WORK"),
+    }
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def write_comparison(results: dict, out: Path) -> None:
+    out.parent.joinpath(out.name + ".json").write_text(json.dumps(results, indent=2) + "\n")
+    first = next(iter(results.values()))
+    lines = [
+        f"# Peak memory of slicing a synthetic {first['params_before'] / 1e9:.2f}B Llama, in memory and streamed",
+        "",
+        f"float32 weights, {first['bytes_on_disk'] / 2**30:.2f} GiB on disk; sparsity {first['sparsity']}; "
+        f"calibration {first['calibration']['samples']} x {first['calibration']['max_seqlen']} tokens. Produced "
+        "by `benchmarks/streaming_memory.py --modes stream,memory`; peak RSS of each child process (runtime "
+        "included, about 0.7 GiB).",
+        "",
+        "| path | peak RSS | peak / size on disk | wall time |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode, r in results.items():
+        name = {"stream": "`--stream` (layer streaming)", "memory": "in memory (default)"}[mode]
+        lines.append(
+            f"| {name} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['peak_rss_share_of_disk_size']:.2f}x | "
+            f"{r['wall_seconds']:.0f} s |"
+        )
+    lines += ["", *(f"- {mode}: `{r['command']}`" for mode, r in results.items())]
+    out.parent.joinpath(out.name + ".md").write_text("\n".join(lines) + "\n")
 
 
 def write(r: dict, out: Path) -> None:

@@ -137,18 +137,21 @@ def test_target_params_lands_within_one_percent(schedule, layout):
     dense = sum(p.numel() for p in model.parameters())
     config = SliceConfig(target_params=0.8, schedule=schedule, layout=layout, round_to=1)
     report = slice_model(model, calibration(96), config, progress=False)
-    if layout == "plain":
+    from slicelm.checkpoint import is_stock_shaped
+
+    if is_stock_shaped(model.config.slicelm):
         from slicelm.plain import to_stock_model
 
         params = sum(p.numel() for p in to_stock_model(model).parameters())
     else:
-        params = report.params_after
+        params = sum(p.numel() for p in model.parameters())
+        assert not any("shortcut" in n for n, _ in model.named_parameters()) or layout == "slicegpt"
     assert 0.79 * dense <= params <= 0.8 * dense, (params / dense, report.planning)
     assert report.planning["planned_count"] == params
     if schedule in ("mlp", "mlp-global"):
         assert all(w["out"] == 64 for w in report.plan["layers"][:-1])  # the stream keeps its width
-    if schedule == "mlp-global" and layout == "slicegpt":
-        widths = {w["mlp"] for w in report.plan["layers"]}
+    if schedule == "mlp-global":
+        widths = {w.get("mlp") for w in report.plan["layers"]}
         assert len(widths) > 1  # non-uniform: calibration put the cuts where they cost least
 
 
@@ -158,3 +161,22 @@ def test_a_coarse_budget_says_why_it_missed():
         model, calibration(96), SliceConfig(target_params=0.9, schedule="uniform", round_to=32), progress=False
     )
     assert "round-to" in report.planning.get("note", "")
+
+
+def test_plain_basis_with_per_layer_widths_keeps_slicelm_format_without_shortcuts(tmp_path):
+    """One basis but per-layer MLP widths: no stock config holds it, so slicelm's format is written,
+    with no shortcut matrices (the stream has one basis), and it reloads exactly."""
+    import json
+
+    from slicelm.checkpoint import load_sliced, save_sliced
+
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=192)
+    config = SliceConfig(target_params=0.8, schedule="mlp-global", layout="plain", round_to=1)
+    slice_model(model, calibration(96), config, progress=False)
+    save_sliced(model, tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_slicelm.py").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["slicelm"]["one_basis"] is True
+    reloaded = load_sliced(tmp_path / "out")
+    assert not any("shortcut" in n for n, _ in reloaded.named_parameters())
+    ids, mask = padded_batch(96)
+    assert relative_error(logits(model, ids, mask), logits(reloaded, ids, mask), mask) <= 1e-5

@@ -520,3 +520,13 @@ def test_sweep_never_writes_into_a_foreign_folder(tmp_path):
     with pytest.raises(SlicelmError, match="not a slicelm sweep folder"):
         run_sweep(SweepConfig(model="unused", sparsities=(0.1,)), foreign)
     assert sorted(p.name for p in foreign.iterdir()) == ["paper.md"]
+
+
+def test_slice_streams_by_itself_when_memory_is_short(tiny_source, tmp_path, capfd, data_dir, monkeypatch):
+    """A model that would not fit is streamed from disk (one line says so), not killed by the OOM killer."""
+    monkeypatch.setenv("SLICELM_AVAILABLE_MEMORY", "64MiB")
+    out = tmp_path / "o"
+    assert main([str(a) for a in slice_args(tiny_source, out, "--data-dir", data_dir)]) == 0
+    err = capfd.readouterr().err
+    assert "streaming layers from disk (as with --stream)" in err
+    assert json.loads((out / "slicelm_report.json").read_text())["streamed"] is True

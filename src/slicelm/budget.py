@@ -102,28 +102,36 @@ class ParameterCounter:
         self.ctx = ctx
         self._cache: dict[tuple, tuple[int, list[int]]] = {}
 
-    def _structure(self, plan: SlicingPlan):
+    def _structure(self, plan: SlicingPlan, stock: bool | None = None):
         from slicelm.modeling_slicelm import apply_sliced_structure
         from slicelm.models import meta_model
         from slicelm.plain import plain_config
 
         ctx = self.ctx
-        if ctx.kind == "plain":
+        stock = ctx.kind == "plain" and plan.is_uniform if stock is None else stock
+        if stock:  # written in the stock architecture
             return meta_model(plain_config(ctx.model_config, ctx.layout, plan))
         model = meta_model(ctx.model_config)
         info = {"layout": ctx.layout.to_dict(), "plan": plan.to_dict(), "norm_eps": 1e-6}
+        if ctx.kind == "plain":  # one basis, but widths a stock config cannot hold: no shortcuts
+            info["one_basis"] = True
         if ctx.tied:
             info["tied_head"] = {"bias": False}
         apply_sliced_structure(model, info)  # new tensors follow the meta ones (not init_empty_weights: it unties)
         return model
 
-    def stream_counts(self, plan: SlicingPlan) -> tuple[int, list[int]]:
-        """(parameters of ``plan`` with full MLPs, parameters per MLP channel of each layer)."""
+    def stream_counts(self, plan: SlicingPlan, stock: bool | None = None) -> tuple[int, list[int]]:
+        """(parameters of ``plan`` with full MLPs, parameters per MLP channel of each layer).
+
+        stock: count in the stock architecture (plain layout, uniform widths) or in slicelm's own
+        (default: as ``plan`` itself would be written).
+        """
         from slicelm.modeling_slicelm import get_module, stream_bias, stream_weight
 
-        key = (plan.embedding, tuple((lw.mid, lw.out) for lw in plan.layers))
+        stock = self.ctx.kind == "plain" and plan.is_uniform if stock is None else stock
+        key = (plan.embedding, tuple((lw.mid, lw.out) for lw in plan.layers), stock)
         if key not in self._cache:
-            model = self._structure(plan.with_mlp([None] * len(plan.layers)))
+            model = self._structure(plan.with_mlp([None] * len(plan.layers)), stock)
             total = sum(p.numel() for p in model.parameters())
             per_channel = []
             layout = self.ctx.layout
@@ -139,7 +147,7 @@ class ParameterCounter:
         return self._cache[key]
 
     def count(self, plan: SlicingPlan) -> int:
-        total, per_channel = self.stream_counts(plan)
+        total, per_channel = self.stream_counts(plan, self.ctx.kind == "plain" and plan.is_uniform)
         removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp is not None else 0 for lw in plan.layers]
         return total - sum(r * c for r, c in zip(removed, per_channel, strict=True))
 
@@ -217,7 +225,8 @@ def build_plan(ctx: PlanContext, config: Any, params_before: int, stats: Any = N
         widths = [hidden]
     stream_cost = stream_costs(stats, ctx) if schedule == "auto" else None
     mlp_cost = mlp_relative_costs(stats) if schedule in ("mlp-global", "auto") else None
-    uniform_mlp = schedule == "mlp" or ctx.kind == "plain"
+    # auto keeps a plain model stock-shaped (one MLP width); mlp-global always spends per layer.
+    uniform_mlp = schedule == "mlp" or (schedule == "auto" and ctx.kind == "plain")
     candidates = []
     for width in widths:
         plan = stream_plan(ctx, width, config)

@@ -83,7 +83,7 @@ def save_sliced(
     """
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
-    if getattr(model.config, SLICELM_KEY, {}).get("kind") == "plain":  # the original architecture, stock
+    if is_stock_shaped(getattr(model.config, SLICELM_KEY, {})):  # the original architecture, stock
         from slicelm.plain import save_plain
 
         return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
@@ -101,6 +101,16 @@ def save_sliced(
             generation.save_pretrained(tmp)
         write_companions(tmp, model.config, tokenizer, report)
     return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
+
+
+def is_stock_shaped(info: dict[str, Any]) -> bool:
+    """A plain-layout model whose widths a stock config can hold (one stream width, one MLP width).
+
+    Other plain-layout models (per-layer MLP widths) keep slicelm's format, without shortcuts.
+    """
+    from slicelm.plan import SlicingPlan
+
+    return info.get("kind") == "plain" and SlicingPlan.from_dict(info["plan"]).is_uniform
 
 
 def save_stock(

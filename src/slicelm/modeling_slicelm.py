@@ -291,23 +291,27 @@ def sliced_block_forward(self: nn.Module, *args: Any, **kwargs: Any):
     Sequential blocks:  h = x S_attn + attn(norm1(x));  y = h S_mlp + mlp(norm2(h))
     Parallel blocks:    y = x S_attn + attn(norm1(x)) + mlp(norm2(x))
     where ``x S`` is the shortcut, a (d_in, d_out) change of basis between the bases in which the
-    residual stream is expressed before and after the branch. Extra keyword arguments (masks,
-    position embeddings, KV cache) go to the attention module, as the original layer does.
+    residual stream is expressed before and after the branch (absent when the whole stream shares
+    one basis: then ``x S = x``). Extra keyword arguments (masks, position embeddings, KV cache) go
+    to the attention module, as the original layer does.
     """
     x, kwargs = split_layer_call(self, args, kwargs)  # x: (B, T, d_in)
     if self.slicelm_roles["parallel"]:
-        y = shortcut_add(self.attn_shortcut, x, attention_half(self, x, **kwargs) + mlp_half(self, x))
+        y = shortcut_add(getattr(self, "attn_shortcut", None), x, attention_half(self, x, **kwargs) + mlp_half(self, x))
     else:
-        h = shortcut_add(self.attn_shortcut, x, attention_half(self, x, **kwargs))  # (B, T, d_mid)
-        y = shortcut_add(self.ffn_shortcut, h, mlp_half(self, h))  # (B, T, d_out)
+        h = shortcut_add(getattr(self, "attn_shortcut", None), x, attention_half(self, x, **kwargs))  # (B, T, d_mid)
+        y = shortcut_add(getattr(self, "ffn_shortcut", None), h, mlp_half(self, h))  # (B, T, d_out)
     return (y,) if self.slicelm_roles.get("returns_tuple") else y
 
 
-def shortcut_add(shortcut: nn.Linear, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+def shortcut_add(shortcut: nn.Linear | None, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """``x S + branch`` as one GEMM with accumulation (BLAS beta=1) instead of a GEMM and an add.
 
     x: (..., d_in), branch: (..., d_out). Measured ~10% faster than ``shortcut(x) + branch`` on CPU.
+    Without a shortcut (one basis for the whole stream) it is the plain residual ``x + branch``.
     """
+    if shortcut is None:
+        return x + branch
     weight = shortcut.weight  # (d_out, d_in)
     out = torch.addmm(branch.reshape(-1, weight.shape[0]), x.reshape(-1, weight.shape[1]), weight.t())
     return out.view(*branch.shape)
@@ -342,6 +346,8 @@ def make_sliced_block(layer: nn.Module, roles: dict[str, Any], d_in: int, d_mid:
     layer.__class__ = sliced_block_class(type(layer))
     layer.slicelm_roles = dict(roles)
     forget_parts(layer)
+    if not roles.get("shortcuts", True):  # one basis for the whole stream: identity shortcuts, omitted
+        return
     d_first = d_out if roles["parallel"] else d_mid
     layer.attn_shortcut = nn.Linear(d_in, d_first, bias=False, device=ref.device, dtype=ref.dtype)
     if not roles["parallel"]:
@@ -378,7 +384,7 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
     if layout["head"] in layout.get("new_biases", ()):  # the final LayerNorm's bias, folded
         add_bias(get_module(model, layout["head"]))
     layers = get_module(model, layout["layers"])
-    roles = block_roles(layout)
+    roles = block_roles(layout) | {"shortcuts": not info.get("one_basis", False)}
     for index, layer in enumerate(layers):
         d_in, d_mid, d_out = layer_widths(plan, index)
         branch_width = d_out if layout["parallel"] else d_mid

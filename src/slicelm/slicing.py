@@ -201,9 +201,18 @@ def _project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (x.to(torch.float64) @ q.to(x.device)).to(x.dtype)
 
 
-def _set_shortcut(linear: nn.Linear, q_from: torch.Tensor, q_to: torch.Tensor) -> None:
-    """Shortcut S = q_from^T q_to (d_from, d_to), stored as Linear weight S^T (d_to, d_from)."""
+def _set_shortcut(layer: nn.Module, name: str, q_from: torch.Tensor, q_to: torch.Tensor) -> None:
+    """Shortcut S = q_from^T q_to (d_from, d_to), stored as Linear weight S^T (d_to, d_from).
+
+    A block without shortcuts (one basis for the whole stream) must have S = I: checked here.
+    """
     s = q_from.T @ q_to
+    linear = getattr(layer, name, None)
+    if linear is None:
+        eye = torch.eye(s.shape[0], s.shape[1], dtype=s.dtype, device=s.device)
+        if s.shape[0] != s.shape[1] or not torch.allclose(s, eye, atol=1e-8):
+            raise RuntimeError(f"{name}: the bases differ, but the block has no shortcut")
+        return
     linear.weight = nn.Parameter(s.T.contiguous().to(linear.weight.dtype), requires_grad=False)
     linear.in_features, linear.out_features = s.shape
 
@@ -308,7 +317,7 @@ def slice_model(
     for i in range(len(batches)):
         store[("x", i)] = _project(store[("x", i)].to(device), q_in)
 
-    roles = block_roles(layout.to_dict())
+    roles = block_roles(layout.to_dict()) | {"shortcuts": not plain}  # one basis: no shortcuts
     mlp_error: dict[str, float] = {}
     t_layers = time.perf_counter()
     for index, layer in enumerate(tqdm(layers, desc="slice layers", disable=not progress)):
@@ -327,6 +336,7 @@ def slice_model(
     info = {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": fused.eps}
     if plain:
         info["kind"] = "plain"
+        info["one_basis"] = True  # no shortcut matrices
     if fused.keep_tie:
         info["tied_head"] = _keep_tie(model, layout, fused, q_in, q_embedding)
     else:
@@ -426,7 +436,7 @@ def _slice_layer(
             mlp_error[f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
         q_out = _slice_branch(layer, layout, batches, store, bases, f"layer{index}", q_in, d_out, both=True)
         make_sliced_block(layer, roles, d_in, None, d_out)
-        _set_shortcut(layer.attn_shortcut, q_in, q_out)
+        _set_shortcut(layer, "attn_shortcut", q_in, q_out)
         return q_out
     q_mid = _slice_branch(layer, layout, batches, store, bases, f"layer{index}.attn", q_in, d_mid)
     # Fused MoE experts write as wide as they read: while the MLP still writes original
@@ -444,8 +454,8 @@ def _slice_layer(
         for reader in mlp_readers:
             rotate_reader(reader, q_mid)
     make_sliced_block(layer, roles, d_in, d_mid, d_out)
-    _set_shortcut(layer.attn_shortcut, q_in, q_mid)
-    _set_shortcut(layer.ffn_shortcut, q_mid, q_out)
+    _set_shortcut(layer, "attn_shortcut", q_in, q_mid)
+    _set_shortcut(layer, "ffn_shortcut", q_mid, q_out)
     return q_out
 
 

@@ -23,12 +23,11 @@ from torch import nn
 
 from slicelm.arch import resolve
 from slicelm.calibration import WeightAccess
-from slicelm.checkpoint import OUTPUT_KIND, sliced_config, write_companions
+from slicelm.checkpoint import OUTPUT_KIND, is_stock_shaped, sliced_config, write_companions
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import get_module
+from slicelm.modeling_slicelm import SLICELM_KEY, get_module
 from slicelm.offload import ActivationStore
 from slicelm.outputs import OutputClaim, staged_output
-from slicelm.plain import OUTPUT_KIND as PLAIN_KIND
 from slicelm.slicing import SliceConfig, SliceReport, merge_report, slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
@@ -116,9 +115,7 @@ def slice_streaming(
             f"streaming does not support {model.config.model_type}: its experts are stored per expert on disk and "
             "fused in memory; slice it without --stream"
         )
-    plain = config.layout == "plain"
-    kind = PLAIN_KIND if plain else OUTPUT_KIND
-    with staged_output(out, overwrite, kind=kind, protect=[source]) as tmp:
+    with staged_output(out, overwrite, kind=OUTPUT_KIND, protect=[source]) as tmp:
         writer = ShardWriter(tmp)
         store = ActivationStore(max_memory, offload_dir)
         try:
@@ -139,7 +136,7 @@ def slice_streaming(
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
         full_report = merge_report(report.to_dict() | {"streamed": True}, report_extra or {})
-        if plain:
+        if is_stock_shaped(getattr(model.config, SLICELM_KEY)):
             write_plain_folder(tmp, model, tokenizer, metadata, full_report)
         else:
             sliced_config(model.config, model._slicelm_base.__name__, metadata)
