@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -50,7 +51,7 @@ from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
 from slicelm.plan import SlicingPlan
 from slicelm.resources import PeakMemory, count_parameters
 from slicelm.rotate import rotate_reader, rotate_writer
-from slicelm.statistics import collect_statistics
+from slicelm.statistics import ModelStatistics, collect_statistics
 
 Basis = Literal["pca", "random", "identity", "channels"]
 LayoutKind = Literal["slicegpt", "plain"]
@@ -228,6 +229,7 @@ def slice_model(
     access: WeightAccess | None = None,
     store: ActivationStore | None = None,
     device: torch.device | str | None = None,
+    statistics_cache: str | Path | None = None,
 ) -> SliceReport:
     """Slice ``model`` in place with SliceGPT and return a report.
 
@@ -238,6 +240,9 @@ def slice_model(
     by default everything stays in memory.
     device: where to compute (e.g. ``"cuda"``); the model stays where it is and each module visits
     the device only while it is processed (see :mod:`slicelm.devices`). Default: where it is.
+    statistics_cache: a folder for the unsliced model's statistics pass (plain layout, budgets);
+    reused when it exists, so several runs on one model and calibration set compute it once. The
+    caller keys it by model and calibration settings.
     """
     config = config or SliceConfig()
     access = access or WeightAccess()
@@ -286,10 +291,16 @@ def slice_model(
     wants_curves = config.target_params is not None and config.schedule in ("mlp-global", "auto")
     if plain or wants_curves:
         t_stats = time.perf_counter()
-        stats = collect_statistics(
-            model, layout, batches, store, access, device=device, mlp_curves=wants_curves, progress=progress
-        )
-        batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
+        cached = Path(statistics_cache) if statistics_cache is not None else None
+        if cached is not None and (cached / "statistics.json").is_file():
+            stats = ModelStatistics.load(cached, store)
+        if stats is None or (wants_curves and not stats.mlp_cost):
+            stats = collect_statistics(
+                model, layout, batches, store, access, device=device, mlp_curves=wants_curves, progress=progress
+            )
+            batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
+            if cached is not None:
+                stats.save(cached)
         timings["statistics"] = time.perf_counter() - t_stats
     ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
     plan, planning = build_plan(ctx, config, params_before, stats)

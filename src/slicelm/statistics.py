@@ -15,7 +15,9 @@ stream is the same before and after norm fusion, so these statistics describe th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -58,6 +60,38 @@ class ModelStatistics:
         for point in self.points:
             if ("moment", point) in self.store:
                 del self.store[("moment", point)]
+
+    def save(self, folder: str | Path) -> None:
+        """Write the statistics (safetensors + JSON), so runs on the same model and calibration reuse them."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"moment.{p}": self.moment(p).contiguous() for p in self.points if ("moment", p) in self.store}
+        tensors |= {f"mlp_cost.{i}": c.contiguous() for i, c in self.mlp_cost.items()}
+        save_file(tensors, folder / "statistics.safetensors")
+        meta = {
+            "points": self.points,
+            "traces": self.traces,
+            "mlp_point": {str(k): v for k, v in self.mlp_point.items()},
+        }
+        (folder / "statistics.json").write_text(json.dumps(meta) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, store: ActivationStore) -> ModelStatistics:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / "statistics.json").read_text())
+        stats = cls(store, list(meta["points"]), dict(meta["traces"]))
+        for name, tensor in load_file(folder / "statistics.safetensors").items():
+            kind, key = name.split(".", 1)
+            if kind == "moment":
+                store[("moment", key)] = tensor
+            else:
+                stats.mlp_cost[int(key)] = tensor
+        stats.mlp_point = {int(k): v for k, v in meta["mlp_point"].items()}
+        return stats
 
     def combined(self, weighting: Weighting = "normalized") -> torch.Tensor:
         """Sum of every point's moment, each divided by its trace (``normalized``) or as is (``sum``)."""
