@@ -51,6 +51,7 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    score_from: int = 0,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on the token stream ``ids``.
 
@@ -63,6 +64,8 @@ def perplexity(
         batch_size: windows per forward pass, ``B``; changes speed and memory, not the result
             (up to float rounding).
         progress: show a tqdm bar on stderr.
+        score_from: predictions of positions before this index in each window are context only,
+            not scored (llama.cpp's ``llama-perplexity`` scores the second half: ``seqlen // 2``).
     """
     if ids.dim() == 2 and ids.shape[0] == 1:
         ids = ids[0]
@@ -74,6 +77,8 @@ def perplexity(
         raise SlicelmError(f"the number of windows must be at least 1, got {max_windows}")
     if batch_size < 1:
         raise SlicelmError(f"the batch size must be at least 1, got {batch_size}")
+    if not 0 <= score_from < seqlen - 1:
+        raise SlicelmError(f"--score-from must be in [0, {seqlen - 1}), got {score_from}")
     n_windows = count_windows(ids.numel(), seqlen, max_windows)
     if n_windows == 0:
         raise SlicelmError(
@@ -95,8 +100,8 @@ def perplexity(
                 logits = model(input_ids=batch, use_cache=False).logits  # (B, T, V)
                 # Position t predicts token t+1; float32 log-softmax even for bf16/fp16 models.
                 nll = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(),  # (B*(T-1), V)
-                    batch[:, 1:].flatten(),  # (B*(T-1),)
+                    logits[:, score_from:-1].flatten(0, 1).float(),  # (B*(T-1-s), V)
+                    batch[:, score_from + 1 :].flatten(),  # (B*(T-1-s),)
                     reduction="sum",
                 )
                 total_nll += nll.double().cpu()
@@ -104,6 +109,6 @@ def perplexity(
     finally:
         model.train(was_training)
 
-    tokens = n_windows * (seqlen - 1)
+    tokens = n_windows * (seqlen - 1 - score_from)
     mean_nll = total_nll.item() / tokens
     return PerplexityResult(ppl=math.exp(mean_nll), nll=mean_nll, tokens=tokens, windows=n_windows, seqlen=seqlen)

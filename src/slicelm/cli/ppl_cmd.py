@@ -32,6 +32,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window (default: 2048)")
     parser.add_argument("--max-windows", type=int, default=None, help="score only the first W windows (default: all)")
     parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument(
+        "--score-from",
+        type=int,
+        default=0,
+        help="score only predictions from this position of each window on (default 0: all; llama.cpp's "
+        "llama-perplexity scores the second half, i.e. seqlen/2)",
+    )
     parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
     parser.add_argument(
         "--data-dir",
@@ -83,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         max_windows=args.max_windows,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        score_from=args.score_from,
     )
     report = {
         "model": args.model,
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "device": str(device),
         "seqlen": result.seqlen,
+        "score_from": args.score_from,
         "windows": result.windows,
         "tokens": result.tokens,
         "nll": result.nll,
