@@ -183,3 +183,23 @@ def test_sweep_rejects_bad_input(tiny_folder, data_dir, tmp_path, capsys):
     ]
     assert main(argv) == 2
     assert "piqa/valid.jsonl" in capsys.readouterr().err
+
+
+def test_sweep_with_recovery_measures_and_resumes(tiny_folder, data_dir, tmp_path, capsys):
+    """--recover adds a recovered row per slice (same parameters), stored and reused on resume."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(tiny_folder), "--sparsities", "0.25", "--tasks", "none", "--ppl-windows", "1"]
+    argv += ["--ppl-seqlen", "32", "--data-dir", str(data_dir), "--out", str(out), "--device", "cpu"]
+    argv += ["--calib", "c4", "--calib-samples", "2", "--calib-seqlen", "32", "--calib-batch-size", "2"]
+    argv += ["--recover", "kd", "--recover-tokens", "128", "--recover-seqlen", "32"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "sweep.json").read_text())
+    row = summary["points"][1]
+    assert row["recovered"]["ppl"] > 0 and row["recovered"]["ppl"] != row["ppl"]
+    assert "25% recovered" in (out / "sweep.md").read_text()
+    stored = json.loads((out / "points" / "sparsity_0.25.json").read_text())
+    assert stored["recovered"]["finetune"]["steps"] == 1
+    before = (out / "points" / "sparsity_0.25.json").stat().st_mtime_ns
+    assert main(argv) == 0  # resuming: everything is stored, nothing is re-measured
+    assert (out / "points" / "sparsity_0.25.json").stat().st_mtime_ns == before

@@ -42,6 +42,7 @@ def _metrics(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "ylabel": f"{title} test perplexity (lower is better)",
                 "values": [p["ppl"] for p in points],
                 "stderr": None,
+                "recovered": [(p.get("recovered") or {}).get("ppl") for p in points],
             }
         )
     for task in s["tasks"]:
@@ -55,6 +56,7 @@ def _metrics(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "ylabel": f"{title} {metric} (%)",
                 "values": [100 * p["tasks"][task]["value"] for p in points],
                 "stderr": [100 * (p["tasks"][task]["stderr"] or 0.0) for p in points],
+                "recovered": [_recovered_task(p, task) for p in points],
             }
         )
     if s["tasks"]:
@@ -66,9 +68,15 @@ def _metrics(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 "ylabel": "average accuracy (%)",
                 "values": [100 * p["average"] for p in points],
                 "stderr": None,
+                "recovered": [100 * p["recovered"]["average"] if p.get("recovered") else None for p in points],
             }
         )
     return out
+
+
+def _recovered_task(point: dict[str, Any], task: str) -> float | None:
+    recovered = point.get("recovered")
+    return 100 * recovered["tasks"][task]["value"] if recovered else None
 
 
 def _param_scale(points: list[dict[str, Any]]) -> tuple[float, str]:
@@ -106,7 +114,10 @@ def plot_sweep(summary: dict[str, Any], out: str | Path) -> list[Path]:
             ys = metric["values"][1:]
             errs = metric["stderr"][1:] if metric["stderr"] else None
             if xs:
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color="tab:blue", label="SliceGPT (sliced)")
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color="tab:blue", label="sliced")
+            recovered = [(x, y) for x, y in zip(xs, metric["recovered"][1:], strict=True) if y is not None]
+            if recovered:
+                ax.plot(*zip(*recovered, strict=True), marker="s", color="tab:green", label="sliced + recovery")
             dense_value = metric["values"][0]
             dense_label = f"dense model ({dense_value:.{1 if metric['stderr'] else 2}f})"
             ax.axhline(dense_value, color="tab:gray", linestyle="--", linewidth=1, label=dense_label)

@@ -267,11 +267,14 @@ def train(
     device: torch.device | str = "cpu",
     stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` (in place) and return ``(merged model, report)``.
 
     work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
     stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
+    monitor: extra measurements added to each evaluation point (e.g. test perplexity); for curves
+    only — nothing is chosen by them.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -315,7 +318,8 @@ def train(
     bar = tqdm(total=total, initial=start_step, desc=f"finetune ({config.loss})", disable=not progress)
     try:
         if start_step == 0 and heldout_windows:
-            report.curve.append({"step": 0, **evaluate(student, teacher, heldout_windows, config, pad_id, device)})
+            point = {"step": 0, "tokens": 0, **evaluate(student, teacher, heldout_windows, config, pad_id, device)}
+            report.curve.append(point | (monitor(student) if monitor else {}))
         while step < total:
             if stop_after is not None and step - start_step >= stop_after:
                 raise KeyboardInterrupt
@@ -351,10 +355,10 @@ def train(
             if on_step is not None:
                 on_step(step, loss_value)
             if step % eval_every == 0 or step == total:
-                point = {"step": step, "train_loss": loss_value}
+                point = {"step": step, "tokens": report.tokens, "train_loss": loss_value}
                 if heldout_windows:
                     point |= evaluate(student, teacher, heldout_windows, config, pad_id, device)
-                report.curve.append(point)
+                report.curve.append(point | (monitor(student) if monitor else {}))
             if work is not None and (step % checkpoint_every == 0) and step < total:
                 report.seconds = time.perf_counter() - t0
                 _save_checkpoint(work, student, optimizer, scheduler, report, step)

@@ -53,6 +53,8 @@ class SweepConfig:
     ppl_batch_size: int = 1
     save_models: bool = False
     extra_slice_options: dict[str, Any] = field(default_factory=dict)
+    # optional recovery of each slice: FinetuneConfig fields plus "data" (None: no recovery)
+    recovery: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for s in self.sparsities:
@@ -81,6 +83,9 @@ class SweepConfig:
 
     def task_key(self) -> dict[str, Any]:
         return {"limit": self.limit, "batch_size": self.eval_batch_size, "data_dir": self.data_dir}
+
+    def recovery_key(self) -> dict[str, Any] | None:
+        return None if self.recovery is None else {**self.recovery, "data_dir": self.data_dir}
 
 
 def point_label(sparsity: float) -> str:
@@ -124,11 +129,32 @@ def same_model(stored: dict[str, Any], wanted: dict[str, Any], sparsity: float) 
 
 
 def missing_work(point: dict[str, Any], config: SweepConfig) -> tuple[bool, list[str]]:
-    """(perplexity needed?, tasks needed) for a stored point."""
+    """(perplexity needed?, tasks needed) for a stored point (or a point's ``recovered`` record)."""
     ppl = point.get("ppl")
     need_ppl = config.ppl_dataset is not None and (ppl is None or ppl.get("key") != config.ppl_key())
     tasks = [t for t in config.tasks if (point["tasks"].get(t) or {}).get("key") != config.task_key()]
     return need_ppl, tasks
+
+
+def recovery_record(point: dict[str, Any], config: SweepConfig) -> dict[str, Any] | None:
+    """The point's stored recovery measurements, fresh if its recovery settings changed (or None)."""
+    if config.recovery is None or point["sparsity"] == 0:
+        return None
+    stored = point.get("recovered")
+    if not isinstance(stored, dict) or stored.get("key") != config.recovery_key():
+        point["recovered"] = {"key": config.recovery_key(), "tasks": {}}
+    return point["recovered"]
+
+
+def needs_work(point: dict[str, Any], config: SweepConfig) -> bool:
+    need_ppl, tasks = missing_work(point, config)
+    recovered = recovery_record(point, config)
+    return (
+        need_ppl
+        or bool(tasks)
+        or "params" not in point
+        or (recovered is not None and any(missing_work(recovered, config)))
+    )
 
 
 SWEEP_KIND = "sweep"
@@ -234,7 +260,6 @@ def _measure_point(
 ) -> dict[str, Any]:
     from slicelm.resources import count_parameters
 
-    need_ppl, tasks = missing_work(point, config)
     label = point_label(sparsity)
     model_dir = out / "models" / label
     if sparsity > 0 and config.save_models and (model_dir / "config.json").is_file():
@@ -258,7 +283,19 @@ def _measure_point(
         else:
             point["params"] = count_parameters(model)
     _write_json(path, point)
+    save = lambda: _write_json(path, point)  # noqa: E731  (every measurement is stored as it is made)
+    _measure(model, tokenizer, point, config, resources, label, save)
+    recovered = recovery_record(point, config)
+    if recovered is not None and any(missing_work(recovered, config)):
+        model = _recovered_model(model, tokenizer, recovered, out / "models" / f"{label}-recovered", config, resources)
+        _measure(model, tokenizer, recovered, config, resources, f"{label} recovered", save)
+    del model
+    return point
 
+
+def _measure(model, tokenizer, record: dict[str, Any], config: SweepConfig, resources, label: str, save) -> None:
+    """Fill ``record``'s missing perplexity and task measurements, storing each as it is made."""
+    need_ppl, tasks = missing_work(record, config)
     if need_ppl:
         from slicelm.perplexity import perplexity
 
@@ -271,7 +308,7 @@ def _measure_point(
             max_windows=config.ppl_windows,
             batch_size=config.ppl_batch_size,
         )
-        point["ppl"] = {
+        record["ppl"] = {
             "key": config.ppl_key(),
             "ppl": result.ppl,
             "nll": result.nll,
@@ -279,8 +316,7 @@ def _measure_point(
             "tokens": result.tokens,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        _write_json(path, point)
-
+        save()
     for task in tasks:
         from slicelm.evaluation import evaluate_zeroshot
 
@@ -294,14 +330,35 @@ def _measure_point(
             data_dir=config.data_dir,
             model_name=f"{config.model} ({label})",
         )
-        point["tasks"][task] = {
-            "key": config.task_key(),
-            **summary["tasks"][task],
-            "seconds": summary["seconds"],
-        }
-        _write_json(path, point)
-    del model
-    return point
+        record["tasks"][task] = {"key": config.task_key(), **summary["tasks"][task], "seconds": summary["seconds"]}
+        save()
+
+
+def _recovered_model(model, tokenizer, record: dict[str, Any], folder: Path, config: SweepConfig, resources):
+    """The recovered slice: reloaded when saved, else fine-tuned now (distilling the dense model)."""
+    from slicelm.models import load_model
+
+    if config.save_models and (folder / "config.json").is_file():
+        resources.log(f"{folder.name}: loading the saved recovery")
+        return load_model(str(folder), dtype=config.dtype)[0].to(resources.device())
+    from slicelm.recovery import FinetuneConfig, finetune
+
+    options = dict(config.recovery)
+    data = options.pop("data", "c4")
+    finetune_config = FinetuneConfig(**options)
+    teacher = resources.model()[0] if finetune_config.loss == "kd" else None
+    resources.log(f"{folder.name}: recovering ({finetune_config.loss}, {finetune_config.total_steps()} steps)")
+    model, report = finetune(
+        model, tokenizer, data, finetune_config, teacher=teacher, data_dir=config.data_dir, device=resources.device()
+    )
+    record["finetune"] = {k: report.to_dict()[k] for k in ("steps", "tokens", "seconds", "trainable_params")}
+    if config.save_models:
+        from slicelm.cli.finetune_cmd import save_finetuned
+
+        save_finetuned(
+            model, folder, tokenizer, str(folder.parent / folder.name.removesuffix("-recovered")), report.to_dict()
+        )
+    return model
 
 
 def run_sweep(config: SweepConfig, out: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -317,8 +374,7 @@ def run_sweep(config: SweepConfig, out: str | Path, log: Callable[[str], None] =
     for sparsity in sparsities:
         path = out / "points" / f"{point_label(sparsity)}.json"
         point = load_point(path, config, sparsity)
-        need_ppl, tasks = missing_work(point, config)
-        if need_ppl or tasks or "params" not in point:
+        if needs_work(point, config):
             point = _measure_point(sparsity, point, path, out, config, resources)
         else:
             log(f"{point_label(sparsity)}: stored")
@@ -332,6 +388,28 @@ def run_sweep(config: SweepConfig, out: str | Path, log: Callable[[str], None] =
 # Summary
 
 
+def _measurements(record: dict[str, Any], config: SweepConfig) -> dict[str, Any]:
+    """``ppl``, ``tasks`` (each task's paper metric, stderr, samples) and ``average`` of a record."""
+    out: dict[str, Any] = {}
+    if config.ppl_dataset is not None:
+        out["ppl"] = record["ppl"]["ppl"]
+    tasks = {}
+    for task in config.tasks:
+        stored = record["tasks"][task]
+        metric = stored["metric"]
+        tasks[task] = {
+            "metric": metric,
+            "value": stored[metric],
+            "stderr": stored[f"{metric}_stderr"],
+            "samples": stored["samples"],
+            "seconds": stored.get("seconds"),
+        }
+    if tasks:
+        out["tasks"] = tasks
+        out["average"] = sum(t["value"] for t in tasks.values()) / len(tasks)
+    return out
+
+
 def summarize_sweep(config: SweepConfig, points: list[dict[str, Any]]) -> dict[str, Any]:
     """One row per point: params, perplexity, each task's paper metric (+ stderr), average."""
     rows = []
@@ -340,26 +418,14 @@ def summarize_sweep(config: SweepConfig, points: list[dict[str, Any]]) -> dict[s
             "sparsity": point["sparsity"],
             "label": point_label(point["sparsity"]),
             "params": point["params"],
+            **_measurements(point, config),
         }
-        if config.ppl_dataset is not None:
-            row["ppl"] = point["ppl"]["ppl"]
-        tasks = {}
-        for task in config.tasks:
-            stored = point["tasks"][task]
-            metric = stored["metric"]
-            tasks[task] = {
-                "metric": metric,
-                "value": stored[metric],
-                "stderr": stored[f"{metric}_stderr"],
-                "samples": stored["samples"],
-                "seconds": stored.get("seconds"),
-            }
-        if tasks:
-            row["tasks"] = tasks
-            row["average"] = sum(t["value"] for t in tasks.values()) / len(tasks)
         for key in ("slice_seconds", "min_explained_variance"):
             if point.get(key) is not None:
                 row[key] = point[key]
+        recovered = point.get("recovered") if config.recovery is not None else None
+        if recovered:
+            row["recovered"] = _measurements(recovered, config)
         rows.append(row)
     dense = rows[0]
     for row in rows:
@@ -403,25 +469,32 @@ def markdown_table(summary: dict[str, Any]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---:|" * len(head),
     ]
-    for r in rows:
-        cells = [
-            f"{r['sparsity']:.0%}" if r["sparsity"] else "dense",
-            _fmt_params(r["params"]),
-            f"{r['params_ratio']:.3f}",
-        ]
-        if has_ppl:
-            cells.append(f"{r['ppl']:.2f}")
+
+    def cells_of(r: dict[str, Any]) -> list[str]:
+        cells = [f"{r['ppl']:.2f}"] if has_ppl else []
         for t in tasks:
             v = r["tasks"][t]
             err = "" if v["stderr"] is None or math.isnan(v["stderr"]) else f" ± {100 * v['stderr']:.1f}"
             cells.append(f"{100 * v['value']:.1f}{err}")
-        if tasks:
-            cells.append(f"{100 * r['average']:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        return cells + ([f"{100 * r['average']:.1f}"] if tasks else [])
+
+    for r in rows:
+        name = f"{r['sparsity']:.0%}" if r["sparsity"] else "dense"
+        head_cells = [name, _fmt_params(r["params"]), f"{r['params_ratio']:.3f}"]
+        lines.append("| " + " | ".join(head_cells + cells_of(r)) + " |")
+        if r.get("recovered"):
+            head_cells[0] = f"{name} recovered"
+            lines.append("| " + " | ".join(head_cells + cells_of(r["recovered"])) + " |")
     lines += [
         "",
         "Accuracies in %, ± one standard error (lm-eval's). Parameters as stored (tied weights once).",
     ]
+    if s.get("recovery"):
+        r = s["recovery"]
+        lines.append(
+            f"Recovered rows: `slicelm finetune`-style {r.get('loss', 'kd')} on {r.get('data', 'c4')}, "
+            f"{r.get('tokens')} tokens, {'full' if r.get('lora_rank', 32) is None else 'LoRA'}; parameters unchanged."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -52,6 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA, 2e-5 --full)")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of the training text (default 8)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: ~10 per run)")
+    p.add_argument(
+        "--monitor-ppl",
+        type=int,
+        default=0,
+        help="also measure WikiText-2 test perplexity on this many 2048-token windows at every evaluation "
+        "(a curve to look at; nothing is selected by it). Default 0: off",
+    )
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype (bf16: GPU)")
     p.add_argument("--work-dir", help="checkpoints for --resume (default OUT.slicelm-work beside --out)")
@@ -77,6 +85,7 @@ def config_from(args: argparse.Namespace):
         grad_accum=args.grad_accum,
         lr=args.lr,
         eval_windows=args.eval_windows,
+        eval_every=args.eval_every,
         seed=args.seed,
         extra_targets=extra,
     )
@@ -132,6 +141,9 @@ def _run(args, config, source, claim, work: Path, device) -> int:
         teacher, teacher_tokenizer = load_model(teacher_name, dtype=DTYPES[args.dtype])
         check_same_vocabulary(tokenizer, teacher_tokenizer, teacher_name)
     model, _ = load_model(source, dtype=DTYPES[args.dtype])
+    monitor = None
+    if args.monitor_ppl:
+        monitor = ppl_monitor(tokenizer, data_dir, args.monitor_ppl, device)
     if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
         raise SlicelmError(
             f"teacher {teacher_name} has another vocabulary than the student ({teacher.config.vocab_size} vs "
@@ -149,6 +161,7 @@ def _run(args, config, source, claim, work: Path, device) -> int:
             resume=args.resume,
             progress=not args.quiet,
             device=device,
+            monitor=monitor,
         )
     except KeyboardInterrupt:
         print(f"slicelm: interrupted; the last checkpoint is in {work}: continue with --resume", file=sys.stderr)
@@ -163,6 +176,21 @@ def _run(args, config, source, claim, work: Path, device) -> int:
     last = report.curve[-1] if report.curve else {}
     print(to_json({"out": str(out), "steps": report.steps, "tokens": report.tokens, **last}, indent=None))
     return 0
+
+
+def ppl_monitor(tokenizer, data_dir, windows: int, device):
+    """WikiText-2 test perplexity on the first ``windows`` windows of 2048 (for training curves)."""
+    from slicelm.data import load_eval_ids
+    from slicelm.perplexity import perplexity
+
+    ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir)
+
+    def measure(model) -> dict[str, float]:
+        return {
+            "wikitext2_ppl": perplexity(model, ids.to(device), seqlen=2048, max_windows=windows, progress=False).ppl
+        }
+
+    return measure
 
 
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str) -> None:

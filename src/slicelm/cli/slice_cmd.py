@@ -97,14 +97,15 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         default=0.0,
         help="fraction of every MLP's intermediate channels to remove (with a least-squares refit), in [0, 1)",
     )
-    parser.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        default=DEFAULT_SCHEDULE,
-        help="how --target-params is spent: uniform (stream width only, the paper), mlp (MLP channels, the same "
-        "in every layer), mlp-global (MLP channels where calibration says they cost least), auto (stream and "
-        f"MLP together, by calibration cost). Default {DEFAULT_SCHEDULE}",
-    )
+    if not sweep:
+        parser.add_argument(
+            "--schedule",
+            choices=SCHEDULES,
+            default=DEFAULT_SCHEDULE,
+            help="how --target-params is spent: uniform (stream width only, the paper), mlp (MLP channels, the "
+            "same in every layer), mlp-global (MLP channels where calibration says they cost least), auto (stream "
+            f"and MLP together, by calibration cost). Default {DEFAULT_SCHEDULE}",
+        )
     parser.add_argument(
         "--layout",
         choices=LAYOUTS,

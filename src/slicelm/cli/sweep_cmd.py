@@ -51,7 +51,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: sweep-<model name>)")
     add_common_arguments(parser, batch_flag="--eval-batch-size")
     group = parser.add_argument_group("slicing")
-    add_slicing_arguments(group)
+    add_slicing_arguments(group, sweep=True)
     group.add_argument(
         "--save-models",
         action="store_true",
@@ -63,7 +63,42 @@ def add_parser(subparsers) -> None:
     )
     group.add_argument("--ppl-seqlen", type=int, default=2048, help="tokens per window (default 2048)")
     group.add_argument("--ppl-windows", type=int, default=None, help="score only the first N windows (default all)")
+    group = parser.add_argument_group("recovery (measure each slice again after fine-tuning it)")
+    group.add_argument("--recover", choices=("lm", "kd"), default=None, help="recover each slice with this loss")
+    group.add_argument("--recover-tokens", type=int, default=131072, help="training tokens (default 131072)")
+    group.add_argument("--recover-data", default="c4", help="training text (default c4)")
+    group.add_argument("--recover-full", action="store_true", help="full fine-tuning instead of LoRA")
+    group.add_argument("--recover-seqlen", type=int, default=512, help="training window (default 512)")
     parser.set_defaults(run=run)
+
+
+def extra_slice_options(args: argparse.Namespace) -> dict:
+    """Slicing settings beyond the sweep's own, only where they differ from the defaults (so sweeps
+    stored before an option existed stay valid)."""
+    options = {
+        "untie_head": args.untie_head,
+        "mlp_sparsity": args.mlp_sparsity,
+        "layout": args.layout,
+        "basis": args.basis,
+    }
+    defaults = {"untie_head": False, "mlp_sparsity": 0.0, "layout": "slicegpt", "basis": "pca"}
+    return {k: v for k, v in options.items() if v != defaults[k]}
+
+
+def recovery_options(args: argparse.Namespace) -> dict | None:
+    if args.recover is None:
+        return None
+    from slicelm.recovery import FinetuneConfig
+
+    options = {
+        "loss": args.recover,
+        "tokens": args.recover_tokens,
+        "seqlen": args.recover_seqlen,
+        "lora_rank": None if args.recover_full else 32,
+        "data": args.recover_data,
+    }
+    FinetuneConfig(**{k: v for k, v in options.items() if k != "data"})  # validates now, not after slicing
+    return options
 
 
 def default_out(model: str) -> Path:
@@ -119,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         ppl_windows=args.ppl_windows,
         save_models=args.save_models,
         # Only when set, so that sweeps stored before the option existed stay valid.
-        extra_slice_options={"untie_head": True} if args.untie_head else {},
+        extra_slice_options=extra_slice_options(args),
+        recovery=recovery_options(args),
     )
     out = args.out or default_out(args.model)
 

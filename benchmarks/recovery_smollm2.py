@@ -1,0 +1,215 @@
+"""Recovery fine-tuning on SmolLM2-135M: next-token loss against distillation, LoRA against full.
+
+Everything goes through the real command line: ``slicelm slice`` makes each base (the default tied
+SliceGPT layout at 25% and 30%, or any folder given with --base NAME=PATH), ``slicelm finetune``
+recovers it with one token budget for every run, and ``slicelm ppl`` measures WikiText-2 test
+perplexity (first 16 windows of 2048). Each run is stored under --work as it finishes (the
+benchmark resumes); the dense teacher is the source recorded in the sliced folder.
+
+Writes docs/results/recovery_smollm2.{json,md,png}: before/after perplexity per run, the
+held-out (C4) loss curve, time, and a perplexity-vs-tokens curve for the run given by --curve.
+
+    python benchmarks/recovery_smollm2.py --tokens 131072
+    python benchmarks/recovery_smollm2.py --runs 25:kd:lora --curve 25:kd:lora --monitor-ppl 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+DEFAULT_RUNS = "25:lm:lora,25:kd:lora,25:lm:full,25:kd:full,30:lm:lora,30:kd:lora,30:lm:full,30:kd:full"
+
+
+def sh(cmd: list) -> subprocess.CompletedProcess:
+    print("[recovery] " + " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"command failed: {cmd}")
+    return done
+
+
+def slicelm(*args) -> list:
+    return [sys.executable, "-m", "slicelm", *args]
+
+
+def ppl(folder: Path, args: argparse.Namespace, windows: int | None = None) -> dict:
+    cmd = slicelm("ppl", folder, "--data-dir", args.data_dir, "--quiet")
+    if windows is not None:
+        cmd += ["--max-windows", windows]
+    return json.loads(sh(cmd).stdout.strip().splitlines()[-1])
+
+
+def base_folder(name: str, args: argparse.Namespace, work: Path) -> Path:
+    """A sliced base model: '25'/'30' are SliceGPT sparsities in the default (tied) layout."""
+    given = dict(item.split("=", 1) for item in args.base if "=" in item)
+    if name in given:
+        return Path(given[name])
+    out = work / f"base-{name}"
+    if not (out / "config.json").is_file():
+        sh(
+            slicelm(
+                "slice",
+                "smollm2-135m",
+                "--sparsity",
+                int(name) / 100,
+                "--calib",
+                "c4",
+                "--calib-samples",
+                args.calib_samples,
+                "--calib-seqlen",
+                args.calib_seqlen,
+                "--data-dir",
+                args.data_dir,
+                "--out",
+                out,
+                "--overwrite",
+                "--quiet",
+            )
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated BASE:LOSS:MODE (MODE lora or full)")
+    p.add_argument("--base", action="append", default=[], help="NAME=FOLDER: use an existing sliced folder")
+    p.add_argument("--tokens", type=int, default=131072, help="training tokens per run (default 131072)")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr-lora", type=float, default=None)
+    p.add_argument("--lr-full", type=float, default=None)
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-seqlen", type=int, default=1024)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--curve", default="", help="BASE:LOSS:MODE run that also records WikiText-2 ppl while training")
+    p.add_argument("--monitor-ppl", type=int, default=4, help="windows for --curve's perplexity (default 4)")
+    p.add_argument("--full-set", default="", help="comma-separated runs (or base:NAME) also measured on all windows")
+    p.add_argument("--data-dir", default=os.environ.get("SLICELM_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--work", default=str(REPO / "runs" / "recovery"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    work = Path(args.work)
+    (work / "points").mkdir(parents=True, exist_ok=True)
+    runs = [r for r in args.runs.split(",") if r]
+    for run in [] if args.report_only else runs:
+        record = work / "points" / f"{run.replace(':', '-')}.json"
+        if record.is_file():
+            continue
+        base_name, loss, mode = run.split(":")
+        base = base_folder(base_name, args, work)
+        base_record = work / "points" / f"base-{base_name}.json"
+        if not base_record.is_file():
+            base_record.write_text(json.dumps({"base": base_name, "ppl": ppl(base, args, args.windows)}) + "\n")
+        out = work / "models" / run.replace(":", "-")
+        cmd = slicelm("finetune", base, "--out", out, "--overwrite", "--data", "c4", "--data-dir", args.data_dir)
+        cmd += ["--loss", loss, "--tokens", args.tokens, "--seqlen", args.seqlen, "--batch-size", args.batch_size]
+        cmd += ["--quiet"] + (["--full"] if mode == "full" else [])
+        lr = args.lr_full if mode == "full" else args.lr_lora
+        if lr is not None:
+            cmd += ["--lr", lr]
+        if run == args.curve:
+            cmd += ["--monitor-ppl", args.monitor_ppl]
+        resume = out.with_name(out.name + ".slicelm-work")
+        if resume.exists():
+            cmd.append("--resume")
+        start = time.perf_counter()
+        sh(cmd)
+        wall = time.perf_counter() - start
+        report = json.loads((out / "slicelm_report.json").read_text())["finetune"]
+        result = {"run": run, "base": base_name, "loss": loss, "mode": mode, "wall_seconds": wall}
+        result |= {"ppl": ppl(out, args, args.windows), "finetune": report}
+        record.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[recovery] {run}: ppl {result['ppl']['ppl']:.2f}", file=sys.stderr, flush=True)
+    for item in [] if args.report_only else [x for x in args.full_set.split(",") if x]:
+        record = work / "points" / f"full-{item.replace(':', '-')}.json"
+        if record.is_file():
+            continue
+        folder = (
+            base_folder(item.split(":", 1)[1], args, work)
+            if item.startswith("base:")
+            else (work / "models" / item.replace(":", "-"))
+        )
+        record.write_text(json.dumps({"point": item, "ppl": ppl(folder, args)}) + "\n")
+    write_report(args, work)
+
+
+def write_report(args: argparse.Namespace, work: Path) -> None:
+    points = {p.stem: json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "recovery_smollm2.json").write_text(
+        json.dumps({"settings": vars(args), "points": points}, indent=2) + "\n"
+    )
+    lines = [
+        "# Recovery fine-tuning of sliced SmolLM2-135M",
+        "",
+        "Produced by `benchmarks/recovery_smollm2.py` (the `slicelm slice` / `finetune` / `ppl` commands). Bases: "
+        f"SliceGPT at 25% and 30% in the default tied layout, calibration c4 {args.calib_samples} x "
+        f"{args.calib_seqlen}. Training: the offline C4 sample (documents 1000+, never the test text), "
+        f"{args.tokens:,} tokens per run in windows of {args.seqlen}, batch {args.batch_size}, AdamW + cosine "
+        "schedule; `kd` distils the dense model (KL at temperature 1); LoRA rank 32, alpha 64 on every block linear. "
+        f"Perplexity: WikiText-2 test, first {args.windows} windows of 2048.",
+        "",
+        "| base | loss | mode | ppl before | ppl after | held-out C4 loss before → after | train time | "
+        "teacher share |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in points.values():
+        if "run" not in r:
+            continue
+        before = points.get(f"base-{r['base']}", {}).get("ppl", {}).get("ppl")
+        curve = r["finetune"]["curve"]
+        teacher = r["finetune"]["teacher_seconds"] / max(r["finetune"]["seconds"], 1e-9)
+        lines.append(
+            f"| {r['base']}% | {r['loss']} | {r['mode']} | {before:.2f} | {r['ppl']['ppl']:.2f} | "
+            f"{curve[0]['heldout_lm']:.3f} → {curve[-1]['heldout_lm']:.3f} | {r['finetune']['seconds'] / 60:.1f} min | "
+            f"{teacher:.0%} |"
+        )
+    fulls = [r for k, r in points.items() if k.startswith("full-")]
+    if fulls:
+        lines += ["", "Full WikiText-2 test set:", "", "| model | ppl | windows |", "|---|---:|---:|"]
+        lines += [f"| {r['point']} | {r['ppl']['ppl']:.2f} | {r['ppl']['windows']} |" for r in fulls]
+    curve_run = next((r for r in points.values() if r.get("run") == args.curve), None)
+    if curve_run:
+        lines += [
+            "",
+            f"Token-budget curve of `{args.curve}` (WikiText-2 ppl on {args.monitor_ppl} windows while "
+            "training; one run, its cosine schedule spans the whole budget):",
+            "",
+            "| tokens | held-out C4 loss | WikiText-2 ppl |",
+            "|---:|---:|---:|",
+        ]
+        for point in curve_run["finetune"]["curve"]:
+            if "wikitext2_ppl" in point:
+                lines.append(f"| {point['tokens']:,} | {point['heldout_lm']:.3f} | {point['wikitext2_ppl']:.2f} |")
+        plot_curve(curve_run, args)
+    (RESULTS / "recovery_smollm2.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_curve(run: dict, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in run["finetune"]["curve"] if "wikitext2_ppl" in p]
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    ax.plot([p["tokens"] for p in points], [p["wikitext2_ppl"] for p in points], marker="o")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"WikiText-2 ppl ({args.monitor_ppl} windows of 2048)")
+    ax.set_title(f"SmolLM2-135M {run['base']}% sliced, recovery by {run['loss']} ({run['mode']})")
+    ax.grid(True, alpha=0.3)
+    fig.savefig(RESULTS / "recovery_smollm2_curve.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
