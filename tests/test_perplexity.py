@@ -42,6 +42,20 @@ def test_matches_hand_computation(tiny, stream):
     assert 10 < result.ppl < 1000  # a random model on a 96-token vocabulary is near-uniform
 
 
+def test_score_from_scores_only_the_later_predictions(tiny, stream):
+    """llama.cpp's protocol: the first half of each window is context, the second half is scored."""
+    result = perplexity(tiny, stream, seqlen=32, score_from=16, progress=False)
+    assert result.tokens == 5 * 15
+    with torch.no_grad():
+        total = 0.0
+        for w in stream[: 5 * 32].split(32):
+            logp = torch.log_softmax(tiny(input_ids=w[None]).logits[0].double(), -1)
+            total -= logp[16:31].gather(1, w[17:, None]).sum().item()
+    assert result.ppl == pytest.approx(math.exp(total / (5 * 15)), rel=1e-5)
+    with pytest.raises(SlicelmError, match="--score-from"):
+        perplexity(tiny, stream, seqlen=32, score_from=31, progress=False)
+
+
 def test_max_windows_takes_the_first_windows(tiny, stream):
     result = perplexity(tiny, stream, seqlen=32, max_windows=2, progress=False)
     assert (result.windows, result.tokens) == (2, 62)
