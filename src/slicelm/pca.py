@@ -3,11 +3,20 @@
 Activations arrive batch by batch from forward passes; only the (D, D) sum of outer products is
 kept, never the activations themselves. Like SliceGPT, the moment is not mean-centred: the basis
 must preserve ``x`` itself, not its deviation from a mean.
+
+Precision: the running sum is float64. Each block of at most ``BLOCK_ROWS`` tokens is multiplied in
+the activations' own precision when that is float32 (relative error ~1e-6 on a block of 8k tokens)
+and added to it in float64: on a 2-core CPU that halves the cost of the statistics that dominate
+slicing (an MLP's (I, I) moment over 65k tokens is ~0.3 TFLOP per layer), while no error ever
+accumulates across blocks. Float64 inputs are multiplied in float64; half precision is upcast.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+BLOCK_ROWS = 8192  # tokens per partial product (see the module docstring)
 
 
 class CovarianceAccumulator:
@@ -23,8 +32,12 @@ class CovarianceAccumulator:
         rows = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])  # (N, D)
         if rows.shape[-1] != self.dim:
             raise ValueError(f"expected width {self.dim}, got {rows.shape[-1]}")
-        rows = rows.to(device=self.sum.device, dtype=torch.float64)
-        self.sum.addmm_(rows.T, rows)
+        rows = rows.to(device=self.sum.device)
+        if rows.dtype != torch.float64:
+            rows = rows.to(torch.float32)
+        for start in range(0, rows.shape[0], BLOCK_ROWS):
+            block = rows[start : start + BLOCK_ROWS]  # (n, D)
+            self.sum += (block.T @ block).to(torch.float64)
         self.count += rows.shape[0]
 
     def covariance(self) -> torch.Tensor:
