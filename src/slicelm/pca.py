@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-
 BLOCK_ROWS = 8192  # tokens per partial product (see the module docstring)
 
 
