@@ -198,8 +198,13 @@ class _Bases:
 
 
 def _project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """(B, T, n) @ (n, m) in float64, returned in x's dtype."""
-    return (x.to(torch.float64) @ q.to(x.device)).to(x.dtype)
+    """Calibration signals in another basis: (B, T, n) @ (n, m), returned in x's dtype.
+
+    Signals are stored in the model's dtype, so they are multiplied in float32 (float64 inputs in
+    float64, half precision upcast): weights are rotated in float64, activations need not be.
+    """
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.to(work) @ q.to(device=x.device, dtype=work)).to(x.dtype)
 
 
 def _set_shortcut(layer: nn.Module, name: str, q_from: torch.Tensor, q_to: torch.Tensor) -> None:
@@ -553,7 +558,7 @@ def _slice_branch(
         if both:
             branch = branch + mlp_half(layer, x)
         # The stream after the branch in original coordinates: residual (un-rotated) + branch.
-        z = (x.to(torch.float64) @ q_in.T + branch.to(torch.float64)).to(x.dtype)  # (B, T, D)
+        z = (_project(x, q_in.T) + branch).to(x.dtype)  # (B, T, D)
         acc.add(z, b.mask.to(device))
         store[("z", i)] = z
     q_out = bases.choose(name, acc, width)
