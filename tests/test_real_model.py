@@ -144,3 +144,42 @@ def test_sliced_smollm2_perplexity_band(sliced, smollm2, data_dir):
     sliced = perplexity(sliced[0], ids, seqlen=512, max_windows=2, progress=False).ppl
     assert 20 < dense < 40
     assert 1.5 * dense < sliced < 50 * dense
+
+
+@pytest.fixture(scope="module")
+def plain_pruned(smollm2, data_dir, tmp_path_factory):
+    """SmolLM2 with 25% of its MLP channels pruned, in the plain layout, saved stock: (model, folder).
+
+    The refit needs several times more calibration tokens than MLP channels (1,536): 16 x 512.
+    """
+    from slicelm.data import load_calibration
+
+    model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
+    samples = load_calibration("c4", tokenizer, n_samples=16, seqlen=512, seed=0, data_dir=data_dir)
+    config = SliceConfig(sparsity=0.0, mlp_sparsity=0.25, layout="plain", batch_size=4)
+    report = slice_model(model, samples, config, progress=False)
+    out = tmp_path_factory.mktemp("real") / "smollm2-plain"
+    save_sliced(model, out, tokenizer, report=report.to_dict())
+    return model, out
+
+
+def test_plain_pruned_smollm2_loads_in_stock_transformers_and_keeps_quality(plain_pruned, smollm2, data_dir):
+    """The deployable product: the stock Llama class, tied head kept, 0.85x parameters, and (even with
+    8k calibration tokens) far less damage than 25% stream slicing."""
+    from transformers import AutoModelForCausalLM
+
+    from slicelm.data import load_eval_ids
+    from slicelm.perplexity import perplexity
+
+    model, out = plain_pruned
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    assert type(stock).__name__ == "LlamaForCausalLM" and not (out / "modeling_slicelm.py").exists()
+    assert stock.lm_head.weight is stock.model.embed_tokens.weight
+    assert stock.config.intermediate_size == 1152 and stock.config.hidden_size == 576
+    params = sum(p.numel() for p in stock.parameters())
+    assert 0.84 < params / sum(p.numel() for p in smollm2[0].parameters()) < 0.86
+    ids = load_eval_ids("wikitext2", smollm2[1], data_dir=data_dir)
+    dense = perplexity(smollm2[0], ids, seqlen=512, max_windows=2, progress=False).ppl
+    pruned = perplexity(stock, ids, seqlen=512, max_windows=2, progress=False).ppl
+    assert pruned == pytest.approx(perplexity(model, ids, seqlen=512, max_windows=2, progress=False).ppl, rel=1e-4)
+    assert dense < pruned < 2.5 * dense

@@ -324,6 +324,8 @@ def _run(args: argparse.Namespace, source, claim) -> int:
         out = claim.out
     else:
         out = save_sliced(model, claim, tokenizer, metadata=metadata, report=full_report)
+    for warning in full_report.get("warnings", []):
+        print(f"slicelm: warning: {warning}", file=sys.stderr)
     print(summary(full_report, out), file=sys.stderr)
     result = {k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")}
     result |= {
@@ -431,11 +433,22 @@ def summary(report: dict[str, Any], out: Path) -> str:
     before, after = report["params_before"], report["params_after"]
     plan = report["plan"]
     widths = sorted(w["out"] for w in plan["layers"])
+    mlp = sorted(w["mlp"] for w in plan["layers"] if w.get("mlp") is not None)
+    how = f"stream width {widths[len(widths) // 2]} of {plan['hidden_size']}"
+    if mlp:
+        how += f", MLP widths {mlp[0]}-{mlp[-1]}" if mlp[0] != mlp[-1] else f", MLP width {mlp[0]}"
+    planning = report.get("planning") or {}
+    what = (
+        f"target {planning['target_params']:g} ({planning['schedule']})"
+        if planning
+        else (f"sparsity {report['sparsity']:.2f}")
+    )
     lines = [
-        f"sliced {report['model']} at sparsity {report['sparsity']:.2f} "
-        f"(stream width {widths[len(widths) // 2]} of {plan['hidden_size']}) -> {out}",
+        f"sliced {report['model']} at {what}, {report.get('layout', 'slicegpt')} layout ({how}) -> {out}",
         f"  parameters      {before / 1e6:9.2f}M -> {after / 1e6:9.2f}M  ({after / before:.1%})",
     ]
+    if planning.get("note"):
+        lines.append(f"  note            {planning['note']}")
     if after >= before:
         lines.append(
             f"  note            the sliced model is {'larger than' if after > before else 'as large as'} the "
