@@ -297,42 +297,23 @@ def slice_model(
     batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
     timings["embed"] = time.perf_counter() - start
 
-    # Decisions that must see every layer first: one basis (plain) and where a budget goes.
-    stats = None
-    wants_curves = config.target_params is not None and config.schedule in ("mlp-global", "auto")
-    if plain or wants_curves:
-        t_stats = time.perf_counter()
-        cached = Path(statistics_cache) if statistics_cache is not None else None
-        if cached is not None and (cached / "statistics.json").is_file():
-            stats = ModelStatistics.load(cached, store)
-        if stats is None or (wants_curves and not stats.mlp_cost):
-            stats = collect_statistics(
-                model, layout, batches, store, access, device=device, mlp_curves=wants_curves, progress=progress
-            )
-            batches = capture_layer_inputs(model, layout, calibration, config.batch_size, int(pad_id), store, progress)
-            if cached is not None:
-                stats.save(cached)
-        timings["statistics"] = time.perf_counter() - t_stats
-    ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
-    plan, planning = build_plan(ctx, config, params_before, stats)
-    warnings = []
-    tokens = sum(int(b.mask.sum()) for b in batches)
-    if any(lw.mlp is not None for lw in plan.layers) and tokens < REFIT_TOKENS_PER_CHANNEL * ctx.intermediate:
-        warnings.append(
-            f"calibration has {tokens:,} tokens for {ctx.intermediate:,}-channel MLPs: the refit of pruned MLPs "
-            f"is poorly determined below ~{REFIT_TOKENS_PER_CHANNEL * ctx.intermediate:,}; give more "
-            "--calib-samples or a longer --calib-seqlen"
-        )
-    fixed = None
-    if plain:
-        fixed = _global_basis(stats, config, hidden)
-        if fused.keep_tie:  # the final norm must stay diagonal in the kept subspace (see plain.py)
-            from slicelm.plain import diagonalise_final_norm
-
-            access.load(model, layout.final_norm)
-            fixed = diagonalise_final_norm(fixed, plan.embedding, _final_scale(model, layout))
-    if stats is not None:
-        stats.clear()
+    decision = _decide(
+        model,
+        layout,
+        config,
+        fused,
+        calibration,
+        batches,
+        store,
+        access,
+        device,
+        params_before,
+        statistics_cache,
+        progress,
+        int(pad_id),
+    )
+    plan, batches, fixed = decision.plan, decision.batches, decision.basis
+    timings |= decision.seconds
 
     bases = _Bases(config, hidden, device, fixed)
     acc = bases.new()
@@ -384,7 +365,7 @@ def slice_model(
     timings["total"] = time.perf_counter() - start
     memory.sample()
     # The plain layout is saved in the stock architecture (norm weights back, no shortcuts): count that.
-    params_after = ParameterCounter(ctx).count(plan) if plain else count_parameters(model)
+    params_after = ParameterCounter(decision.context).count(plan) if plain else count_parameters(model)
     return SliceReport(
         params_before=params_before,
         params_after=params_after,
@@ -400,10 +381,66 @@ def slice_model(
         seconds=timings,
         peak_memory=memory.as_dict(),
         layout=config.layout,
-        planning=planning,
+        planning=decision.planning,
         mlp_error=mlp_error,
-        warnings=warnings,
+        warnings=decision.warnings,
     )
+
+
+@dataclass
+class _Decision:
+    """What is decided before the first layer changes: the widths, and the plain layout's basis."""
+
+    plan: SlicingPlan
+    planning: dict[str, Any]
+    context: PlanContext
+    batches: list[Batch]  # calibration inputs of layer 0 (captured again after a statistics pass)
+    basis: torch.Tensor | None  # (D, D): one basis for every point (plain layout), else None
+    warnings: list[str]
+    seconds: dict[str, float]
+
+
+def _decide(
+    model, layout, config, fused, calibration, batches, store, access, device, params_before, cache, progress, pad_id
+) -> _Decision:
+    """Plan the widths; a plain layout or a calibrated budget first needs the statistics pass."""
+    plain = config.layout == "plain"
+    stats, seconds = None, {}
+    wants_curves = config.target_params is not None and config.schedule in ("mlp-global", "auto")
+    if plain or wants_curves:
+        start = time.perf_counter()
+        cached = Path(cache) if cache is not None else None
+        if cached is not None and (cached / "statistics.json").is_file():
+            stats = ModelStatistics.load(cached, store)
+        if stats is None or (wants_curves and not stats.mlp_cost):
+            stats = collect_statistics(
+                model, layout, batches, store, access, device=device, mlp_curves=wants_curves, progress=progress
+            )
+            batches = capture_layer_inputs(model, layout, calibration, config.batch_size, pad_id, store, progress)
+            if cached is not None:
+                stats.save(cached)
+        seconds["statistics"] = time.perf_counter() - start
+    ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
+    plan, planning = build_plan(ctx, config, params_before, stats)
+    warnings = []
+    tokens = sum(int(b.mask.sum()) for b in batches)
+    if any(lw.mlp is not None for lw in plan.layers) and tokens < REFIT_TOKENS_PER_CHANNEL * ctx.intermediate:
+        warnings.append(
+            f"calibration has {tokens:,} tokens for {ctx.intermediate:,}-channel MLPs: the refit of pruned MLPs "
+            f"is poorly determined below ~{REFIT_TOKENS_PER_CHANNEL * ctx.intermediate:,}; give more "
+            "--calib-samples or a longer --calib-seqlen"
+        )
+    basis = None
+    if plain:
+        basis = _global_basis(stats, config, model.config.hidden_size)
+        if fused.keep_tie:  # the final norm must stay diagonal in the kept subspace (see plain.py)
+            from slicelm.plain import diagonalise_final_norm
+
+            access.load(model, layout.final_norm)
+            basis = diagonalise_final_norm(basis, plan.embedding, _final_scale(model, layout))
+    if stats is not None:
+        stats.clear()
+    return _Decision(plan, planning, ctx, batches, basis, warnings, seconds)
 
 
 def _intermediate(model: nn.Module, layout: Layout) -> int:
