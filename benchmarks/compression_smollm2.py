@@ -104,7 +104,8 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
     }
     if args.save_model and method != "dense":  # for zero-shot or recovery runs on this point
         out = Path(args.work) / "models" / point_name(method, target)
-        slicelm.save_sliced(model, out, tokenizer, overwrite=True, report=report.to_dict())
+        metadata = {"source_model": "smollm2-135m", "method": method, "target": target}
+        slicelm.save_sliced(model, out, tokenizer, overwrite=True, metadata=metadata, report=report.to_dict())
         result["saved"] = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
     return result
 
