@@ -238,3 +238,19 @@ def test_finetune_bad_input_is_one_line_and_writes_nothing(
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and err[-1].startswith("slicelm: error: ") and message in err[-1], err[-3:]
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.slicelm-work").exists()
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_gradient_checkpointing_gives_the_same_training(full):
+    """Recomputing activations changes memory, not results."""
+    data, heldout = windows(48), windows(2, seed=2)
+    results = []
+    for checkpointing in (False, True):
+        config = FinetuneConfig(
+            loss="lm", lora_rank=None if full else 8, gradient_checkpointing=checkpointing, **CONFIG
+        )
+        model, report = train(sliced_tiny(), data, heldout, config, progress=False)
+        assert report.gradient_checkpointing is checkpointing
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-6, msg=key)

@@ -530,3 +530,33 @@ def test_slice_streams_by_itself_when_memory_is_short(tiny_source, tmp_path, cap
     err = capfd.readouterr().err
     assert "streaming layers from disk (as with --stream)" in err
     assert json.loads((out / "slicelm_report.json").read_text())["streamed"] is True
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--target-params", "0.001"], "below the smallest model schedule auto can make"),
+        (["--target-params", "0"], "in (0, 1)"),
+        (["--target-params", "1.5"], "in (0, 1)"),
+        (["--target-params", "0.8", "--sparsity", "0.2"], "not both"),
+        (["--mlp-sparsity", "1.2"], "--mlp-sparsity must be in [0, 1)"),
+    ],
+)
+def test_impossible_budgets_are_refused_before_loading(extra, fragment, tiny_source, tmp_path, capsys, monkeypatch):
+    import slicelm.models
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(slicelm.models, "load_model", no_loading)
+    code, _, lines = run_cli(["slice", tiny_source, *extra, "--out", tmp_path / "o", "--quiet"], capsys)
+    assert_one_line_error(code, lines, fragment)
+    assert not (tmp_path / "o").exists()
+
+
+def test_plain_layout_of_a_layernorm_family_is_refused_before_loading(tmp_path, smollm2_tokenizer, capsys):
+    source = save_model_folder(tmp_path / "opt", smollm2_tokenizer, "opt")
+    code, _, lines = run_cli(
+        ["slice", source, "--sparsity", 0.25, "--layout", "plain", "--out", tmp_path / "o"], capsys
+    )
+    assert_one_line_error(code, lines, "--layout plain needs an RMSNorm model and opt uses LayerNorm")

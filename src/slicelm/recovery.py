@@ -55,6 +55,9 @@ class FinetuneConfig:
     eval_windows: held-out windows of the training source (never trained on) scored during training.
     eval_every / checkpoint_every: in steps (defaults: about ten of each per run).
     seed: the training windows' order and the LoRA initialisation (nothing else is random).
+    gradient_checkpointing: recompute each block's activations in the backward pass instead of
+        keeping them (about a third more compute); None turns it on only when the estimated
+        activations of one micro-batch exceed half of the memory available.
     extra_targets: LoRA on more than the blocks' attention and MLP linears: ``shortcuts`` (a sliced
         model's shortcut matrices) and ``final`` (a kept tie's final projection).
     """
@@ -77,6 +80,7 @@ class FinetuneConfig:
     checkpoint_every: int | None = None
     seed: int = 0
     extra_targets: tuple[str, ...] = ()
+    gradient_checkpointing: bool | None = None  # None: when the activations would not fit in memory
 
     def __post_init__(self) -> None:
         bad = [t for t in self.extra_targets if t not in EXTRA_TARGETS]
@@ -138,6 +142,7 @@ class FinetuneReport:
     teacher_seconds: float = 0.0  # time spent in the teacher's forward passes
     peak_memory: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
+    gradient_checkpointing: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,6 +296,12 @@ def train(
         )
     student = prepare_student(model, config).to(device)
     student.train()
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = needs_checkpointing(model, config, teacher is not None)
+    if checkpointing:
+        base = student.get_base_model() if hasattr(student, "get_base_model") else student
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if teacher is not None:
         teacher.eval().to(device)
         for param in teacher.parameters():
@@ -306,6 +317,7 @@ def train(
         steps=total,
         tokens=0,
         trainable_params=sum(p.numel() for p in params),
+        gradient_checkpointing=bool(checkpointing),
     )
     start_step = 0
     if resume:
@@ -372,6 +384,20 @@ def train(
     report.seconds = time.perf_counter() - t0
     report.peak_memory = memory.as_dict()
     return merged(student.to("cpu")), report
+
+
+def needs_checkpointing(model: nn.Module, config: FinetuneConfig, distilling: bool) -> bool:
+    """Whether one micro-batch's activations (a rough upper estimate) exceed half the free memory."""
+    from slicelm.resources import available_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return False
+    c = model.config
+    intermediate = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
+    per_token = c.num_hidden_layers * (16 * c.hidden_size + 4 * intermediate) * 4
+    per_token += c.vocab_size * 4 * (3 if distilling else 2)  # logits, their softmax (and the teacher's)
+    return config.batch_size * config.seqlen * per_token > available / 2
 
 
 def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int) -> None:

@@ -62,6 +62,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="data order and LoRA initialisation (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype (bf16: GPU)")
+    p.add_argument(
+        "--gradient-checkpointing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="recompute activations in the backward pass (auto: only when they would not fit in memory)",
+    )
     p.add_argument("--work-dir", help="checkpoints for --resume (default OUT.slicelm-work beside --out)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its work folder")
     add_device_argument(p, "train")
@@ -88,6 +94,7 @@ def config_from(args: argparse.Namespace):
         eval_every=args.eval_every,
         seed=args.seed,
         extra_targets=extra,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
     )
 
 
