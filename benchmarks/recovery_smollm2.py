@@ -80,8 +80,11 @@ def base_folder(name: str, args: argparse.Namespace, work: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated BASE:LOSS:MODE (MODE lora or full)")
+    p.add_argument(
+        "--runs", default=DEFAULT_RUNS, help="comma-separated BASE:LOSS:MODE (MODE lora, lora+ (with shortcuts), full)"
+    )
     p.add_argument("--base", action="append", default=[], help="NAME=FOLDER: use an existing sliced folder")
+    p.add_argument("--teacher", default=None, help="teacher for kd runs (default: the source each folder records)")
     p.add_argument("--tokens", type=int, default=131072, help="training tokens per run (default 131072)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
@@ -113,7 +116,11 @@ def main() -> None:
         cmd = slicelm("finetune", base, "--out", out, "--overwrite", "--data", "c4", "--data-dir", args.data_dir)
         cmd += ["--loss", loss, "--tokens", args.tokens, "--seqlen", args.seqlen, "--batch-size", args.batch_size]
         cmd += ["--quiet"] + (["--full"] if mode == "full" else [])
+        if mode == "lora+":  # LoRA on the shortcut matrices and the tied final projection too
+            cmd += ["--lora-extra", "shortcuts,final"]
         lr = args.lr_full if mode == "full" else args.lr_lora
+        if args.teacher:
+            cmd += ["--teacher", args.teacher]
         if lr is not None:
             cmd += ["--lr", lr]
         if run == args.curve:
@@ -169,7 +176,7 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         curve = r["finetune"]["curve"]
         teacher = r["finetune"]["teacher_seconds"] / max(r["finetune"]["seconds"], 1e-9)
         lines.append(
-            f"| {r['base']}% | {r['loss']} | {r['mode']} | {before:.2f} | {r['ppl']['ppl']:.2f} | "
+            f"| {r['base']} | {r['loss']} | {r['mode']} | {before:.2f} | {r['ppl']['ppl']:.2f} | "
             f"{curve[0]['heldout_lm']:.3f} → {curve[-1]['heldout_lm']:.3f} | {r['finetune']['seconds'] / 60:.1f} min | "
             f"{teacher:.0%} |"
         )
