@@ -322,6 +322,8 @@ def slice_model(
     q_in = bases.choose("embedding", acc, plan.embedding)  # (D, d_emb)
     for path in layout.embeddings:
         rotate_writer(get_module(model, path), q_in)
+    if fused.keep_tie:  # the head shares the new matrix at once: the old one is freed, not kept to the end
+        get_module(model, layout.head).weight = get_module(model, layout.embeddings[0]).weight
     for path in layout.embeddings:
         access.done(model, path)
     q_embedding = q_in
