@@ -78,6 +78,15 @@ def base_folder(name: str, args: argparse.Namespace, work: Path) -> Path:
     return out
 
 
+def record_base(record: Path, name: str, folder: Path, measured: dict) -> None:
+    """What the base is (its folder, layout and true parameter ratio) beside its perplexity."""
+    report = json.loads((folder / "slicelm_report.json").read_text())
+    planning = report.get("planning") or {}
+    described = {"base": name, "folder": str(folder), "ppl": measured, "layout": report.get("layout")}
+    described |= {"schedule": planning.get("schedule", "uniform"), "params_ratio": report.get("params_ratio")}
+    record.write_text(json.dumps(described) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -111,7 +120,7 @@ def main() -> None:
         base = base_folder(base_name, args, work)
         base_record = work / "points" / f"base-{base_name}.json"
         if not base_record.is_file():
-            base_record.write_text(json.dumps({"base": base_name, "ppl": ppl(base, args, args.windows)}) + "\n")
+            record_base(base_record, base_name, base, ppl(base, args, args.windows))
         out = work / "models" / run.replace(":", "-")
         cmd = slicelm("finetune", base, "--out", out, "--overwrite", "--data", "c4", "--data-dir", args.data_dir)
         cmd += ["--loss", loss, "--tokens", args.tokens, "--seqlen", args.seqlen, "--batch-size", args.batch_size]
@@ -159,8 +168,8 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         "# Recovery fine-tuning of sliced SmolLM2-135M",
         "",
         "Produced by `benchmarks/recovery_smollm2.py` (the `slicelm slice` / `finetune` / `ppl` commands). Bases: "
-        f"SliceGPT at 25% and 30% in the default tied layout, calibration c4 {args.calib_samples} x "
-        f"{args.calib_seqlen}. Training: the offline C4 sample (documents 1000+, never the test text), "
+        f"{describe_bases(points)}; the ones it slices itself use c4 {args.calib_samples} x "
+        f"{args.calib_seqlen} calibration. Training: the offline C4 sample (documents 1000+, never the test text), "
         f"{args.tokens:,} tokens per run in windows of {args.seqlen}, batch {args.batch_size}, AdamW + cosine "
         "schedule; `kd` distils the dense model (KL at temperature 1); LoRA rank 32, alpha 64 on every block linear. "
         f"Perplexity: WikiText-2 test, first {args.windows} windows of 2048.",
@@ -199,6 +208,19 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
                 lines.append(f"| {point['tokens']:,} | {point['heldout_lm']:.3f} | {point['wikitext2_ppl']:.2f} |")
         plot_curve(curve_run, args)
     (RESULTS / "recovery_smollm2.md").write_text("\n".join(lines) + "\n")
+
+
+def describe_bases(points: dict) -> str:
+    named = {"25": "SliceGPT 25% (tied layout)", "30": "SliceGPT 30% (tied layout)"}
+    parts = []
+    for key, r in points.items():
+        if key.startswith("base-"):
+            what = named.get(r["base"]) or f"`{r.get('folder', r['base'])}`"
+            if r.get("params_ratio"):
+                layout, schedule = r.get("layout"), r.get("schedule")
+                what += f" ({layout} layout, {schedule} schedule, {r['params_ratio']:.3f}x dense parameters)"
+            parts.append(f"{r['base']} = {what}")
+    return "; ".join(parts) or "none yet"
 
 
 def plot_curve(run: dict, args: argparse.Namespace) -> None:
