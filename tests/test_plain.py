@@ -181,3 +181,27 @@ def test_export_refuses_slicegpt_folders_and_existing_files(tmp_path, capsys):
     code = main(["export", str(tmp_path / "plain"), "--gguf", str(existing)])
     assert code == 2 and "already exists" in capsys.readouterr().err
     assert existing.read_bytes() == b"GGUF user file"
+
+
+def test_plain_widths_are_multiples_of_the_heads_so_stock_configs_accept_them(tmp_path):
+    """Stock LlamaConfig refuses a hidden_size that is not a multiple of num_attention_heads (at save
+    and at load). With 3 heads the plain stream moves in steps of lcm(8, 3) = 24: 20% of 72 keeps 48,
+    not the 56 that steps of 8 would give; budgets search the same steps."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slicelm.budget import build_plan, context_from_config
+
+    shape = dict(hidden_size=72, num_attention_heads=3, num_key_value_heads=3)
+    model = build_tiny_model("llama", **shape)
+    ids, mask = padded_batch(96)
+    report = slice_model(model, calibration(96), SliceConfig(sparsity=0.2, layout="plain"), progress=False)
+    assert report.plan["embedding"] == 48
+    out = save_sliced(model, tmp_path / "plain")
+    assert AutoConfig.from_pretrained(out).hidden_size == 48
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert relative_error(logits(model, ids, mask), logits(reloaded, ids, mask), mask) <= 2e-5
+
+    budget = SliceConfig(target_params=0.8, schedule="uniform", layout="plain")
+    ctx, params = context_from_config(build_tiny_model("llama", **shape).config, budget)
+    plan, _ = build_plan(ctx, budget, params)
+    assert plan.embedding % 24 == 0 and plan.embedding < 72

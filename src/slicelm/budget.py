@@ -23,6 +23,7 @@ How a budget is spent is the ``schedule``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,6 +54,15 @@ class PlanContext:
     @property
     def num_layers(self) -> int:
         return self.model_config.num_hidden_layers
+
+    def stream_step(self, round_to: int) -> int:
+        """Stream widths are multiples of this: ``round_to``, and in the plain layout also of the
+        number of attention heads — a stock config with another ``hidden_size`` is refused by
+        transformers (``LlamaConfig`` validates it) and misread by runtimes that derive ``head_dim``
+        from it."""
+        if self.kind != "plain":
+            return round_to
+        return math.lcm(round_to, int(getattr(self.model_config, "num_attention_heads", None) or 1))
 
 
 def mlp_width(intermediate: int, sparsity: float, round_to: int) -> int | None:
@@ -86,7 +96,7 @@ def stream_plan(ctx: PlanContext, width: int, config: Any) -> SlicingPlan:
 
 
 def explicit_plan(ctx: PlanContext, config: Any) -> SlicingPlan:
-    width = uniform_width(ctx.hidden, config.sparsity, config.round_to)
+    width = uniform_width(ctx.hidden, config.sparsity, ctx.stream_step(config.round_to))
     plan = stream_plan(ctx, width, config)
     mlp = mlp_width(ctx.intermediate, config.mlp_sparsity, config.round_to)
     return plan.with_mlp([mlp] * ctx.num_layers) if mlp is not None else plan
@@ -219,7 +229,8 @@ def build_plan(ctx: PlanContext, config: Any, params_before: int, stats: Any = N
 
         check_prunable(ctx.layout.mlp_chunks, ctx.layout.model_type)
     if schedule in ("uniform", "auto"):
-        widths = [hidden] + list(range(hidden // step * step, 0, -step))
+        stream_step = ctx.stream_step(step)
+        widths = [hidden] + list(range(hidden // stream_step * stream_step, 0, -stream_step))
         widths = sorted({w for w in widths if w > 0}, reverse=True)
     else:
         widths = [hidden]
@@ -273,9 +284,15 @@ def build_plan(ctx: PlanContext, config: Any, params_before: int, stats: Any = N
         ]
     shortfall = (target - count) / max(target, 1)
     if shortfall > TOLERANCE:
+        steps = f"--round-to {step}; lower it to land closer"
+        if schedule == "uniform" and ctx.stream_step(step) != step:
+            heads = ctx.model_config.num_attention_heads
+            steps = (
+                f"{ctx.stream_step(step)} (--round-to {step} and the {heads} attention heads a stock config "
+                "divides the width into); use a schedule that prunes MLP channels to land closer"
+            )
         report["note"] = (
-            f"the plan has {count:,} parameters, {shortfall:.1%} below the target: widths move in steps of "
-            f"--round-to {step}; lower it to land closer"
+            f"the plan has {count:,} parameters, {shortfall:.1%} below the target: widths move in steps of {steps}"
         )
     return plan, report
 
@@ -284,7 +301,7 @@ def minimal_plan_params(ctx: PlanContext, config: Any) -> int:
     """Parameters of the smallest plan a schedule could choose (every width one ``round_to`` step)."""
     counter = ParameterCounter(ctx)
     step = config.round_to
-    width = min(step, ctx.hidden) if config.schedule in ("uniform", "auto") else ctx.hidden
+    width = min(ctx.stream_step(step), ctx.hidden) if config.schedule in ("uniform", "auto") else ctx.hidden
     plan = stream_plan(ctx, width, config)
     if config.schedule != "uniform" and ctx.layout.mlp_chunks is not None:
         plan = plan.with_mlp([step] * ctx.num_layers)
@@ -327,7 +344,11 @@ def check_against_config(model_config: Any, config: Any) -> None:
         check_prunable(spec.mlp_chunks, model_config.model_type)
     ctx, params = context_from_config(model_config, config)
     if config.target_params is None:
-        explicit_plan(ctx, config)  # widths rounded to nothing are refused here
+        plan = explicit_plan(ctx, config)  # widths rounded to nothing are refused here
+        if ctx.kind == "plain":
+            from slicelm.plain import plain_config
+
+            plain_config(ctx.model_config, ctx.layout, plan)  # and widths the stock config refuses
         return
     smallest = minimal_plan_params(ctx, config)
     if config.target_params * params < smallest:

@@ -72,6 +72,16 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
     for key in (SLICELM_KEY, "auto_map"):
         if hasattr(new, key):
             delattr(new, key)
+    validate = getattr(new, "validate", None)  # transformers' own checks, as at save and load time
+    if validate is not None:
+        try:
+            validate()
+        except Exception as error:  # noqa: BLE001 - any refusal by the config class is the user's answer
+            reason = str(error).strip().splitlines()[-1].strip()
+            raise SlicelmError(
+                f"stock {type(config).__name__} refuses the plain widths (hidden_size {width}, MLP {mlp}): "
+                f"{reason}; change --sparsity/--round-to or use --layout slicegpt"
+            ) from None
     return new
 
 
