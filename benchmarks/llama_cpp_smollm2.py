@@ -72,9 +72,19 @@ def bench(binary: Path, gguf: Path, threads: int, prompt: int, gen: int, reps: i
     return out
 
 
+def sliced_models(specs: list[str]) -> dict[str, Path]:
+    named = [spec.split("=", 1) if "=" in spec else ("sliced", spec) for spec in specs]
+    return {name: Path(folder) for name, folder in named}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sliced", required=True, help="a plain-layout sliced folder of SmolLM2-135M")
+    p.add_argument(
+        "--sliced",
+        action="append",
+        required=True,
+        help="a plain-layout sliced folder of SmolLM2-135M, as NAME=FOLDER or FOLDER (name: sliced); repeatable",
+    )
     p.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"))
     p.add_argument("--work", default=str(REPO / "runs" / "llama_cpp"))
     p.add_argument("--data-dir", default=os.environ.get("SLICELM_DATA_DIR", str(REPO.parent / "shared" / "data")))
@@ -96,7 +106,7 @@ def main() -> None:
 
     text = work / "wikitext2-test.txt"  # exactly the text slicelm scores
     text.write_text(eval_text("wikitext2", args.data_dir))
-    models = {"dense": dense_folder(work), "sliced": Path(args.sliced)}
+    models = {"dense": dense_folder(work)} | sliced_models(args.sliced)
     rows = []
     for name, folder in models.items():
         for outtype in ("f32", "f16", args.quant):
@@ -122,7 +132,8 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
     from slicelm.memory import parameter_count
 
     counts = {}
-    for name, folder in (("dense", Path(args.work) / "dense-hf"), ("sliced", Path(args.sliced))):
+    sliced = sliced_models(args.sliced)
+    for name, folder in ({"dense": Path(args.work) / "dense-hf"} | sliced).items():
         counts[name] = parameter_count(AutoConfig.from_pretrained(folder))
     result = {"settings": vars(args), "params": counts, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -138,8 +149,12 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         "on the Hugging Face folder for comparison. Speed: `llama-bench -p "
         f"{args.prompt} -n {args.gen} -r {args.reps}`, median tokens/s.",
         "",
-        f"Parameters: dense {counts['dense'] / 1e6:.1f}M, sliced {counts['sliced'] / 1e6:.1f}M "
-        f"({counts['sliced'] / counts['dense']:.3f}x).",
+        "Parameters: "
+        + ", ".join(
+            [f"dense {counts['dense'] / 1e6:.1f}M"]
+            + [f"{n} {counts[n] / 1e6:.1f}M ({counts[n] / counts['dense']:.3f}x, `{f}`)" for n, f in sliced.items()]
+        )
+        + ".",
         "",
         "| model | type | file MiB | llama.cpp ppl | slicelm ppl (HF f32) | "
         f"pp{args.prompt} tok/s | tg{args.gen} tok/s |",
@@ -155,14 +170,15 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         )
     speed = {(r["model"], r["type"]): r for r in rows if f"tg{args.gen}" in r}
     lines.append("")
-    for t in ("f16", args.quant):
-        if ("dense", t) in speed and ("sliced", t) in speed:
-            d, s = speed[("dense", t)], speed[("sliced", t)]
-            lines.append(
-                f"- {t}: sliced/dense prompt {s[f'pp{args.prompt}'] / d[f'pp{args.prompt}']:.2f}x, "
-                f"generation {s[f'tg{args.gen}'] / d[f'tg{args.gen}']:.2f}x, file {s['bytes'] / d['bytes']:.2f}x"
-            )
-    for name in ("dense", "sliced"):
+    for name in sliced:
+        for t in ("f16", args.quant):
+            if ("dense", t) in speed and (name, t) in speed:
+                d, s = speed[("dense", t)], speed[(name, t)]
+                lines.append(
+                    f"- {name} {t}: against dense {t}, prompt {s[f'pp{args.prompt}'] / d[f'pp{args.prompt}']:.2f}x, "
+                    f"generation {s[f'tg{args.gen}'] / d[f'tg{args.gen}']:.2f}x, file {s['bytes'] / d['bytes']:.2f}x"
+                )
+    for name in ["dense", *sliced]:
         f32 = next((r for r in rows if r["model"] == name and r["type"] == "f32"), None)
         if f32 and name in hf:
             gap = abs(f32["llama_cpp_ppl"] / hf[name] - 1)
@@ -170,6 +186,10 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
                 f"- {name} f32: llama.cpp {f32['llama_cpp_ppl']:.3f} vs slicelm {hf[name]:.3f} "
                 f"({gap:.2%} apart; target within 1%)"
             )
+    from slicelm.export import quantization_notes
+
+    for name, folder in ({"dense": Path(args.work) / "dense-hf"} | sliced).items():
+        lines += [f"- {name}, `slicelm export` says: {note}" for note in quantization_notes(folder, args.quant)]
     (RESULTS / "llama_cpp_smollm2.md").write_text("\n".join(lines) + "\n")
 
 

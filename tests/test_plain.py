@@ -205,3 +205,19 @@ def test_plain_widths_are_multiples_of_the_heads_so_stock_configs_accept_them(tm
     ctx, params = context_from_config(build_tiny_model("llama", **shape).config, budget)
     plan, _ = build_plan(ctx, budget, params)
     assert plan.embedding % 24 == 0 and plan.embedding < 72
+
+
+def test_export_notes_widths_llama_cpp_cannot_quantize(tmp_path):
+    """ggml quantizes in blocks of 256 (k-quants) or 32 along each input width: a sliced MLP of 1144
+    channels stays F16, a 576-wide stream falls back to a legacy type; 1152 and 1024 are fine."""
+    from slicelm.export import quantization_notes
+
+    def notes(hidden, intermediate, outtype):
+        (tmp_path / "config.json").write_text(json.dumps({"hidden_size": hidden, "intermediate_size": intermediate}))
+        return quantization_notes(tmp_path, outtype)
+
+    assert notes(576, 1144, "f16") == []
+    q4k = notes(576, 1144, "q4_k_m")
+    assert len(q4k) == 2 and "hidden_size 576" in q4k[0] and "legacy type" in q4k[0]
+    assert "intermediate_size 1144" in q4k[1] and "as F16" in q4k[1] and "--round-to 32" in q4k[1]
+    assert notes(576, 1152, "q4_0") == [] and notes(1024, 2048, "q4_k_m") == []

@@ -76,6 +76,35 @@ def check_exportable(folder: Path) -> None:
         )
 
 
+def quantization_notes(folder: str | Path, outtype: str) -> list[str]:
+    """What ``llama-quantize`` will not quantize as ``outtype``, from the widths in the config.
+
+    ggml quantizes rows in blocks along a matrix's input width: 256 for the k-quants (``q4_k_m`` ...),
+    32 for the others. A width that is not a multiple of 256 makes llama.cpp fall back to a legacy
+    type (Q5_0, Q8_0 ...) for those tensors; one that is not a multiple of 32 keeps them in F16. Slicing
+    with ``--round-to 32`` (or 256) keeps every width quantizable.
+    """
+    outtype = outtype.lower()
+    if outtype not in QUANTIZE_TYPES:
+        return []
+    config = json.loads((Path(folder) / "config.json").read_text())
+    block = 256 if "_k" in outtype else 32
+    notes = []
+    for key, readers in (
+        ("hidden_size", "the attention and MLP inputs"),
+        ("intermediate_size", "the MLP's down projection"),
+    ):
+        width = config.get(key)
+        if not isinstance(width, int) or width % block == 0:
+            continue
+        kept = "F16" if width % 32 else "a legacy type such as Q5_0 or Q8_0"
+        notes.append(
+            f"{key} {width} is not a multiple of {block}: llama.cpp stores {readers} as {kept} instead of "
+            f"{outtype} (slice with --round-to {32 if width % 32 else 256} for smaller files)"
+        )
+    return notes
+
+
 def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16", llama_cpp: str | Path | None = None) -> Path:
     """Convert ``folder`` to the GGUF file ``out`` (written beside, then renamed: never half a file)."""
     folder = Path(folder).expanduser()

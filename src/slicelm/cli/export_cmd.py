@@ -35,9 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from slicelm.export import export_gguf
+    from slicelm.export import export_gguf, quantization_notes
 
     out = export_gguf(args.folder, args.gguf, args.outtype, args.llama_cpp)
+    for note in quantization_notes(args.folder, args.outtype):
+        print(f"slicelm: note: {note}", file=sys.stderr)
     print(f"slicelm: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype})", file=sys.stderr)
     print(str(out))
     return 0
