@@ -64,7 +64,8 @@ def main() -> None:
         "# True parameter counts of sliced layouts (computed from configs)",
         "",
         "Produced by `benchmarks/param_counts.py`: each structure is built on the meta device and counted, "
-        "shortcut matrices and heads included. Widths rounded to multiples of 8 (plain layout: of lcm(8, attention heads), as stock configs require).",
+        "shortcut matrices and heads included. Widths rounded to multiples of 8 (plain layout: of lcm(8, attention "
+        "heads), as stock configs require).",
         "",
         "| config | stream sparsity | layout | parameters | / dense |",
         "|---|---:|---|---:|---:|",
