@@ -112,6 +112,7 @@ def uniform_width(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
     if width == 0:
         raise SlicelmError(
             f"sparsity {sparsity} with widths in steps of {round_to} leaves no width of the {hidden_size}-wide "
-            f"stream (the step must be at most {int(hidden_size * (1.0 - sparsity))}); lower --round-to or the sparsity"
+            f"stream (the step must be at most {int(hidden_size * (1.0 - sparsity))}); "
+            f"lower --round-to {round_to} or the sparsity"
         )
     return width
