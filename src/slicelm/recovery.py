@@ -317,7 +317,7 @@ def train(
         checkpointing = needs_checkpointing(model, config, teacher is not None)
     if checkpointing:
         base = student.get_base_model() if hasattr(student, "get_base_model") else student
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     if teacher is not None:
         teacher.eval().to(device)
         for param in teacher.parameters():
@@ -408,6 +408,15 @@ def train(
     report.seconds = time.perf_counter() - t0
     report.peak_memory = memory.as_dict()
     return merged(student.to("cpu")), report
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (newer transformers name the method activation_*)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def needs_checkpointing(model: nn.Module, config: FinetuneConfig, distilling: bool) -> bool:
