@@ -6,8 +6,9 @@ recovers it with one token budget for every run, and ``slicelm ppl`` measures Wi
 perplexity (first 16 windows of 2048). Each run is stored under --work as it finishes (the
 benchmark resumes); the dense teacher is the source recorded in the sliced folder.
 
-Writes docs/results/recovery_smollm2.{json,md,png}: before/after perplexity per run, the
-held-out (C4) loss curve, time, and a perplexity-vs-tokens curve for the run given by --curve.
+Writes docs/results/recovery_smollm2.{json,md} and _curve.png (--name renames them): before/after
+perplexity per run, the held-out (C4) loss curve, time, and a perplexity-vs-tokens curve for the
+run given by --curve.
 
     python benchmarks/recovery_smollm2.py --tokens 131072
     python benchmarks/recovery_smollm2.py --runs 25:kd:lora --curve 25:kd:lora --monitor-ppl 4
@@ -90,7 +91,10 @@ def record_base(record: Path, name: str, folder: Path, measured: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--runs", default=DEFAULT_RUNS, help="comma-separated BASE:LOSS:MODE (MODE lora, lora+ (with shortcuts), full)"
+        "--runs",
+        default=DEFAULT_RUNS,
+        help="comma-separated BASE:LOSS:MODE[:LR] (MODE lora, lora+ (with shortcuts and final), full; LR overrides "
+        "--lr-lora/--lr-full for that run)",
     )
     p.add_argument("--base", action="append", default=[], help="NAME=FOLDER: use an existing sliced folder")
     p.add_argument("--teacher", default=None, help="teacher for kd runs (default: the source each folder records)")
@@ -108,6 +112,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.environ.get("SLICELM_DATA_DIR", str(REPO.parent / "shared" / "data")))
     p.add_argument("--work", default=str(REPO / "runs" / "recovery"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--name", default="recovery_smollm2", help="result page: docs/results/NAME.{json,md}")
     args = p.parse_args()
     work = Path(args.work)
     (work / "points").mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,7 @@ def main() -> None:
         record = work / "points" / f"{run.replace(':', '-')}.json"
         if record.is_file():
             continue
-        base_name, loss, mode = run.split(":")
+        base_name, loss, mode, *run_lr = run.split(":")
         base = base_folder(base_name, args, work)
         base_record = work / "points" / f"base-{base_name}.json"
         if not base_record.is_file():
@@ -127,7 +132,7 @@ def main() -> None:
         cmd += ["--quiet"] + (["--full"] if mode == "full" else [])
         if mode == "lora+":  # LoRA on the shortcut matrices and the tied final projection too
             cmd += ["--lora-extra", "shortcuts,final"]
-        lr = args.lr_full if mode == "full" else args.lr_lora
+        lr = float(run_lr[0]) if run_lr else (args.lr_full if mode == "full" else args.lr_lora)
         if args.teacher:
             cmd += ["--teacher", args.teacher]
         if lr is not None:
@@ -142,6 +147,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         report = json.loads((out / "slicelm_report.json").read_text())["finetune"]
         result = {"run": run, "base": base_name, "loss": loss, "mode": mode, "wall_seconds": wall}
+        result["lr"] = report["config"]["peak_lr"]
         result |= {"ppl": ppl(out, args, args.windows), "finetune": report}
         record.write_text(json.dumps(result, indent=2) + "\n")
         print(f"[recovery] {run}: ppl {result['ppl']['ppl']:.2f}", file=sys.stderr, flush=True)
@@ -161,7 +167,7 @@ def main() -> None:
 def write_report(args: argparse.Namespace, work: Path) -> None:
     points = {p.stem: json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recovery_smollm2.json").write_text(
+    (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"settings": vars(args), "points": points}, indent=2) + "\n"
     )
     lines = [
@@ -174,9 +180,9 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         "schedule; `kd` distils the dense model (KL at temperature 1); LoRA rank 32, alpha 64 on every block linear. "
         f"Perplexity: WikiText-2 test, first {args.windows} windows of 2048.",
         "",
-        "| base | loss | mode | ppl before | ppl after | held-out C4 loss before → after | train time | "
+        "| base | loss | mode | peak lr | ppl before | ppl after | held-out C4 loss before → after | train time | "
         "teacher share |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in points.values():
         if "run" not in r:
@@ -185,7 +191,8 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         curve = r["finetune"]["curve"]
         teacher = r["finetune"]["teacher_seconds"] / max(r["finetune"]["seconds"], 1e-9)
         lines.append(
-            f"| {r['base']} | {r['loss']} | {r['mode']} | {before:.2f} | {r['ppl']['ppl']:.2f} | "
+            f"| {r['base']} | {r['loss']} | {r['mode']} | {r['finetune']['config']['peak_lr']:g} | {before:.2f} | "
+            f"{r['ppl']['ppl']:.2f} | "
             f"{curve[0]['heldout_lm']:.3f} → {curve[-1]['heldout_lm']:.3f} | {r['finetune']['seconds'] / 60:.1f} min | "
             f"{teacher:.0%} |"
         )
@@ -207,7 +214,7 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
             if "wikitext2_ppl" in point:
                 lines.append(f"| {point['tokens']:,} | {point['heldout_lm']:.3f} | {point['wikitext2_ppl']:.2f} |")
         plot_curve(curve_run, args)
-    (RESULTS / "recovery_smollm2.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 def describe_bases(points: dict) -> str:
@@ -236,7 +243,7 @@ def plot_curve(run: dict, args: argparse.Namespace) -> None:
     ax.set_ylabel(f"WikiText-2 ppl ({args.monitor_ppl} windows of 2048)")
     ax.set_title(f"SmolLM2-135M {run['base']}% sliced, recovery by {run['loss']} ({run['mode']})")
     ax.grid(True, alpha=0.3)
-    fig.savefig(RESULTS / "recovery_smollm2_curve.png", dpi=120)
+    fig.savefig(RESULTS / f"{args.name}_curve.png", dpi=120)
     plt.close(fig)
 
 
