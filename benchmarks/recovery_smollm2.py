@@ -167,9 +167,7 @@ def main() -> None:
 def write_report(args: argparse.Namespace, work: Path) -> None:
     points = {p.stem: json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"settings": vars(args), "points": points}, indent=2) + "\n"
-    )
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"settings": vars(args), "points": points}, indent=2) + "\n")
     lines = [
         "# Recovery fine-tuning of sliced SmolLM2-135M",
         "",
