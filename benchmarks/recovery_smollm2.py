@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from slicelm.recovery import recorded_source
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
 DEFAULT_RUNS = "25:lm:lora,25:kd:lora,25:lm:full,25:kd:full,30:lm:lora,30:kd:lora,30:lm:full,30:kd:full"
@@ -123,6 +125,10 @@ def main() -> None:
             continue
         base_name, loss, mode, *run_lr = run.split(":")
         base = base_folder(base_name, args, work)
+        dense_record = work / "points" / "dense.json"
+        if not dense_record.is_file():  # the teacher itself: how much of the gap recovery closes
+            dense = args.teacher or recorded_source(base)
+            dense_record.write_text(json.dumps({"model": dense, "ppl": ppl(dense, args, args.windows)}) + "\n")
         base_record = work / "points" / f"base-{base_name}.json"
         if not base_record.is_file():
             record_base(base_record, base_name, base, ppl(base, args, args.windows))
@@ -168,6 +174,7 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
     points = {p.stem: json.loads(p.read_text()) for p in sorted((work / "points").glob("*.json"))}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"settings": vars(args), "points": points}, indent=2) + "\n")
+    dense = points.get("dense", {}).get("ppl", {}).get("ppl")
     lines = [
         "# Recovery fine-tuning of sliced SmolLM2-135M",
         "",
@@ -176,11 +183,12 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         f"{args.calib_seqlen} calibration. Training: the offline C4 sample (documents 1000+, never the test text), "
         f"{args.tokens:,} tokens per run in windows of {args.seqlen}, batch {args.batch_size}, AdamW + cosine "
         "schedule; `kd` distils the dense model (KL at temperature 1); LoRA rank 32, alpha 64 on every block linear. "
-        f"Perplexity: WikiText-2 test, first {args.windows} windows of 2048.",
+        f"Perplexity: WikiText-2 test, first {args.windows} windows of 2048"
+        + (f"; dense {dense:.2f} (gap closed = (before - after) / (before - dense))." if dense else "."),
         "",
-        "| base | loss | mode | peak lr | ppl before | ppl after | held-out C4 loss before → after | train time | "
-        "teacher share |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| base | loss | mode | peak lr | ppl before | ppl after | gap closed | held-out C4 loss before → after | "
+        "train time | teacher share |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in points.values():
         if "run" not in r:
@@ -190,10 +198,15 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         teacher = r["finetune"]["teacher_seconds"] / max(r["finetune"]["seconds"], 1e-9)
         lines.append(
             f"| {r['base']} | {r['loss']} | {r['mode']} | {r['finetune']['config']['peak_lr']:g} | {before:.2f} | "
-            f"{r['ppl']['ppl']:.2f} | "
+            f"{r['ppl']['ppl']:.2f} | {gap_closed(before, r['ppl']['ppl'], dense)} | "
             f"{curve[0]['heldout_lm']:.3f} → {curve[-1]['heldout_lm']:.3f} | {r['finetune']['seconds'] / 60:.1f} min | "
             f"{teacher:.0%} |"
         )
+    lines += [
+        "",
+        "Train time is the whole `finetune` loop on this machine, held-out evaluations included (and the curve run's "
+        "WikiText-2 monitor); teacher share is the part spent in the teacher's forward passes.",
+    ]
     fulls = [r for k, r in points.items() if k.startswith("full-")]
     if fulls:
         lines += ["", "Full WikiText-2 test set:", "", "| model | ppl | windows |", "|---|---:|---:|"]
@@ -213,6 +226,12 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
                 lines.append(f"| {point['tokens']:,} | {point['heldout_lm']:.3f} | {point['wikitext2_ppl']:.2f} |")
         plot_curve(curve_run, args)
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def gap_closed(before: float | None, after: float, dense: float | None) -> str:
+    if before is None or dense is None or before <= dense:
+        return ""
+    return f"{(before - after) / (before - dense):.0%}"
 
 
 def describe_bases(points: dict) -> str:
