@@ -16,23 +16,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from speed import timed  # benchmarks/speed.py: warm-up, then wall-clock per repeat
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -97,7 +87,7 @@ def main() -> None:
     }
     seconds = {}
     for name, fn in pieces.items():
-        seconds[name] = median_seconds(fn, args.repeats)
+        seconds[name] = statistics.median(timed(fn, args.repeats))
         model.zero_grad(set_to_none=True)
         print(f"[step-cost] {name}: {seconds[name]:.2f}s", flush=True)
     lm = seconds["lm step: student forward + backward + loss"]

@@ -160,8 +160,14 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torc
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over real tokens of ``T^2 KL(p_teacher || p_student)`` at temperature T. (B, T, V) logits."""
     keep = mask.bool()
-    s = F.log_softmax(student[keep].float() / temperature, dim=-1)  # (N, V)
-    t = F.log_softmax(teacher[keep].float() / temperature, dim=-1)
+    return kd_loss_to(student, F.log_softmax(teacher[keep].float() / temperature, dim=-1), keep, temperature)
+
+
+def kd_loss_to(student: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor, temperature: float):
+    """:func:`kd_loss` against the teacher's log-probabilities at temperature T on the real tokens,
+    ``(N, V)`` for the ``N`` true entries of ``mask`` (as :func:`teacher_targets` caches them)."""
+    s = F.log_softmax(student[mask.bool()].float() / temperature, dim=-1)  # (N, V)
+    t = teacher_log_probs.float()
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
@@ -237,15 +243,18 @@ def _batches(windows: Sequence[torch.Tensor], pad_id: int, size: int):
 
 @torch.no_grad()
 def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, device) -> list[torch.Tensor]:
-    """The teacher's next-token log-probabilities on the held-out windows, one tensor per batch.
+    """The teacher's next-token log-probabilities (at temperature T, on the real tokens) on the
+    held-out windows, one ``(N, V)`` tensor per batch.
 
     Computed once per run (the teacher never changes) and kept in float16 on the CPU: half the
     memory of the logits, and a held-out KD loss within about 1e-3 of the float32 one.
     """
     out = []
     for ids, mask in _batches(windows, pad_id, config.batch_size):
-        logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device).long(), use_cache=False).logits
-        out.append(F.log_softmax(logits[:, :-1].float() / config.temperature, dim=-1).half().cpu())
+        ids, mask = ids.to(device), mask.to(device)
+        logits = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+        keep = mask[:, 1:].bool()
+        out.append(F.log_softmax(logits[:, :-1][keep].float() / config.temperature, dim=-1).half().cpu())
     return out
 
 
@@ -263,9 +272,9 @@ def evaluate(model, windows, config: FinetuneConfig, pad_id: int, device, target
         n = int(mask[:, 1:].sum())
         totals["heldout_lm"] += lm_loss(logits, ids, mask).item() * n
         if targets is not None:
-            # log_softmax(log p / 1) = log p: the cached log-probabilities go in at temperature 1
-            t = targets[index].to(device).float() * config.temperature
-            totals["heldout_kd"] += kd_loss(logits[:, :-1], t, mask[:, 1:], config.temperature).item() * n
+            cached = F.log_softmax(targets[index].to(device).float(), dim=-1)  # renormalised after float16
+            kd = kd_loss_to(logits[:, :-1], cached, mask[:, 1:], config.temperature)
+            totals["heldout_kd"] += kd.item() * n
         count += n
     model.train(was)
     out = {"heldout_lm": totals["heldout_lm"] / max(count, 1)}
