@@ -95,8 +95,8 @@ def main() -> None:
     p.add_argument(
         "--runs",
         default=DEFAULT_RUNS,
-        help="comma-separated BASE:LOSS:MODE[:LR] (MODE lora, lora+ (with shortcuts and final), full; LR overrides "
-        "--lr-lora/--lr-full for that run)",
+        help="comma-separated BASE:LOSS:MODE[:LR][@DATA] (MODE lora, lora+ (with shortcuts and final), full; LR "
+        "overrides --lr-lora/--lr-full for that run; DATA a finetune --data source, default c4)",
     )
     p.add_argument("--base", action="append", default=[], help="NAME=FOLDER: use an existing sliced folder")
     p.add_argument("--teacher", default=None, help="teacher for kd runs (default: the source each folder records)")
@@ -120,10 +120,11 @@ def main() -> None:
     (work / "points").mkdir(parents=True, exist_ok=True)
     runs = [r for r in args.runs.split(",") if r]
     for run in [] if args.report_only else runs:
-        record = work / "points" / f"{run.replace(':', '-')}.json"
+        record = work / "points" / f"{slug(run)}.json"
         if record.is_file():
             continue
-        base_name, loss, mode, *run_lr = run.split(":")
+        spec, _, data = run.partition("@")
+        base_name, loss, mode, *run_lr = spec.split(":")
         base = base_folder(base_name, args, work)
         dense_record = work / "points" / "dense.json"
         if not dense_record.is_file():  # the teacher itself: how much of the gap recovery closes
@@ -132,8 +133,10 @@ def main() -> None:
         base_record = work / "points" / f"base-{base_name}.json"
         if not base_record.is_file():
             record_base(base_record, base_name, base, ppl(base, args, args.windows))
-        out = work / "models" / run.replace(":", "-")
-        cmd = slicelm("finetune", base, "--out", out, "--overwrite", "--data", "c4", "--data-dir", args.data_dir)
+        out = work / "models" / slug(run)
+        cmd = slicelm(
+            "finetune", base, "--out", out, "--overwrite", "--data", data or "c4", "--data-dir", args.data_dir
+        )
         cmd += ["--loss", loss, "--tokens", args.tokens, "--seqlen", args.seqlen, "--batch-size", args.batch_size]
         cmd += ["--quiet"] + (["--full"] if mode == "full" else [])
         if mode == "lora+":  # LoRA on the shortcut matrices and the tied final projection too
@@ -152,22 +155,27 @@ def main() -> None:
         sh(cmd)
         wall = time.perf_counter() - start
         report = json.loads((out / "slicelm_report.json").read_text())["finetune"]
-        result = {"run": run, "base": base_name, "loss": loss, "mode": mode, "wall_seconds": wall}
+        result = {"run": run, "base": base_name, "loss": loss, "mode": mode, "data": data or "c4", "wall_seconds": wall}
         result["lr"] = report["config"]["peak_lr"]
         result |= {"ppl": ppl(out, args, args.windows), "finetune": report}
         record.write_text(json.dumps(result, indent=2) + "\n")
         print(f"[recovery] {run}: ppl {result['ppl']['ppl']:.2f}", file=sys.stderr, flush=True)
     for item in [] if args.report_only else [x for x in args.full_set.split(",") if x]:
-        record = work / "points" / f"full-{item.replace(':', '-')}.json"
+        record = work / "points" / f"full-{slug(item)}.json"
         if record.is_file():
             continue
         folder = (
             base_folder(item.split(":", 1)[1], args, work)
             if item.startswith("base:")
-            else (work / "models" / item.replace(":", "-"))
+            else (work / "models" / slug(item))
         )
         record.write_text(json.dumps({"point": item, "ppl": ppl(folder, args)}) + "\n")
     write_report(args, work)
+
+
+def slug(run: str) -> str:
+    """A run's name as a file name: ``25:kd:lora:1e-3@alpaca`` -> ``25-kd-lora-1e-3-alpaca``."""
+    return run.replace(":", "-").replace("@", "-")
 
 
 def write_report(args: argparse.Namespace, work: Path) -> None:
@@ -180,15 +188,16 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         "",
         "Produced by `benchmarks/recovery_smollm2.py` (the `slicelm slice` / `finetune` / `ppl` commands). Bases: "
         f"{describe_bases(points)}; the ones it slices itself use c4 {args.calib_samples} x "
-        f"{args.calib_seqlen} calibration. Training: the offline C4 sample (documents 1000+, never the test text), "
+        f"{args.calib_seqlen} calibration. Training: the offline C4 sample (documents 1000+, never the test text; "
+        "alpaca rows: the 5,000-record Alpaca subset in the Stanford template, packed into full windows), "
         f"{args.tokens:,} tokens per run in windows of {args.seqlen}, batch {args.batch_size}, AdamW + cosine "
         "schedule; `kd` distils the dense model (KL at temperature 1); LoRA rank 32, alpha 64 on every block linear. "
         f"Perplexity: WikiText-2 test, first {args.windows} windows of 2048"
         + (f"; dense {dense:.2f} (gap closed = (before - after) / (before - dense))." if dense else "."),
         "",
-        "| base | loss | mode | peak lr | ppl before | ppl after | gap closed | held-out C4 loss before → after | "
+        "| base | data | loss | mode | peak lr | ppl before | ppl after | gap closed | held-out loss before → after | "
         "train time | teacher share |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in points.values():
         if "run" not in r:
@@ -197,13 +206,16 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         curve = r["finetune"]["curve"]
         teacher = r["finetune"]["teacher_seconds"] / max(r["finetune"]["seconds"], 1e-9)
         lines.append(
-            f"| {r['base']} | {r['loss']} | {r['mode']} | {r['finetune']['config']['peak_lr']:g} | {before:.2f} | "
-            f"{r['ppl']['ppl']:.2f} | {gap_closed(before, r['ppl']['ppl'], dense)} | "
+            f"| {r['base']} | {r.get('data', 'c4')} | {r['loss']} | {r['mode']} | "
+            f"{r['finetune']['config']['peak_lr']:g} | {before:.2f} | {r['ppl']['ppl']:.2f} | "
+            f"{gap_closed(before, r['ppl']['ppl'], dense)} | "
             f"{curve[0]['heldout_lm']:.3f} → {curve[-1]['heldout_lm']:.3f} | {r['finetune']['seconds'] / 60:.1f} min | "
             f"{teacher:.0%} |"
         )
     lines += [
         "",
+        "Held-out loss: next-token loss on windows of the run's own training source that it did not train on (C4 "
+        "rows compare with each other, Alpaca rows with each other). "
         "Train time is the whole `finetune` loop on this machine, held-out evaluations included (and the curve run's "
         "WikiText-2 monitor); teacher share is the part spent in the teacher's forward passes.",
     ]

@@ -132,6 +132,15 @@ def test_alpaca_records_have_variable_lengths(data_dir, smollm2_tokenizer):
     assert max(lengths) <= 64 and min(lengths) < 64 and len(set(lengths)) > 1
     assert smollm2_tokenizer.decode(samples[0]).startswith("Below is an instruction")
 
+    # Packed (training): records joined like documents, every window full, no window repeated.
+    packed = data.load_calibration(
+        "alpaca", smollm2_tokenizer, n_samples=40, seqlen=256, data_dir=data_dir, packed=True
+    )
+    assert {s.numel() for s in packed} == {256}
+    assert len({tuple(s.tolist()) for s in packed}) == 40
+    joined = "".join(smollm2_tokenizer.decode(s) for s in packed)
+    assert joined.count("### Instruction:") > 40  # several records per window, not one padded record
+
 
 def test_txt_file_windows_start_with_bos(tmp_path, bos_tokenizer):
     path = tmp_path / "corpus.txt"

@@ -250,6 +250,7 @@ def load_calibration(
     seqlen: int,
     seed: int = 0,
     data_dir: str | Path | None = None,
+    packed: bool = False,
 ) -> list[torch.Tensor]:
     """``n_samples`` calibration sequences, each a 1-D LongTensor of shape ``(L_i,)``, ``L_i <= seqlen``.
 
@@ -269,7 +270,8 @@ def load_calibration(
       ``seqlen``" would leave only ~65 usable documents in the local 2k C4 sample at 2,048.
       Only as many documents as needed are tokenized (the 356k-document hub shard is not).
     * alpaca: ``n_samples`` distinct records, each tokenized alone and truncated to ``seqlen``, so
-      lengths vary (this is what exercises padding downstream).
+      lengths vary (this is what exercises padding downstream). With ``packed=True`` (training, where
+      padding is compute spent on nothing) records are treated as documents: every window is full.
 
     Calibration never reads a test split: wikitext2 needs ``wiki.train.raw`` (absent from the
     offline data folder), and offline c4 uses only the documents that `eval_text` does not.
@@ -285,7 +287,7 @@ def load_calibration(
         raise SlicelmError(f"calibration sequence length {seqlen} leaves no room for text after {prefix}")
 
     kind, label, payload = _calibration_corpus(source, data_dir)
-    if kind == "records":
+    if kind == "records" and not packed:
         return _record_samples(payload, label, tokenizer, n_samples, seqlen, gen)
     if kind == "text":
         stream = _tokenize_plain(tokenizer, payload)

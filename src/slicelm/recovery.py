@@ -571,6 +571,7 @@ def training_windows(
         seqlen=config.seqlen,
         seed=config.seed,
         data_dir=data_dir,
+        packed=True,
     )
     heldout, train_windows = windows[: config.eval_windows], windows[config.eval_windows :]
     data = {
