@@ -79,8 +79,9 @@ def obs_prune(weight: torch.Tensor, cov: torch.Tensor, keep: int, block: int | N
         h_ss_inv = torch.linalg.inv(h_ss)
         w_s = w[chosen]  # (s, D)
         total = total + torch.einsum("sd,st,td->", w_s, h_ss_inv, w_s)
-        w = w - hinv[:, chosen] @ (h_ss_inv @ w_s)
-        hinv = hinv - hinv[:, chosen] @ h_ss_inv @ hinv[chosen]
+        # In place (index gathers are copies): a fresh (I, I) hinv per step cost ~10x the arithmetic.
+        w.addmm_(hinv[:, chosen], h_ss_inv @ w_s, alpha=-1)
+        hinv.addmm_(hinv[:, chosen] @ h_ss_inv, hinv[chosen], alpha=-1)
         w[chosen] = 0.0
         alive[chosen] = False
         costs.extend([total] * step)
