@@ -124,6 +124,7 @@ def main() -> None:
         if record.is_file():
             continue
         spec, _, data = run.partition("@")
+        data = data or "c4"
         base_name, loss, mode, *run_lr = spec.split(":")
         base = base_folder(base_name, args, work)
         dense_record = work / "points" / "dense.json"
@@ -134,9 +135,7 @@ def main() -> None:
         if not base_record.is_file():
             record_base(base_record, base_name, base, ppl(base, args, args.windows))
         out = work / "models" / slug(run)
-        cmd = slicelm(
-            "finetune", base, "--out", out, "--overwrite", "--data", data or "c4", "--data-dir", args.data_dir
-        )
+        cmd = slicelm("finetune", base, "--out", out, "--overwrite", "--data", data, "--data-dir", args.data_dir)
         cmd += ["--loss", loss, "--tokens", args.tokens, "--seqlen", args.seqlen, "--batch-size", args.batch_size]
         cmd += ["--quiet"] + (["--full"] if mode == "full" else [])
         if mode == "lora+":  # LoRA on the shortcut matrices and the tied final projection too
@@ -155,7 +154,7 @@ def main() -> None:
         sh(cmd)
         wall = time.perf_counter() - start
         report = json.loads((out / "slicelm_report.json").read_text())["finetune"]
-        result = {"run": run, "base": base_name, "loss": loss, "mode": mode, "data": data or "c4", "wall_seconds": wall}
+        result = {"run": run, "base": base_name, "loss": loss, "mode": mode, "data": data, "wall_seconds": wall}
         result["lr"] = report["config"]["peak_lr"]
         result |= {"ppl": ppl(out, args, args.windows), "finetune": report}
         record.write_text(json.dumps(result, indent=2) + "\n")

@@ -163,7 +163,9 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, te
     return kd_loss_to(student, F.log_softmax(teacher[keep].float() / temperature, dim=-1), keep, temperature)
 
 
-def kd_loss_to(student: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor, temperature: float):
+def kd_loss_to(
+    student: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """:func:`kd_loss` against the teacher's log-probabilities at temperature T on the real tokens,
     ``(N, V)`` for the ``N`` true entries of ``mask`` (as :func:`teacher_targets` caches them)."""
     s = F.log_softmax(student[mask.bool()].float() / temperature, dim=-1)  # (N, V)
