@@ -110,7 +110,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--curve", default="", help="BASE:LOSS:MODE run that also records WikiText-2 ppl while training")
     p.add_argument("--monitor-ppl", type=int, default=4, help="windows for --curve's perplexity (default 4)")
-    p.add_argument("--full-set", default="", help="comma-separated runs (or base:NAME) also measured on all windows")
+    p.add_argument(
+        "--full-set", default="", help="comma-separated runs (or base:NAME, or dense) also measured on all windows"
+    )
     p.add_argument("--data-dir", default=os.environ.get("SLICELM_DATA_DIR", str(REPO.parent / "shared" / "data")))
     p.add_argument("--work", default=str(REPO / "runs" / "recovery"))
     p.add_argument("--report-only", action="store_true")
@@ -163,11 +165,12 @@ def main() -> None:
         record = work / "points" / f"full-{slug(item)}.json"
         if record.is_file():
             continue
-        folder = (
-            base_folder(item.split(":", 1)[1], args, work)
-            if item.startswith("base:")
-            else (work / "models" / slug(item))
-        )
+        if item == "dense":  # the teacher, recorded with the 16-window row
+            folder = json.loads((work / "points" / "dense.json").read_text())["model"]
+        elif item.startswith("base:"):
+            folder = base_folder(item.split(":", 1)[1], args, work)
+        else:
+            folder = work / "models" / slug(item)
         record.write_text(json.dumps({"point": item, "ppl": ppl(folder, args)}) + "\n")
     write_report(args, work)
 

@@ -15,6 +15,19 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cores_per_worker() -> int:
+    """The cores one test process may use: all of them alone, an equal share under pytest-xdist
+    (more threads than cores makes torch's workers wait on each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(8, (os.cpu_count() or 1) // workers))
+
+
+# A worker's subprocesses (plain-transformers reloads, CLI runs) get its share unless the caller chose
+# one (set only in workers: the controller's environment is inherited by every worker).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_worker()))
+
+
 def shared_data_dir() -> Path | None:
     """The offline data folder: $SLICELM_DATA_DIR, else ../shared/data beside the repo."""
     env = os.environ.get("SLICELM_DATA_DIR")

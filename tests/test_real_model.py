@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import cores_per_worker
 from helpers import relative_error
 
 from slicelm.arch import resolve
@@ -22,11 +23,9 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(autouse=True, scope="module")
 def all_threads():
-    """A 135M model is worth every core (conftest keeps tiny models on one thread)."""
-    import os
-
+    """A 135M model is worth this process's share of the cores (conftest keeps tiny models on one thread)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    torch.set_num_threads(cores_per_worker())
     yield
     torch.set_num_threads(before)
 
