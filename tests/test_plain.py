@@ -68,14 +68,35 @@ def test_stock_export_equals_the_sliced_model(model_type, tied):
 
 
 @pytest.mark.parametrize("model_type", RMS_FAMILIES)
-def test_plain_at_sparsity_zero_is_exact_tied_with_pca(model_type):
-    """The rotation inside the kept subspace diagonalises the final norm: a tied head stays exact."""
+def test_plain_at_sparsity_zero_is_exact_tied_with_a_rotation(model_type):
+    """The rotation inside the kept subspace diagonalises the final norm: a tied head stays exact.
+    (At full width a PCA basis is skipped for the identity, so a random rotation is the test.)"""
     ids, mask = padded_batch(96)
     before = logits(build_tiny_model(model_type, tie_word_embeddings=True), ids, mask)
-    model, _ = plain_slice(model_type, 0.0, tied=True)
+    model, _ = plain_slice(model_type, 0.0, tied=True, basis="random")
     stock = to_stock_model(model)
     assert stock.lm_head.weight is stock.get_input_embeddings().weight
     assert relative_error(before, logits(stock, ids, mask), mask) <= TOL
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mlp_only_plain_skips_the_statistics_pass_and_equals_any_rotation(tied, monkeypatch):
+    """A whole stream (MLP channels pruned only) needs no PCA basis: no statistics pass, and the result
+    is the function a rotated stream gives (channel pruning and its refit do not see the basis)."""
+    import slicelm.slicing
+
+    ids, mask = padded_batch(96)
+    rotated, _ = plain_slice("llama", 0.0, tied=tied, basis="random", mlp_sparsity=0.25)
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("the statistics pass ran for a whole stream")
+
+    monkeypatch.setattr(slicelm.slicing, "collect_statistics", no_statistics)
+    model, report = plain_slice("llama", 0.0, tied=tied, mlp_sparsity=0.25)
+    assert "statistics" not in report.seconds and report.plan["embedding"] == model.config.hidden_size
+    stock = to_stock_model(model)
+    assert stock.config.intermediate_size < build_tiny_model("llama").config.intermediate_size
+    assert relative_error(logits(rotated, ids, mask), logits(stock, ids, mask), mask) <= TOL
 
 
 def test_diagonalising_keeps_the_subspace():

@@ -44,8 +44,15 @@ class SlicingPlan:
     @property
     def is_uniform(self) -> bool:
         """One stream width everywhere and one MLP width in every layer (what a stock config can hold)."""
-        widths = {self.embedding} | {w for lw in self.layers for w in (lw.mid, lw.out) if w is not None}
-        return len(widths) == 1 and len({lw.mlp for lw in self.layers}) == 1
+        return len(self._stream_widths()) == 1 and len({lw.mlp for lw in self.layers}) == 1
+
+    @property
+    def keeps_stream(self) -> bool:
+        """Every residual-stream width is the original one (only MLP channels, if anything, are removed)."""
+        return self._stream_widths() == {self.hidden_size}
+
+    def _stream_widths(self) -> set[int]:
+        return {self.embedding} | {w for lw in self.layers for w in (lw.mid, lw.out) if w is not None}
 
     def with_mlp(self, widths: list[int | None]) -> SlicingPlan:
         """The same plan with these MLP intermediate widths, one per layer."""

@@ -92,7 +92,8 @@ class SliceConfig:
     basis: ``pca`` (SliceGPT); ``random`` (a Haar-random rotation: an exactness check and a
         baseline), ``identity`` (plain truncation of the original coordinates, a baseline) or
         ``channels`` (keep the stream channels with the most calibration energy, no rotation:
-        Minitron-style channel selection).
+        Minitron-style channel selection). A plain layout whose stream stays whole (MLP channels
+        only) keeps the identity for ``pca``: at full width any basis gives the same function.
     batch_size: calibration sequences per forward pass.
     seed: for the random basis.
     """
@@ -405,11 +406,20 @@ class _Decision:
 def _decide(
     model, layout, config, fused, calibration, batches, store, access, device, params_before, cache, progress, pad_id
 ) -> _Decision:
-    """Plan the widths; a plain layout or a calibrated budget first needs the statistics pass."""
+    """Plan the widths; a calibrated budget, or a plain layout's basis taken from calibration (pca,
+    channels), first needs the statistics pass. A PCA basis for a plain stream that stays whole (MLP
+    channels only) would change nothing but the cost of finding it: the identity is kept instead."""
     plain = config.layout == "plain"
     stats, seconds = None, {}
+    ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
     wants_curves = config.target_params is not None and config.schedule in ("mlp-global", "auto")
-    if plain or wants_curves:
+    plan = planning = None
+    basis_kind = config.basis
+    if plain and not wants_curves:  # the plan does not depend on the statistics
+        plan, planning = build_plan(ctx, config, params_before)
+        if basis_kind == "pca" and plan.keeps_stream:
+            basis_kind = "identity"
+    if wants_curves or (plain and basis_kind in ("pca", "channels")):
         start = time.perf_counter()
         cached = Path(cache) if cache is not None else None
         if cached is not None and (cached / "statistics.json").is_file():
@@ -422,8 +432,8 @@ def _decide(
             if cached is not None:
                 stats.save(cached)
         seconds["statistics"] = time.perf_counter() - start
-    ctx = PlanContext(layout, model.config, config.layout, fused.keep_tie, _intermediate(model, layout))
-    plan, planning = build_plan(ctx, config, params_before, stats)
+    if plan is None:
+        plan, planning = build_plan(ctx, config, params_before, stats)
     warnings = []
     tokens = sum(int(b.mask.sum()) for b in batches)
     if any(lw.mlp is not None for lw in plan.layers) and tokens < REFIT_TOKENS_PER_CHANNEL * ctx.intermediate:
@@ -434,7 +444,7 @@ def _decide(
         )
     basis = None
     if plain:
-        basis = _global_basis(stats, config, model.config.hidden_size)
+        basis = _global_basis(stats, basis_kind, config.seed, model.config.hidden_size)
         if fused.keep_tie:  # the final norm must stay diagonal in the kept subspace (see plain.py)
             from slicelm.plain import diagonalise_final_norm
 
@@ -461,18 +471,17 @@ def _final_scale(model: nn.Module, layout: Layout) -> torch.Tensor:
     return weight.detach().to(torch.float64).cpu() + layout.norm_offset
 
 
-def _global_basis(stats, config: SliceConfig, hidden: int) -> torch.Tensor:
-    """The plain layout's one basis (D, D), chosen from every point's stream statistics."""
+def _global_basis(stats, kind: Basis, seed: int, hidden: int) -> torch.Tensor:
+    """The plain layout's one basis (D, D); pca and channels are chosen from every point's stream statistics."""
     from slicelm.statistics import channel_basis, global_basis
 
-    if config.basis == "pca":
+    if kind == "pca":
         return global_basis(stats)[1]
-    if config.basis == "channels":
+    if kind == "channels":
         return channel_basis(stats)
-    if config.basis == "identity":
+    if kind == "identity":
         return torch.eye(hidden, dtype=torch.float64)
-    generator = torch.Generator().manual_seed(config.seed)
-    return random_orthogonal(hidden, generator)
+    return random_orthogonal(hidden, torch.Generator().manual_seed(seed))
 
 
 def _slice_layer(
