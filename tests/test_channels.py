@@ -130,7 +130,7 @@ def test_parameter_counts_are_exact(layout, tied):
             assert predicted == report.params_after
 
 
-@pytest.mark.parametrize("schedule", ["uniform", "mlp", "mlp-global", "auto"])
+@pytest.mark.parametrize("schedule", ["uniform", "mlp", "mlp-global", "proxy", "auto"])
 @pytest.mark.parametrize("layout", ["slicegpt", "plain"])
 def test_target_params_lands_within_one_percent(schedule, layout):
     model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=192)

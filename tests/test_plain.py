@@ -83,7 +83,7 @@ def test_plain_at_sparsity_zero_is_exact_tied_with_a_rotation(model_type):
 def test_mlp_only_plain_skips_the_statistics_pass_and_equals_any_rotation(tied, monkeypatch):
     """A whole stream (MLP channels pruned only) needs no PCA basis: no statistics pass, and the result
     is the function a rotated stream gives (channel pruning and its refit do not see the basis)."""
-    import slicelm.slicing
+    import slicelm.executor
 
     ids, mask = padded_batch(96)
     rotated, _ = plain_slice("llama", 0.0, tied=tied, basis="random", mlp_sparsity=0.25)
@@ -91,7 +91,7 @@ def test_mlp_only_plain_skips_the_statistics_pass_and_equals_any_rotation(tied, 
     def no_statistics(*args, **kwargs):
         raise AssertionError("the statistics pass ran for a whole stream")
 
-    monkeypatch.setattr(slicelm.slicing, "collect_statistics", no_statistics)
+    monkeypatch.setattr(slicelm.executor, "collect_statistics", no_statistics)
     model, report = plain_slice("llama", 0.0, tied=tied, mlp_sparsity=0.25)
     assert "statistics" not in report.seconds and report.plan["embedding"] == model.config.hidden_size
     stock = to_stock_model(model)

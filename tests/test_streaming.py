@@ -72,7 +72,7 @@ def test_streamed_equals_in_memory(model_type, tied, max_memory, tmp_path):
         ("gemma", True, {"layout": "plain"}),
         ("qwen2", False, {"layout": "plain"}),
         ("llama", False, {"mlp_sparsity": 0.25}),
-        ("llama", False, {"target_params": 0.8, "schedule": "auto", "round_to": 4}),
+        ("llama", False, {"target_params": 0.8, "schedule": "proxy", "round_to": 4}),
     ],
 )
 def test_new_steps_stream_too(model_type, tied, extra, tmp_path):

@@ -8,14 +8,16 @@ slicelm.save_sliced(model, "out/smollm2-sliced", tokenizer)
 model = slicelm.load_sliced("out/smollm2-sliced")
 """
 
-__version__ = "0.1.0"
-
 from slicelm.checkpoint import load_sliced, save_sliced  # noqa: E402
+from slicelm.config import SliceConfig  # noqa: E402
 from slicelm.errors import SlicelmError  # noqa: E402
+from slicelm.executor import SliceReport, execute  # noqa: E402
 from slicelm.models import load_model  # noqa: E402
 from slicelm.plan import SlicingPlan  # noqa: E402
+from slicelm.planning import plan  # noqa: E402
 from slicelm.recovery import FinetuneConfig  # noqa: E402
-from slicelm.slicing import SliceConfig, SliceReport, slice_model  # noqa: E402
+from slicelm.slicing import slice_model  # noqa: E402
+from slicelm.version import __version__
 
 
 def finetune(*args, **kwargs):
@@ -41,7 +43,9 @@ __all__ = [
     "finetune",
     "load_calibration",
     "load_model",
+    "execute",
     "load_sliced",
+    "plan",
     "save_sliced",
     "slice_model",
     "__version__",

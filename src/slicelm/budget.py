@@ -1,39 +1,47 @@
-"""The widths a slicing run follows: from explicit sparsities, or from a parameter budget.
+"""Budgets: exact parameter counts of plans, and the allocators that spend a budget.
 
-Every width lives in a :class:`~slicelm.plan.SlicingPlan`. :func:`build_plan` makes one from a
-:class:`~slicelm.slicing.SliceConfig`:
+Every width lives in a :class:`~slicelm.plan.SlicingPlan`. ``explicit_plan`` makes one from
+sparsities (the same stream width at every point, the same MLP width in every layer);
+``target_params`` asks for a fraction of the dense model's **true** parameter count (shortcuts, a
+kept or untied head, everything that is stored). Counts are exact: each candidate's structure is
+built on the meta device, *in the architecture it will be written in*, and counted.
 
-* ``sparsity`` / ``mlp_sparsity``: the same stream width at every point, the same MLP width in
-  every layer (the paper's schedule, plus MLP channels);
-* ``target_params``: a fraction of the dense model's **true** parameter count (shortcuts, a kept
-  or untied head, everything that is stored). Parameter counts are exact: each candidate plan's
-  structure is built on the meta device and counted.
-
-How a budget is spent is the ``schedule``:
+A budget is spent by an allocator, registered in :data:`ALLOCATORS` by schedule name (a new one is
+one :func:`register_allocator` call; the executor never changes):
 
 * ``uniform``: stream width only (SliceGPT);
 * ``mlp``: MLP channels only, the same number in every layer;
-* ``mlp-global``: MLP channels only, where they cost least: each layer's structured-OBS removal
-  curve (measured on the calibration data, :mod:`slicelm.statistics`) divided by the energy of the
-  stream the MLP writes into, removed in ``round_to`` blocks in order of that relative cost;
-* ``auto``: searches the stream width too, scoring each candidate by the same currency — the share
-  of stream energy a width drops at every point (PCA tail), plus the MLPs' relative removal costs
-  — and keeps the cheapest. Nothing in it is tuned to a model: all of it is calibration data.
+* ``mlp-global``: MLP channels where a proxy says they cost least — each layer's structured-OBS
+  removal curve divided by the energy of the stream the MLP writes into;
+* ``proxy``: stream width too, by the share of stream energy a width drops (PCA tail) plus the
+  MLP proxy (slicelm's former ``auto``);
+* ``auto``: the measured allocator of :mod:`slicelm.measured` (candidates, these simple plans among
+  them, scored end to end on held-out calibration windows).
+
+The proxies are kept as named options: on SmolLM2 they lose badly to the uniform MLP plan
+(docs/results/allocation_smollm2.md).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from slicelm.arch import Layout
+from slicelm.arch import Layout, resolve, spec_for
+from slicelm.channels import check_prunable, intermediate_width
+from slicelm.config import SliceConfig
 from slicelm.errors import SlicelmError
-from slicelm.plan import LayerWidths, SlicingPlan, uniform_width
+from slicelm.meta import meta_model
+from slicelm.modeling_slicelm import apply_sliced_structure, get_module, stream_bias, stream_weight
+from slicelm.plain import check_plain, plain_config
+from slicelm.plan import LayerWidths, SlicingPlan, round_width, uniform_width
+from slicelm.statistics import global_basis
 
-SCHEDULES = ("uniform", "mlp", "mlp-global", "auto")
 TOLERANCE = 0.01  # --target-params lands within 1% below the requested count, or says why not
 
 
@@ -69,23 +77,24 @@ def mlp_width(intermediate: int, sparsity: float, round_to: int) -> int | None:
     """Intermediate width after removing ``sparsity`` of the channels (None: nothing removed)."""
     if sparsity == 0.0:
         return None
-    width = int(intermediate * (1.0 - sparsity)) // round_to * round_to
+    width = round_width(intermediate * (1.0 - sparsity), round_to)
     if width == 0:
         raise SlicelmError(f"mlp-sparsity {sparsity} with --round-to {round_to} leaves no MLP channel; lower either")
     return width
 
 
-def stream_plan(ctx: PlanContext, width: int, config: Any) -> SlicingPlan:
+def stream_plan(ctx: PlanContext, width: int, config: SliceConfig) -> SlicingPlan:
     """A plan with stream width ``width`` everywhere the layout allows, MLPs unchanged."""
     hidden, parallel = ctx.hidden, ctx.layout.parallel
+    common = {"layout": ctx.kind, "tied": ctx.tied}
     if ctx.kind == "plain":  # one basis, one width: the head reads it too
         layers = tuple(LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers))
-        return SlicingPlan(hidden, width, layers)
+        return SlicingPlan(hidden, width, layers, **common)
     slice_head = config.slice_head
     layers = [LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers)]
     if not slice_head:
         layers[-1] = LayerWidths(layers[-1].mid, hidden)
-    plan = SlicingPlan(hidden, width, tuple(layers))
+    plan = SlicingPlan(hidden, width, tuple(layers), **common)
     if ctx.tied and not slice_head:  # the head *is* the embedding: an unsliced head keeps it full width
         plan = replace(plan, embedding=hidden)
     if ctx.layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
@@ -95,7 +104,7 @@ def stream_plan(ctx: PlanContext, width: int, config: Any) -> SlicingPlan:
     return plan
 
 
-def explicit_plan(ctx: PlanContext, config: Any) -> SlicingPlan:
+def explicit_plan(ctx: PlanContext, config: SliceConfig) -> SlicingPlan:
     width = uniform_width(ctx.hidden, config.sparsity, ctx.stream_step(config.round_to))
     plan = stream_plan(ctx, width, config)
     mlp = mlp_width(ctx.intermediate, config.mlp_sparsity, config.round_to)
@@ -113,10 +122,6 @@ class ParameterCounter:
         self._cache: dict[tuple, tuple[int, list[int]]] = {}
 
     def _structure(self, plan: SlicingPlan, stock: bool | None = None):
-        from slicelm.modeling_slicelm import apply_sliced_structure
-        from slicelm.models import meta_model
-        from slicelm.plain import plain_config
-
         ctx = self.ctx
         stock = ctx.kind == "plain" and plan.is_uniform if stock is None else stock
         if stock:  # written in the stock architecture
@@ -136,8 +141,6 @@ class ParameterCounter:
         stock: count in the stock architecture (plain layout, uniform widths) or in slicelm's own
         (default: as ``plan`` itself would be written).
         """
-        from slicelm.modeling_slicelm import get_module, stream_bias, stream_weight
-
         stock = self.ctx.kind == "plain" and plan.is_uniform if stock is None else stock
         key = (plan.embedding, tuple((lw.mid, lw.out) for lw in plan.layers), stock)
         if key not in self._cache:
@@ -170,8 +173,6 @@ def stream_costs(stats: Any, ctx: PlanContext) -> dict[int, float]:
 
     slicegpt: each point keeps its own top-k PCA directions; plain: the global basis's top k.
     """
-    from slicelm.statistics import global_basis
-
     hidden = ctx.hidden
     tails = torch.zeros(hidden + 1, dtype=torch.float64)  # tails[k]: energy share lost keeping k
     q = global_basis(stats)[1] if ctx.kind == "plain" else None
@@ -216,76 +217,193 @@ def allocate_global(costs: dict[int, torch.Tensor], per_channel: list[int], need
     return removed, total
 
 
-def build_plan(ctx: PlanContext, config: Any, params_before: int, stats: Any = None) -> tuple[SlicingPlan, dict]:
-    """The plan for ``config`` and a report of how it was chosen."""
-    if config.target_params is None:
-        return explicit_plan(ctx, config), {}
-    counter = ParameterCounter(ctx)
-    target = int(config.target_params * params_before)
-    step, hidden, intermediate = config.round_to, ctx.hidden, ctx.intermediate
-    schedule = config.schedule
-    if schedule != "uniform":
-        from slicelm.channels import check_prunable
+# --------------------------------------------------------------------------------------------------
+# Allocators: functions from a budget (and, for some, statistics or the model) to a plan
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PlanRequest:
+    """Everything an allocator may use. ``statistics`` is filled when the allocator says it needs
+    them (``needs = "curves"``); ``model`` and ``calibration`` are there for allocators that measure
+    candidates on the model itself (``needs = "model"``), which they must leave unchanged."""
 
+    ctx: PlanContext
+    config: SliceConfig
+    params_before: int
+    counter: ParameterCounter
+    statistics: Any = None  # slicelm.statistics.ModelStatistics
+    model: Any = None  # the dense model (nn.Module), for measured allocators
+    calibration: Any = None  # 1-D token-id tensors
+    pad_id: int = 0
+    progress: bool = False
+    device: Any = None
+
+    @property
+    def target(self) -> int:
+        return int(self.config.target_params * self.params_before)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """A registered way to spend a budget: ``fn(request) -> (plan, report)``.
+
+    needs: what planning must gather first: ``""`` (nothing), ``"curves"`` (the statistics pass with
+    MLP removal curves) or ``"model"`` (the dense model in memory and the calibration samples)."""
+
+    fn: Callable[[PlanRequest], tuple[SlicingPlan, dict]]
+    needs: str = ""
+    prunes_mlp: bool = True
+    help: str = ""
+
+
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocator(name: str, fn: Callable, needs: str = "", prunes_mlp: bool = True, help: str = "") -> None:
+    """Add a schedule: ``register_allocator("mine", fn)``; ``fn(request)`` returns (plan, report)."""
+    ALLOCATORS[name] = Allocator(fn, needs, prunes_mlp, help)
+
+
+def _stream_widths(ctx: PlanContext, step: int) -> list[int]:
+    """Every stream width the layout allows, widest first (the full width included)."""
+    stream_step = ctx.stream_step(step)
+    widths = [ctx.hidden] + list(range(ctx.hidden // stream_step * stream_step, 0, -stream_step))
+    return sorted({w for w in widths if w > 0}, reverse=True)
+
+
+def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
+    """The proxy schedules: candidates over stream widths, MLP channels spent to meet the budget."""
+    ctx, config, counter = request.ctx, request.config, request.counter
+    stats, target, step = request.statistics, request.target, config.round_to
+    if schedule != "uniform":
         check_prunable(ctx.layout.mlp_chunks, ctx.layout.model_type)
-    if schedule in ("uniform", "auto"):
-        stream_step = ctx.stream_step(step)
-        widths = [hidden] + list(range(hidden // stream_step * stream_step, 0, -stream_step))
-        widths = sorted({w for w in widths if w > 0}, reverse=True)
-    else:
-        widths = [hidden]
-    stream_cost = stream_costs(stats, ctx) if schedule == "auto" else None
-    mlp_cost = mlp_relative_costs(stats) if schedule in ("mlp-global", "auto") else None
-    # auto keeps a plain model stock-shaped (one MLP width); mlp-global always spends per layer.
-    uniform_mlp = schedule == "mlp" or (schedule == "auto" and ctx.kind == "plain")
+    widths = _stream_widths(ctx, step) if schedule in ("uniform", "proxy") else [ctx.hidden]
+    stream_cost = stream_costs(stats, ctx) if schedule == "proxy" else None
+    mlp_cost = mlp_relative_costs(stats) if schedule in ("mlp-global", "proxy") else None
+    # proxy keeps a plain model stock-shaped (one MLP width); mlp-global always spends per layer.
+    uniform_mlp = schedule == "mlp" or (schedule == "proxy" and ctx.kind == "plain")
     candidates = []
     for width in widths:
         plan = stream_plan(ctx, width, config)
-        total, per_channel = counter.stream_counts(plan)
-        need = total - target
-        if need <= 0:
-            removed, cost = [0] * ctx.num_layers, 0.0
-        elif schedule == "uniform":
+        if schedule == "uniform":
+            if counter.count(plan) <= target:
+                candidates.append((plan, counter.count(plan), 0.0, width))
+                break  # the widest stream that fits: the paper's plan
             continue
-        elif uniform_mlp:
-            per_layer = -(-need // sum(per_channel))  # channels per layer, rounded up to the step
-            per_layer = -(-per_layer // step) * step
-            if per_layer > intermediate - step:
-                continue
-            removed = [per_layer] * ctx.num_layers
-            cost = sum(mlp_cost[i][per_layer - 1].item() for i in range(ctx.num_layers)) if mlp_cost else 0.0
-        else:
-            removed, cost = allocate_global(mlp_cost, per_channel, need, step, floor=step)
-            if removed is None:
-                continue
-        candidate = plan.with_mlp([intermediate - r if r else None for r in removed])
+        candidate, cost = _spend_mlp(request, plan, uniform_mlp, mlp_cost)
+        if candidate is None:
+            continue
         score = cost + (stream_cost[width] if stream_cost is not None else 0.0)
         candidates.append((candidate, counter.count(candidate), score, width))
-        if schedule == "uniform":
-            break  # the widest stream that fits: the paper's plan
     if not candidates:
         raise SlicelmError(
             f"--target-params {config.target_params} ({target:,} parameters) cannot be met with schedule "
             f"{schedule} on this model; raise it or use --schedule auto"
         )
-    plan, count, score, width = min(candidates, key=lambda c: (c[2], -c[1])) if schedule == "auto" else candidates[0]
+    plan, count, score, width = min(candidates, key=lambda c: (c[2], -c[1])) if schedule == "proxy" else candidates[0]
+    report = {"stream_width": width, "predicted_cost": score if schedule in ("proxy", "mlp-global") else None}
+    if schedule == "proxy":
+        report["candidates"] = [
+            {"stream_width": w, "params": n, "cost": c} for _, n, c, w in sorted(candidates, key=lambda c: -c[3])
+        ]
+    return plan, report
+
+
+def _spend_mlp(
+    request: PlanRequest, plan: SlicingPlan, uniform: bool, mlp_cost: dict | None
+) -> tuple[SlicingPlan | None, float]:
+    """``plan`` with MLP channels removed until it meets the budget, counted as it will be written.
+
+    uniform: the same number of channels in every layer; else by the relative removal costs. The
+    count is checked on the final structure (a per-layer plan may be written in another
+    architecture than the stock one its per-channel prices came from) and more is removed while it
+    is over.
+    """
+    ctx, counter, target, step = request.ctx, request.counter, request.target, request.config.round_to
+    intermediate = ctx.intermediate
+    total, per_channel = counter.stream_counts(plan)
+    need = total - target
+    for _ in range(8):
+        if need <= 0:
+            removed, cost = [0] * ctx.num_layers, 0.0
+        elif uniform:
+            per_layer = -(-need // sum(per_channel))  # channels per layer, rounded up to the step
+            per_layer = -(-per_layer // step) * step
+            if per_layer > intermediate - step:
+                return None, float("inf")
+            removed = [per_layer] * ctx.num_layers
+            cost = sum(mlp_cost[i][per_layer - 1].item() for i in range(ctx.num_layers)) if mlp_cost else 0.0
+        else:
+            removed, cost = allocate_global(mlp_cost, per_channel, need, step, floor=step)
+            if removed is None:
+                return None, float("inf")
+        candidate = plan.with_mlp([intermediate - r if r else None for r in removed])
+        over = counter.count(candidate) - target
+        if over <= 0:
+            return candidate, cost
+        need += over
+    return None, float("inf")
+
+
+register_allocator("uniform", lambda r: _search(r, "uniform"), prunes_mlp=False, help="stream width only (the paper)")
+register_allocator("mlp", lambda r: _search(r, "mlp"), help="MLP channels, the same width in every layer")
+register_allocator(
+    "mlp-global",
+    lambda r: _search(r, "mlp-global"),
+    needs="curves",
+    help="MLP channels per layer by OBS error over stream energy (a proxy; measured to lose)",
+)
+register_allocator(
+    "proxy",
+    lambda r: _search(r, "proxy"),
+    needs="curves",
+    help="stream width and MLP channels by PCA tail + OBS proxy (the old auto; measured to lose)",
+)
+
+
+def _measured(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    # slicelm.measured sits above the executor (it follows candidate plans on copies of the model),
+    # which sits above this module: imported when the schedule runs, not at import time.
+    from slicelm.measured import measured_allocator
+
+    return measured_allocator(request)
+
+
+register_allocator(
+    "auto",
+    _measured,
+    needs="model",
+    help="the simple plans and per-layer allocations, scored end to end on held-out calibration windows",
+)
+
+
+def counter_for(request: PlanRequest, plan: SlicingPlan) -> ParameterCounter:
+    """The counter for the layout ``plan`` is written in (an allocator may write a stream that stays
+    whole in the plain layout whatever was asked: it needs no shortcuts)."""
+    if plan.layout == request.ctx.kind:
+        return request.counter
+    return ParameterCounter(replace(request.ctx, kind=plan.layout))
+
+
+def explicit_or_budget(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """The plan for ``request.config`` (explicit sparsities or a budget) and how it was chosen."""
+    config, ctx = request.config, request.ctx
+    if config.target_params is None:
+        return explicit_plan(ctx, config), {}
+    allocator = ALLOCATORS[config.schedule]
+    plan, details = allocator.fn(request)
+    count = counter_for(request, plan).count(plan)
+    target, step = request.target, config.round_to
     report = {
         "target_params": config.target_params,
         "target_count": target,
         "planned_count": count,
-        "planned_ratio": count / params_before,
-        "schedule": schedule,
-        "stream_width": width,
-        "predicted_cost": score if schedule in ("auto", "mlp-global") else None,
-    }
-    if schedule == "auto":
-        report["candidates"] = [
-            {"stream_width": w, "params": n, "cost": c} for _, n, c, w in sorted(candidates, key=lambda c: -c[3])
-        ]
+        "planned_ratio": count / request.params_before,
+        "schedule": config.schedule,
+    } | details
     shortfall = (target - count) / max(target, 1)
     if shortfall > TOLERANCE:
         steps = f"--round-to {step}; lower it to land closer"
-        if schedule == "uniform" and ctx.stream_step(step) != step:
+        if config.schedule == "uniform" and ctx.stream_step(step) != step:
             heads = ctx.model_config.num_attention_heads
             steps = (
                 f"{ctx.stream_step(step)} (--round-to {step} and the {heads} attention heads a stock config "
@@ -297,26 +415,31 @@ def build_plan(ctx: PlanContext, config: Any, params_before: int, stats: Any = N
     return plan, report
 
 
-def minimal_plan_params(ctx: PlanContext, config: Any) -> int:
+def build_plan(
+    ctx: PlanContext, config: SliceConfig, params_before: int, stats: Any = None
+) -> tuple[SlicingPlan, dict]:
+    """The plan for ``config`` from the context alone (allocators that need the model are refused:
+    use :func:`slicelm.planning.plan`)."""
+    if config.target_params is not None and ALLOCATORS[config.schedule].needs == "model":
+        raise SlicelmError(f"schedule {config.schedule} measures candidates on the model: use slicelm.plan()")
+    request = PlanRequest(ctx, config, params_before, ParameterCounter(ctx), statistics=stats)
+    return explicit_or_budget(request)
+
+
+def minimal_plan_params(ctx: PlanContext, config: SliceConfig) -> int:
     """Parameters of the smallest plan a schedule could choose (every width one ``round_to`` step)."""
     counter = ParameterCounter(ctx)
     step = config.round_to
-    width = min(ctx.stream_step(step), ctx.hidden) if config.schedule in ("uniform", "auto") else ctx.hidden
+    narrows_stream = config.schedule != "mlp" and config.schedule != "mlp-global"
+    width = min(ctx.stream_step(step), ctx.hidden) if narrows_stream else ctx.hidden
     plan = stream_plan(ctx, width, config)
-    if config.schedule != "uniform" and ctx.layout.mlp_chunks is not None:
+    if ALLOCATORS[config.schedule].prunes_mlp and ctx.layout.mlp_chunks is not None:
         plan = plan.with_mlp([step] * ctx.num_layers)
     return counter.count(plan)
 
 
-def context_from_config(model_config: Any, config: Any) -> tuple[PlanContext, int]:
+def context_from_config(model_config: Any, config: SliceConfig) -> tuple[PlanContext, int]:
     """(planning context, dense parameter count) from a config alone, on the meta device."""
-    import copy
-
-    from slicelm.arch import resolve
-    from slicelm.channels import intermediate_width
-    from slicelm.modeling_slicelm import get_module
-    from slicelm.models import meta_model
-
     model_config = copy.deepcopy(model_config)
     model = meta_model(model_config)
     params = sum(p.numel() for p in model.parameters())
@@ -328,26 +451,29 @@ def context_from_config(model_config: Any, config: Any) -> tuple[PlanContext, in
     return PlanContext(layout, model_config, config.layout, tied, width), params
 
 
-def check_against_config(model_config: Any, config: Any) -> None:
+def model_identity(model_config: Any, intermediate: int, params: int) -> dict[str, Any]:
+    """What a plan records of the model it was made for (checked when the plan is followed)."""
+    return {
+        "model_type": model_config.model_type,
+        "num_hidden_layers": int(model_config.num_hidden_layers),
+        "hidden_size": int(model_config.hidden_size),
+        "intermediate_size": int(intermediate),
+        "params": int(params),
+    }
+
+
+def check_against_config(model_config: Any, config: SliceConfig) -> None:
     """Everything the config alone can refuse, before any weight is loaded: the architecture, the
     layout, MLP pruning of a MoE, widths rounded to nothing, an impossible ``target_params``."""
-    from slicelm.arch import spec_for
-    from slicelm.plain import check_plain
-
     spec = spec_for(model_config)
     if config.layout == "plain":
         check_plain(spec.norm, model_config.model_type)
-    prunes_mlp = config.mlp_sparsity > 0 or (config.target_params is not None and config.schedule != "uniform")
-    if prunes_mlp:
-        from slicelm.channels import check_prunable
-
+    if config.prunes_mlp:
         check_prunable(spec.mlp_chunks, model_config.model_type)
     ctx, params = context_from_config(model_config, config)
     if config.target_params is None:
         plan = explicit_plan(ctx, config)  # widths rounded to nothing are refused here
         if ctx.kind == "plain":
-            from slicelm.plain import plain_config
-
             plain_config(ctx.model_config, ctx.layout, plan)  # and widths the stock config refuses
         return
     smallest = minimal_plan_params(ctx, config)
@@ -356,3 +482,24 @@ def check_against_config(model_config: Any, config: Any) -> None:
             f"--target-params {config.target_params} ({int(config.target_params * params):,} parameters) is below "
             f"the smallest model schedule {config.schedule} can make ({smallest:,}, mostly the embeddings); raise it"
         )
+
+
+def check_plan_against_config(model_config: Any, plan: SlicingPlan) -> None:
+    """Refuse a plan (``--plan``) that does not fit this model, before any weight is loaded."""
+    spec = spec_for(model_config)
+    if plan.one_basis:
+        check_plain(spec.norm, model_config.model_type)
+    if plan.prunes_mlp:
+        check_prunable(spec.mlp_chunks, model_config.model_type)
+    config = SliceConfig(layout=plan.layout, untie_head=plan.tied is False)
+    ctx, params = context_from_config(model_config, config)
+    plan.check_model(model_identity(ctx.model_config, ctx.intermediate, params))
+    if plan.tied and not ctx.tied:
+        raise SlicelmError("the plan keeps the head tied to the embedding, but this model's head is not tied")
+    expected = stream_plan(ctx, ctx.hidden, config)
+    for i, (lw, want) in enumerate(zip(plan.layers, expected.layers, strict=True)):
+        if (lw.mid is None) != (want.mid is None):
+            shape = "parallel" if want.mid is None else "sequential"
+            raise SlicelmError(f"the plan's layer {i} does not match this model's {shape} blocks")
+    if plan.is_stock_shaped:
+        plain_config(ctx.model_config, ctx.layout, plan)  # widths the stock config refuses

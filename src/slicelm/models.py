@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from slicelm.errors import SlicelmError, first_line
+from slicelm.meta import meta_model  # noqa: F401  (re-exported: slicelm.models.meta_model)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -161,20 +162,6 @@ def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str
     model.eval()
     model.config.name_or_path = source.description
     return model, tokenizer
-
-
-def meta_model(config, dtype: torch.dtype | None = None):
-    """The model ``config`` describes with every parameter on the meta device (no weight memory;
-    buffers such as rotary tables are real). A tied head shares its embedding's parameter."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
-    # Meta initialisation leaves a tied head with its own (meta) parameter: tie it, so parameter
-    # counts and a tied checkpoint's single stored matrix are right.
-    model.tie_weights()
-    return model.eval()
 
 
 def check_finite_parameters(model, description: str) -> None:

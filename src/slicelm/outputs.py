@@ -95,7 +95,7 @@ def temp_name(prefix: str) -> str:
 
 def write_manifest(folder: Path, kind: str, extra: dict[str, Any] | None = None) -> None:
     """Record that slicelm wrote ``folder`` and which entries it holds (call when it is complete)."""
-    from slicelm import __version__
+    from slicelm.version import __version__
 
     entries = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
     manifest = {"created_by": _TAG, "version": __version__, "kind": kind, "entries": entries, **(extra or {})}
@@ -426,3 +426,25 @@ def finite_or_none(value: Any) -> Any:
 def to_json(data: Any, indent: int | None = 2) -> str:
     """Strict JSON (no NaN/Infinity: they become null); unknown objects become their ``str``."""
     return json.dumps(finite_or_none(data), indent=indent, allow_nan=False, default=str)
+
+
+def write_new_file(path: Path, text: str, replace: bool = False) -> None:
+    """Write ``text`` to ``path`` whole or not at all: through a temporary file in the same folder,
+    published with an exclusive link (a file that appeared meanwhile is never overwritten) unless
+    ``replace`` (the caller checked that slicelm wrote what is there)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise SlicelmError(f"{path} appeared while slicelm was writing it; nothing was replaced") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

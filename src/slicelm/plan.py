@@ -1,16 +1,20 @@
-"""The slicing plan: the width of every point of the residual stream, separate from the algorithm.
+"""The slicing plan: every decision of a slicing run, separate from the algorithm that made it.
 
 The stream is expressed in its own basis at each point where it is written: after the embeddings,
 after each attention branch (sequential blocks) and after each block. A plan gives the number of
-basis vectors kept at each of those points. It is saved with the model, so a checkpoint can be
-rebuilt from its config alone, and other schedules (per-layer sparsity, ...) only have to produce
-a different plan.
+basis vectors kept at each of those points, each MLP's intermediate width, the layout that writes
+the result, where the bases come from and whether the head stays tied. It is JSON: saved with the
+model (so a checkpoint can be rebuilt from its config alone), written by ``slicelm slice
+--plan-only``, edited by hand or made by another tool, and followed by ``slicelm slice --plan``.
+
+Deciding (:func:`slicelm.planning.plan`, the allocators of :mod:`slicelm.allocators`) produces a
+plan; doing (:func:`slicelm.slicing.slice_model`) follows one and knows nothing of schedules.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +31,38 @@ class LayerWidths:
     mlp: int | None = None
 
 
+LAYOUTS = ("slicegpt", "plain")
+BASES = ("pca", "random", "identity", "channels")
+# What a plan records of the model it was made for; following it on another model is refused.
+IDENTITY_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")
+
+
 @dataclass(frozen=True)
 class SlicingPlan:
+    """Every width of a slicing run, and how the executor must produce it.
+
+    layout: ``slicegpt`` (a basis per point, shortcut matrices) or ``plain`` (one basis for the whole
+    stream, no shortcuts). basis: where the bases come from (:data:`BASES`). tied: the head stays
+    tied to the embedding (None: as the model is; an RMSNorm family's tie is kept by default).
+    seed: for the random basis. model: what the plan was made for (:data:`IDENTITY_KEYS` and the
+    dense parameter count). planning: how it was chosen (informational; the executor ignores it).
+    """
+
     hidden_size: int  # D, the original width
     embedding: int  # width after the embeddings = input width of layer 0
     layers: tuple[LayerWidths, ...] = field(default_factory=tuple)
+    layout: str = "slicegpt"
+    basis: str = "pca"
+    tied: bool | None = None
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict, compare=False)
+    planning: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise SlicelmError(f"slicing plan: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.basis not in BASES:
+            raise SlicelmError(f"slicing plan: basis must be one of {', '.join(BASES)}, got {self.basis!r}")
         widths = [self.embedding] + [w for lw in self.layers for w in (lw.mid, lw.out) if w is not None]
         bad = [w for w in widths if not 0 < w <= self.hidden_size]
         if bad:
@@ -54,10 +83,24 @@ class SlicingPlan:
     def _stream_widths(self) -> set[int]:
         return {self.embedding} | {w for lw in self.layers for w in (lw.mid, lw.out) if w is not None}
 
+    @property
+    def one_basis(self) -> bool:
+        """One basis for the whole stream: no shortcut matrices (the plain layout)."""
+        return self.layout == "plain"
+
+    @property
+    def is_stock_shaped(self) -> bool:
+        """Written in the model's own architecture: one basis and widths a stock config can hold."""
+        return self.one_basis and self.is_uniform
+
+    @property
+    def prunes_mlp(self) -> bool:
+        return any(lw.mlp is not None for lw in self.layers)
+
     def with_mlp(self, widths: list[int | None]) -> SlicingPlan:
         """The same plan with these MLP intermediate widths, one per layer."""
         layers = tuple(LayerWidths(lw.mid, lw.out, m) for lw, m in zip(self.layers, widths, strict=True))
-        return SlicingPlan(self.hidden_size, self.embedding, layers)
+        return replace(self, layers=layers)
 
     @classmethod
     def uniform(
@@ -93,12 +136,60 @@ class SlicingPlan:
 
     def to_dict(self) -> dict[str, Any]:
         layers = [{k: v for k, v in asdict(w).items() if k != "mlp" or v is not None} for w in self.layers]
-        return {"hidden_size": self.hidden_size, "embedding": self.embedding, "layers": layers}
+        out: dict[str, Any] = {"hidden_size": self.hidden_size, "embedding": self.embedding, "layers": layers}
+        out |= {"layout": self.layout, "basis": self.basis, "tied": self.tied, "seed": self.seed}
+        if self.model:
+            out["model"] = dict(self.model)
+        if self.planning:
+            out["planning"] = dict(self.planning)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SlicingPlan:
-        layers = tuple(LayerWidths(w.get("mid"), w["out"], w.get("mlp")) for w in data["layers"])
-        return cls(int(data["hidden_size"]), int(data["embedding"]), layers)
+        """A plan from its JSON form (plans saved before layout/basis were recorded read as slicegpt/pca)."""
+        try:
+            layers = tuple(
+                LayerWidths(_width(w.get("mid")), _width(w["out"]), _width(w.get("mlp"))) for w in data["layers"]
+            )
+            tied = data.get("tied")
+            return cls(
+                int(data["hidden_size"]),
+                int(data["embedding"]),
+                layers,
+                layout=str(data.get("layout", "slicegpt")),
+                basis=str(data.get("basis", "pca")),
+                tied=None if tied is None else bool(tied),
+                seed=int(data.get("seed", 0)),
+                model=dict(data.get("model") or {}),
+                planning=dict(data.get("planning") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            raise SlicelmError(f"not a slicing plan ({why}); write one with --plan-only") from None
+
+    def check_model(self, identity: dict[str, Any]) -> None:
+        """Refuse to follow this plan on a model other than the one it describes (one line)."""
+        for key in IDENTITY_KEYS:
+            mine, theirs = self.model.get(key), identity.get(key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise SlicelmError(
+                    f"the plan was made for a model with {key} {mine}, this one has {theirs}; "
+                    "plan again for this model (--plan-only)"
+                )
+        if self.hidden_size != identity.get("hidden_size", self.hidden_size):
+            raise SlicelmError(
+                f"the plan's hidden_size {self.hidden_size} is not the model's {identity['hidden_size']}"
+            )
+        layers = identity.get("num_hidden_layers")
+        if layers is not None and len(self.layers) != layers:
+            raise SlicelmError(f"the plan has {len(self.layers)} layers, the model {layers}; plan again for this model")
+        inter = identity.get("intermediate_size")
+        wide = [i for i, lw in enumerate(self.layers) if lw.mlp is not None and inter is not None and lw.mlp > inter]
+        if wide:
+            raise SlicelmError(
+                f"the plan gives layer {wide[0]} an MLP width of {self.layers[wide[0]].mlp}, wider than the "
+                f"model's {inter}"
+            )
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -108,6 +199,15 @@ class SlicingPlan:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _width(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def round_width(width: float, step: int) -> int:
+    """``width`` rounded down to a multiple of ``step`` (the one rounding rule of every width)."""
+    return int(width) // step * step
+
+
 def uniform_width(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
     if not 0.0 <= sparsity < 1.0:
         raise SlicelmError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -115,7 +215,7 @@ def uniform_width(hidden_size: int, sparsity: float, round_to: int = 8) -> int:
         raise SlicelmError(f"--round-to must be a positive integer, got {round_to}")
     if sparsity == 0.0:
         return hidden_size
-    width = int(hidden_size * (1.0 - sparsity)) // round_to * round_to
+    width = round_width(hidden_size * (1.0 - sparsity), round_to)
     if width == 0:
         raise SlicelmError(
             f"sparsity {sparsity} with widths in steps of {round_to} leaves no width of the {hidden_size}-wide "

@@ -55,6 +55,24 @@ class ModelStatistics:
     def moment(self, point: str) -> torch.Tensor:
         return self.store[("moment", point)]
 
+    @property
+    def has_moments(self) -> bool:
+        """The stream moments are held (not cleared): a one-basis plan's basis can be chosen from them."""
+        return bool(self.points) and all(("moment", p) in self.store for p in self.points)
+
+    def center(self) -> None:
+        """Moments of the mean-centred stream, ``P M P`` with ``P = I - 11^T/D``.
+
+        A LayerNorm family's executor centres every writer (so the stream it slices is ``x P``);
+        statistics gathered on the unmodified model describe that stream after this projection.
+        """
+        for point in self.points:
+            m = self.moment(point).to(torch.float64)
+            centred = m - m.mean(dim=0, keepdim=True)
+            centred = centred - centred.mean(dim=1, keepdim=True)
+            self.store[("moment", point)] = centred
+            self.traces[point] = torch.trace(centred).item()
+
     def clear(self) -> None:
         """Free the stored moments (the curves and traces stay)."""
         for point in self.points:

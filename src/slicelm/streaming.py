@@ -28,7 +28,9 @@ from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import SLICELM_KEY, get_module
 from slicelm.offload import ActivationStore
 from slicelm.outputs import OutputClaim, staged_output
-from slicelm.slicing import SliceConfig, SliceReport, merge_report, slice_model
+from slicelm.config import SliceConfig
+from slicelm.executor import SliceReport, merge_report
+from slicelm.slicing import slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
 
@@ -96,6 +98,7 @@ def slice_streaming(
     metadata: dict[str, Any] | None = None,
     report_extra: dict[str, Any] | None = None,
     progress: bool = True,
+    plan: SlicingPlan | None = None,
 ) -> SliceReport:
     """Slice the safetensors checkpoint in ``source`` into the folder ``out``, layer by layer.
 
@@ -123,6 +126,7 @@ def slice_streaming(
                 model,
                 calibration,
                 config,
+                plan=plan,
                 pad_token_id=getattr(tokenizer, "pad_token_id", None),
                 progress=progress,
                 access=StreamingAccess(checkpoint, writer, dtype),

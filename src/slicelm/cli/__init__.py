@@ -35,7 +35,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slicelm import __version__
+    from slicelm.version import __version__
 
     parser = OneLineParser(prog="slicelm", description="SliceGPT for Hugging Face language models.")
     parser.add_argument("--version", action="version", version=f"slicelm {__version__}")

@@ -8,6 +8,7 @@ calibration data; only then the weights.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,6 @@ from slicelm.cli.common import add_device_argument, quiet_libraries
 from slicelm.errors import SlicelmError, first_line
 
 DEFAULT_SEQLEN = 2048
-DEFAULT_SCHEDULE = "auto"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +40,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--data-dir",
         help="offline data folder (else $SLICELM_DATA_DIR, else ../shared/data beside a checkout, else the hub)",
     )
-    p.add_argument("--out", required=True, help="output folder (a new one, or one slicelm wrote, with --overwrite)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder (a new one, or one slicelm wrote, with --overwrite); with --plan-only, the plan file",
+    )
+    p.add_argument(
+        "--plan-only",
+        action="store_true",
+        help="decide every width and write the plan (JSON) to --out without slicing; follow it later with --plan",
+    )
+    p.add_argument(
+        "--plan",
+        metavar="PLAN.json",
+        help="follow this plan (from --plan-only, a folder's slicing_plan.json, by hand or another tool) instead "
+        "of planning; it is checked against the model first",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is an earlier slicelm output (nothing else)"
     )
@@ -77,8 +92,7 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 
     ``sweep``: the sweep sets the stream sparsity per point itself.
     """
-    from slicelm.budget import SCHEDULES
-    from slicelm.slicing import BASES, LAYOUTS
+    from slicelm.config import BASES, DEFAULT_SCHEDULE, LAYOUTS, SCHEDULES
 
     if not sweep:
         parser.add_argument(
@@ -102,9 +116,10 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
             "--schedule",
             choices=SCHEDULES,
             default=DEFAULT_SCHEDULE,
-            help="how --target-params is spent: uniform (stream width only, the paper), mlp (MLP channels, the "
-            "same in every layer), mlp-global (MLP channels where calibration says they cost least), auto (stream "
-            f"and MLP together, by calibration cost). Default {DEFAULT_SCHEDULE}",
+            help="how --target-params is spent: auto (candidate plans — the uniform ones among them — scored end "
+            "to end on held-out calibration windows; the best is kept), uniform (stream width only, the paper), "
+            "mlp (MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
+            f"calibration proxy; measured to lose, kept for comparison). Default {DEFAULT_SCHEDULE}",
         )
     parser.add_argument(
         "--layout",
@@ -170,6 +185,28 @@ def validate_slicing_arguments(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
+    args.followed_plan = None
+    if args.plan is not None:
+        from slicelm.plan import SlicingPlan
+
+        if args.plan_only:
+            raise SlicelmError("--plan follows a plan and --plan-only writes one; give one of them")
+        if args.target_params is not None or args.sparsity is not None or args.mlp_sparsity:
+            raise SlicelmError("the plan decides every width; drop --sparsity/--mlp-sparsity/--target-params")
+        path = Path(args.plan).expanduser()
+        if not path.is_file():
+            raise SlicelmError(f"plan file {args.plan} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SlicelmError(f"plan file {args.plan} is not JSON ({first_line(exc)})") from None
+        if not isinstance(data, dict):
+            raise SlicelmError(f"plan file {args.plan} is not a slicing plan (a JSON object)")
+        args.followed_plan = SlicingPlan.from_dict(data)
+        args.sparsity = 0.0
+        validate_slicing_arguments(args)
+        _validate_run_flags(args)
+        return
     if args.target_params is not None:
         if args.sparsity is not None or args.mlp_sparsity:
             raise SlicelmError("give either --target-params or --sparsity/--mlp-sparsity, not both")
@@ -183,6 +220,12 @@ def validate(args: argparse.Namespace) -> None:
     if not 0.0 <= args.sparsity < 1.0:
         raise SlicelmError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     validate_slicing_arguments(args)
+    _validate_run_flags(args)
+
+
+def _validate_run_flags(args: argparse.Namespace) -> None:
+    if args.plan_only and (args.ppl_windows or args.stream):
+        raise SlicelmError("--plan-only writes a plan and slices nothing; drop --ppl-windows/--stream")
     if args.ppl_seqlen is not None and args.ppl_seqlen < 2:
         raise SlicelmError("--ppl-seqlen must be at least 2")
     if args.ppl_windows < 0:
@@ -214,11 +257,15 @@ def fit_seqlens(model_config: Any, args: argparse.Namespace, flags: tuple[str, .
 
 
 def check_model_config(model_config: Any, config: Any, args: argparse.Namespace) -> None:
-    """What the config alone can refuse: the architecture and layout, the widths or the budget,
-    sequences beyond its positions. Nothing is loaded (structures are built on the meta device)."""
-    from slicelm.budget import check_against_config
+    """What the config alone can refuse: the architecture and layout, the widths or the budget (or a
+    plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
+    built on the meta device)."""
+    from slicelm.budget import check_against_config, check_plan_against_config
 
-    check_against_config(model_config, config)
+    if getattr(args, "followed_plan", None) is not None:
+        check_plan_against_config(model_config, args.followed_plan)
+    else:
+        check_against_config(model_config, config)
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
 
 
@@ -235,8 +282,11 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.model)
     if source.is_sliced:
         raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
+    if args.plan_only:
+        return _plan_only(args, source)
     # Claimed before any work: a refused or busy --out costs nothing, and no other run can take it.
-    kind = PLAIN_KIND if args.layout == "plain" else OUTPUT_KIND
+    layout = args.followed_plan.layout if args.followed_plan is not None else args.layout
+    kind = PLAIN_KIND if layout == "plain" else OUTPUT_KIND
     with OutputClaim(args.out, args.overwrite, kind=kind, protect=[source.local_path]) as claim:
         return _run(args, source, claim)
 
@@ -315,7 +365,13 @@ def _run(args: argparse.Namespace, source, claim) -> int:
 
         ppl_before = ppl()
         report = slice_model(
-            model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=progress, device=args.device
+            model,
+            samples,
+            config,
+            plan=args.followed_plan,
+            pad_token_id=tokenizer.pad_token_id,
+            progress=progress,
+            device=args.device,
         )
         ppl_after = ppl()
         extra |= {"load_seconds": load_seconds, "perplexity_before": ppl_before, "perplexity_after": ppl_after}
@@ -337,9 +393,53 @@ def _run(args: argparse.Namespace, source, claim) -> int:
     return 0
 
 
+def _plan_only(args: argparse.Namespace, source) -> int:
+    """``--plan-only``: decide every width on the loaded model and write the plan; slice nothing."""
+    from slicelm.data import load_calibration, resolve_data_dir
+    from slicelm.models import load_config, load_model, load_tokenizer
+    from slicelm.outputs import write_new_file
+    from slicelm.planning import plan
+
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() != ".json":
+        raise SlicelmError(f"--plan-only writes a JSON file; give --out a .json path, not {args.out}")
+    if out.exists() and not (args.overwrite and _is_slicelm_plan(out)):
+        raise SlicelmError(
+            f"{args.out} exists; choose another --out"
+            + (" (--overwrite replaces only a plan slicelm wrote)" if not args.overwrite else "")
+        )
+    data_dir = resolve_data_dir(args.data_dir)
+    model_config = load_config(source)
+    config = slice_config_from(args)
+    check_model_config(model_config, config, args)
+    tokenizer = load_tokenizer(source)
+    samples = load_calibration(
+        args.calib, tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed, data_dir=data_dir
+    )
+    model, tokenizer = load_model(source, dtype=args.dtype)
+    chosen = plan(model, samples, config, pad_token_id=tokenizer.pad_token_id, progress=not args.quiet)
+    data = chosen.to_dict() | {"created_by": PLAN_MARK, "source_model": source.description}
+    write_new_file(out, json.dumps(data, indent=2) + "\n", replace=args.overwrite)
+    planning = chosen.planning
+    what = f"target {planning['target_params']:g} ({planning['schedule']})" if planning else "explicit sparsities"
+    print(f"planned {source.description} at {what}, {chosen.layout} layout -> {out}", file=sys.stderr)
+    print(json.dumps({"plan": str(out), "planned_count": planning.get("planned_count"), "layout": chosen.layout}))
+    return 0
+
+
+PLAN_MARK = "slicelm --plan-only"
+
+
+def _is_slicelm_plan(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("created_by") == PLAN_MARK
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
 def slice_config_from(args: argparse.Namespace):
-    """The :class:`~slicelm.slicing.SliceConfig` the flags describe."""
-    from slicelm.slicing import SliceConfig
+    """The :class:`~slicelm.config.SliceConfig` the flags describe."""
+    from slicelm.config import SliceConfig
 
     return SliceConfig(
         sparsity=args.sparsity,
@@ -438,11 +538,11 @@ def summary(report: dict[str, Any], out: Path) -> str:
     if mlp:
         how += f", MLP widths {mlp[0]}-{mlp[-1]}" if mlp[0] != mlp[-1] else f", MLP width {mlp[0]}"
     planning = report.get("planning") or {}
-    what = (
-        f"target {planning['target_params']:g} ({planning['schedule']})"
-        if planning
-        else (f"sparsity {report['sparsity']:.2f}")
-    )
+    if planning.get("target_params") is not None:
+        chosen = f", chose {planning['chosen']}" if planning.get("chosen") else ""
+        what = f"target {planning['target_params']:g} ({planning['schedule']}{chosen})"
+    else:
+        what = f"sparsity {report['sparsity']:.2f}" if report.get("sparsity") is not None else "a given plan"
     lines = [
         f"sliced {report['model']} at {what}, {report.get('layout', 'slicegpt')} layout ({how}) -> {out}",
         f"  parameters      {before / 1e6:9.2f}M -> {after / 1e6:9.2f}M  ({after / before:.1%})",

@@ -1,0 +1,96 @@
+"""What a slicing run is asked to do: :class:`SliceConfig`, validated on construction.
+
+This is the one home of the range checks (the CLI and the plan rely on them). The names of the
+allocators are listed here so the config can be checked before anything heavier is imported; the
+allocators themselves live in :mod:`slicelm.budget` (``ALLOCATORS``) and :mod:`slicelm.measured`,
+and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from slicelm.errors import SlicelmError
+from slicelm.plan import BASES, LAYOUTS
+
+Basis = Literal["pca", "random", "identity", "channels"]
+LayoutKind = Literal["slicegpt", "plain"]
+# auto: the measured allocator (candidates scored end to end on held-out calibration windows);
+# uniform: stream only (the paper); mlp: MLP channels, the same width in every layer; mlp-global and
+# proxy: per-layer allocations by a calibration proxy (kept as named options; see docs/results).
+SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy")
+DEFAULT_SCHEDULE = "auto"
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """How to slice. Validated on construction.
+
+    sparsity: fraction of the hidden width removed at every point of the stream, in [0, 1).
+    mlp_sparsity: fraction of every MLP's intermediate channels removed (structured OBS with a
+        least-squares refit of the MLP's output, :mod:`slicelm.channels`), in [0, 1).
+    target_params: instead of the two above, the wanted fraction of the dense model's true
+        parameter count, in (0, 1): slicelm chooses the widths (see :mod:`slicelm.budget` and
+        ``schedule``).
+    schedule: how ``target_params`` is spent (:data:`SCHEDULES`): ``auto`` (default: scores the
+        simple plans and per-layer allocations measured end to end on held-out calibration windows,
+        keeps the best), ``uniform`` (the paper: stream only), ``mlp`` (MLP channels only, the same
+        number per layer), ``mlp-global`` / ``proxy`` (per-layer allocations by a calibration
+        proxy; measured to lose, kept as named options).
+    layout: ``slicegpt`` (a PCA basis per point of the stream, shortcut matrices on the residuals,
+        loads with remote code) or ``plain`` (one basis for the whole stream: no shortcuts, the
+        original architecture with smaller widths, loads in stock transformers, vLLM, llama.cpp).
+    round_to: widths are rounded down to a multiple of this (GEMM-friendly shapes).
+    slice_head: also slice the input of the LM head (the last block's output). For a kept tie the
+        head is the embedding, so without slice_head the shared matrix keeps its full width. The
+        plain layout always slices it (the stream has one width).
+    untie_head: for models whose head is tied to the embedding, give the head its own weight (the
+        paper's method). By default the tie is kept: the head reads the embedding's basis and the
+        final norm becomes a small (d_L, d_0) projection, so the vocabulary matrix is stored once.
+        LayerNorm families are always untied (mean-centring the embedding would change the head).
+    basis: ``pca`` (SliceGPT); ``random`` (a Haar-random rotation: an exactness check and a
+        baseline), ``identity`` (plain truncation of the original coordinates, a baseline) or
+        ``channels`` (keep the stream channels with the most calibration energy, no rotation:
+        Minitron-style channel selection). A plain layout whose stream stays whole (MLP channels
+        only) keeps the identity for ``pca``: at full width any basis gives the same function.
+    batch_size: calibration sequences per forward pass.
+    seed: for the random basis.
+    """
+
+    sparsity: float = 0.25
+    round_to: int = 8
+    slice_head: bool = False
+    untie_head: bool = False
+    basis: Basis = "pca"
+    batch_size: int = 8
+    seed: int = 0
+    mlp_sparsity: float = 0.0
+    layout: LayoutKind = "slicegpt"
+    target_params: float | None = None
+    schedule: str = DEFAULT_SCHEDULE
+
+    def __post_init__(self) -> None:
+        for name in ("sparsity", "mlp_sparsity"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise SlicelmError(f"{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if self.target_params is not None and not 0.0 < self.target_params < 1.0:
+            raise SlicelmError(
+                f"target-params is a fraction of the dense model's parameters in (0, 1), got {self.target_params}"
+            )
+        if int(self.round_to) < 1:
+            raise SlicelmError(f"round_to must be a positive integer, got {self.round_to}")
+        if self.basis not in BASES:
+            raise SlicelmError(f"basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if self.layout not in LAYOUTS:
+            raise SlicelmError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.schedule not in SCHEDULES:
+            raise SlicelmError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if int(self.batch_size) < 1:
+            raise SlicelmError(f"batch size must be a positive integer, got {self.batch_size}")
+
+    @property
+    def prunes_mlp(self) -> bool:
+        """The plan may narrow MLPs: an explicit MLP sparsity, or a budget spent by a schedule that can."""
+        return self.mlp_sparsity > 0 or (self.target_params is not None and self.schedule != "uniform")

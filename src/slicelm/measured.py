@@ -1,0 +1,335 @@
+"""The measured allocator (``--schedule auto``): score whole candidate plans end to end, keep the best.
+
+A per-layer proxy (an MLP's refit error over the stream's energy) misjudges what a layer's channels
+are worth to the model's output: on SmolLM2 it left the middle MLPs with 8 of 1,536 channels and
+scored 169.8 perplexity where the uniform MLP plan scores 31.8. Here every decision is measured on
+the model's own next-token distribution:
+
+1. **Split the calibration samples**: the last ones (up to :data:`SCORE_TOKENS` tokens) are held out
+   for scoring; refits during the search use the others (up to :data:`SEARCH_TOKENS` tokens).
+2. **Layer sensitivity, measured**: for each layer alone, its MLP is pruned to the uniform-MLP width
+   of this budget (structured OBS + refit on the dense inputs it receives) and the KL divergence of
+   the model's next-token distribution from the dense one is measured on the held-out windows.
+3. **Candidates at the same budget**, each followed by the executor on a copy of the model (so every
+   refit sees the signals of the already-compressed layers before it) and scored by the same KL:
+   the uniform MLP plan, the uniform stream plan (SliceGPT), their combination, and per-layer MLP
+   widths shaped by the measured sensitivities (removal proportional to ``s_i ** -beta`` for each
+   beta in :data:`SHAPES`; beta = 0 would be the uniform plan).
+4. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
+   candidates, so the choice never scores worse than they do.
+
+Nothing is tuned to a model: the widths come from measurements on the calibration data, and the
+few constants below are search budgets (tokens, shapes tried), reported with every plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from slicelm.budget import ALLOCATORS, ParameterCounter, PlanRequest, counter_for, stream_plan
+from slicelm.calibration import capture_layer_inputs
+from slicelm.channels import obs_prune, select_channels
+from slicelm.errors import SlicelmError
+from slicelm.executor import execute
+from slicelm.modeling_slicelm import get_module, stream_weight
+from slicelm.offload import ActivationStore
+from slicelm.pca import CovarianceAccumulator
+from slicelm.plan import SlicingPlan, round_width
+
+SCORE_TOKENS = 2048  # held-out calibration tokens every candidate is scored on
+SEARCH_TOKENS = 8192  # calibration tokens the candidates' refits use during the search
+SHAPES = (0.5, 1.0)  # exponents of the sensitivity-shaped MLP allocations tried
+
+Scorer = Callable[[str, SlicingPlan], float]  # (candidate name, plan) -> score, lower is better
+
+
+def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tuple[SlicingPlan, dict]:
+    """Spend ``request``'s budget on the candidate with the lowest measured KL.
+
+    scorer: replaces the measurement (tests use a deterministic one); the default executes each
+    candidate on a copy of the model and measures KL(dense || candidate) on held-out windows.
+    """
+    start = time.perf_counter()
+    model, calibration = request.model, request.calibration
+    if model is None or calibration is None or any(p.device.type == "meta" for p in model.parameters()):
+        return _fallback(request, "the measured allocator needs the model in memory (streaming)")
+    held, search = split_calibration(calibration)
+    if scorer is None:
+        measure = KLScorer(model, held, search, request)
+        scorer = measure.score
+    else:
+        measure = None
+    candidates = simple_candidates(request)
+    sensitivity: list[float] | None = None
+    uniform_mlp = candidates.get("uniform-mlp")
+    if uniform_mlp is not None and _can_measure_layers(request) and measure is not None:
+        width = next(lw.mlp for lw in uniform_mlp.layers)
+        if width is not None:
+            sensitivity = measure.layer_sensitivity(width)
+    elif uniform_mlp is not None and measure is None:
+        sensitivity = [1.0 + i for i in range(request.ctx.num_layers)]  # a deterministic stand-in
+    if sensitivity is not None:
+        for beta in SHAPES:
+            shaped = shaped_plan(request, uniform_mlp, sensitivity, beta)
+            if shaped is not None and all(shaped.layers != c.layers for c in candidates.values()):
+                candidates[f"mlp-shaped-{beta:g}"] = shaped
+    if not candidates:
+        raise SlicelmError(
+            f"--target-params {request.config.target_params} cannot be met on this model by any candidate plan; "
+            "raise it"
+        )
+    counter = request.counter
+    scored = []
+    for name, plan in tqdm(list(candidates.items()), desc="score candidates", disable=not request.progress):
+        scored.append((scorer(name, plan), name, plan))
+    best_score, best_name, best = min(scored, key=lambda s: s[0])  # ties keep the simpler, earlier plan
+    report = {
+        "chosen": best_name,
+        "candidates": [
+            {"name": name, "score": score, "params": _count(counter, request, plan)} for score, name, plan in scored
+        ],
+        "score": "KL(dense || candidate) per held-out token" if measure is not None else "injected scorer",
+        "evaluations": len(scored) + (len(sensitivity) if sensitivity is not None and measure is not None else 0),
+        "score_tokens": sum(len(s) for s in held),
+        "search_tokens": sum(len(s) for s in search),
+        "layer_sensitivity": sensitivity,
+        "search_seconds": time.perf_counter() - start,
+        "stream_width": best.embedding if best.keeps_stream else min(lw.out for lw in best.layers),
+    }
+    return best, report
+
+
+def _count(counter: ParameterCounter, request: PlanRequest, plan: SlicingPlan) -> int:
+    return counter_for(request, plan).count(plan)
+
+
+def _fallback(request: PlanRequest, why: str) -> tuple[SlicingPlan, dict]:
+    plan, details = ALLOCATORS["mlp"].fn(request)
+    return plan, details | {"chosen": "uniform-mlp", "note": f"{why}: planned the uniform MLP plan"}
+
+
+def split_calibration(samples: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(held-out samples for scoring, samples for the search's refits), disjoint when there are two
+    or more samples; each set is capped by its token budget (a long sample is cut, never dropped)."""
+    samples = list(samples)
+    if len(samples) == 1:  # nothing to hold out: score on what is refit (the report says so)
+        return [samples[0][:SCORE_TOKENS]], [samples[0][:SEARCH_TOKENS]]
+    held: list[torch.Tensor] = []
+    tokens = 0
+    for sample in reversed(samples[1:]):  # at least one sample is left for the refits
+        if tokens >= SCORE_TOKENS:
+            break
+        held.append(sample[: SCORE_TOKENS - tokens])
+        tokens += len(held[-1])
+    rest = samples[: len(samples) - len(held)]
+    search: list[torch.Tensor] = []
+    tokens = 0
+    for sample in rest:
+        if tokens >= SEARCH_TOKENS:
+            break
+        search.append(sample[: SEARCH_TOKENS - tokens])
+        tokens += len(search[-1])
+    return held[::-1], search
+
+
+def simple_candidates(request: PlanRequest) -> dict[str, SlicingPlan]:
+    """The uniform plans at this budget: MLP channels only, stream only, and half of each."""
+    out: dict[str, SlicingPlan] = {}
+    ctx = request.ctx
+    mlp_request = _mlp_only_request(request)
+    if ctx.layout.mlp_chunks is not None:
+        try:
+            out["uniform-mlp"] = ALLOCATORS["mlp"].fn(mlp_request)[0]
+        except SlicelmError:
+            pass
+    if _rotation_allowed(request):
+        try:
+            out["uniform-stream"] = ALLOCATORS["uniform"].fn(request)[0]
+        except SlicelmError:
+            pass
+        combined = _combined(request)
+        if combined is not None:
+            out["stream+mlp"] = combined
+    return out
+
+
+def _rotation_allowed(request: PlanRequest) -> bool:
+    return getattr(request.ctx.layout, "rotation", None) is None
+
+
+def _mlp_only_request(request: PlanRequest) -> PlanRequest:
+    """The request as planned for a stream that stays whole: one basis (the identity), no shortcuts,
+    the stock architecture — wherever the family admits the plain layout."""
+    if request.ctx.kind == "plain" or request.ctx.layout.norm != "rms":
+        return request
+    ctx = replace(request.ctx, kind="plain")
+    config = replace(request.config, layout="plain")
+    return replace(request, ctx=ctx, config=config, counter=ParameterCounter(ctx))
+
+
+def _combined(request: PlanRequest) -> SlicingPlan | None:
+    """Half of the parameters to remove from the stream, the rest from every MLP alike."""
+    ctx, counter, config = request.ctx, request.counter, request.config
+    if ctx.layout.mlp_chunks is None:
+        return None
+    dense = counter.count(stream_plan(ctx, ctx.hidden, config))
+    halfway = dense - (dense - request.target) // 2
+    step = ctx.stream_step(config.round_to)
+    width = None
+    for w in range(ctx.hidden // step * step, 0, -step):
+        if counter.count(stream_plan(ctx, w, config)) <= halfway:
+            width = w
+            break
+    if width is None or width == ctx.hidden:
+        return None
+    plan = stream_plan(ctx, width, config)
+    total, per_channel = counter.stream_counts(plan)
+    need = total - request.target
+    if need <= 0:
+        return plan
+    per_layer = -(-need // sum(per_channel))
+    per_layer = -(-per_layer // config.round_to) * config.round_to
+    if per_layer > ctx.intermediate - config.round_to:
+        return None
+    candidate = plan.with_mlp([ctx.intermediate - per_layer] * ctx.num_layers)
+    return candidate if counter.count(candidate) <= request.target else None
+
+
+def shaped_plan(
+    request: PlanRequest, uniform: SlicingPlan, sensitivity: Sequence[float], beta: float
+) -> SlicingPlan | None:
+    """Per-layer MLP widths at the budget, removal proportional to ``sensitivity ** -beta``.
+
+    Channels removed per layer are ``min(I - step, lam * s_i ** -beta)`` rounded to the step, with
+    ``lam`` found by bisection: the largest plan within the budget (counted as it is written).
+    """
+    ctx, step = request.ctx, request.config.round_to
+    counter = counter_for(request, uniform)
+    inter = ctx.intermediate
+    s = torch.tensor([max(float(v), 0.0) for v in sensitivity], dtype=torch.float64)
+    s = s.clamp_min(max(s.max().item(), 1e-30) * 1e-6)
+    weights = s.pow(-beta)
+    weights = weights / weights.mean()
+    target = request.target
+
+    def plan_at(lam: float) -> SlicingPlan:
+        widths = []
+        for w in weights.tolist():
+            removed = min(inter - step, round_width(lam * w, step))
+            widths.append(inter - removed if removed > 0 else None)
+        return uniform.with_mlp(widths)
+
+    lo, hi = 0.0, float(inter) * float(weights.max().item() ** -1) * 4 + inter
+    if counter.count(plan_at(hi)) > target:
+        return None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if counter.count(plan_at(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+    return plan_at(hi)
+
+
+def _can_measure_layers(request: PlanRequest) -> bool:
+    """Layer sensitivities need an MLP that is one submodule and channels that can be pruned."""
+    layout = request.ctx.layout
+    return isinstance(layout.mlp, str) and layout.mlp_chunks is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+class KLScorer:
+    """KL divergence of candidates' next-token distributions from the dense model's, per held-out token.
+
+    The dense model is never changed: candidates are followed on copies; layer sensitivities swap
+    one pruned copy of a layer in at a time.
+    """
+
+    def __init__(self, model: nn.Module, held: list[torch.Tensor], search: list[torch.Tensor], request: PlanRequest):
+        self.model, self.held, self.search, self.request = model, held, search, request
+        self.batch_size = request.config.batch_size
+        self.pad_id = request.pad_id
+        self.reference = [self._log_probs(model, ids) for ids in held]  # float16 (T, V) each
+
+    @torch.no_grad()
+    def _log_probs(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        device = next(p.device for p in model.parameters())
+        logits = model(input_ids=ids[None].to(device)).logits[0]  # (T, V)
+        return F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu()
+
+    def _kl(self, log_q: torch.Tensor, index: int) -> float:
+        """Sum over the window of KL(dense || candidate) (T positions)."""
+        log_p = self.reference[index].float()
+        return (log_p.exp() * (log_p - log_q.float().cpu())).sum().item()
+
+    @torch.no_grad()
+    def score(self, name: str, plan: SlicingPlan) -> float:
+        candidate = copy.deepcopy(self.model)
+        execute(candidate, self.search, plan, batch_size=self.batch_size, pad_token_id=self.pad_id, progress=False)
+        total = sum(self._kl(self._log_probs(candidate, ids), i) for i, ids in enumerate(self.held))
+        del candidate
+        return total / sum(len(ids) for ids in self.held)
+
+    @torch.no_grad()
+    def layer_sensitivity(self, width: int) -> list[float]:
+        """For each layer alone: KL when its MLP keeps ``width`` channels (OBS + refit on the dense
+        inputs it receives). One pass over the layers; the held-out signals run on from each layer."""
+        model, layout = self.model, self.request.ctx.layout
+        store, held_store = ActivationStore(), ActivationStore()
+        search = capture_layer_inputs(model, layout, self.search, self.batch_size, self.pad_id, store, False)
+        held = capture_layer_inputs(model, layout, self.held, 1, self.pad_id, held_store, False)
+        layers = get_module(model, layout.layers)
+        tokens = sum(len(ids) for ids in self.held)
+        result = []
+        for index, layer in enumerate(tqdm(layers, desc="layer sensitivity", disable=not self.request.progress)):
+            # The MLP's input moments on the dense signals; the search signals move on to the next layer.
+            writer = get_module(layer, layout.mlp_outputs[0])
+            weight = stream_weight(writer, "writer")  # (I, D)
+            acc = CovarianceAccumulator(weight.shape[-2], device=weight.device)
+            caught: list[torch.Tensor] = []
+            handle = writer.register_forward_pre_hook(lambda _m, args, seen=caught: seen.append(args[0]))
+            try:
+                for i, b in enumerate(search):
+                    store[("x", i)] = _first(layer(store[("x", i)], **b.kwargs))
+                    acc.add(caught.pop(), b.mask.to(weight.device))
+            finally:
+                handle.remove()
+            pruned = copy.deepcopy(layer)
+            if width < weight.shape[-2]:
+                obs = obs_prune(weight, acc.covariance(), width)
+                select_channels(pruned, layout, obs.keep, obs.weight)
+            total = 0.0
+            for i, b in enumerate(held):
+                x = _first(pruned(held_store[("x", i)], **b.kwargs))
+                for later in layers[index + 1 :]:
+                    x = _first(later(x, **b.kwargs))
+                total += self._kl(self._head(x)[0], i)
+                held_store[("x", i)] = _first(layer(held_store[("x", i)], **b.kwargs))
+            result.append(total / tokens)
+            del pruned
+        for batches, where in ((search, store), (held, held_store)):
+            for i in range(len(batches)):
+                del where[("x", i)]
+        return result
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (B, T, V) from the last layer's output (B, T, D)."""
+        layout = self.request.ctx.layout
+        h = get_module(self.model, layout.final_norm)(x)
+        logits = get_module(self.model, layout.head)(h)
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+def _first(output):
+    """A decoder layer's hidden states (some releases return a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
