@@ -9,9 +9,11 @@ everything else that is stored are counted — and measures WikiText-2 test perp
   plain             one PCA basis for the whole stream (no shortcuts; stock architecture)
   plain-channels    one width, channel selection without rotation (Minitron-style baseline)
   mlp               MLP channels only (structured OBS + refit), the same in every layer (stock)
-  mlp-global        MLP channels only, per layer by calibration cost (one basis, no shortcuts)
-  auto-plain        stream width and MLP channels chosen together, stock-shaped (uniform MLP)
-  auto              stream (per-point bases) and per-layer MLP channels chosen together
+  mlp-global        MLP channels only, per layer by a calibration proxy (one basis, no shortcuts)
+  proxy-plain       stream width and MLP channels by the proxy, stock-shaped (slicelm's old auto, plain)
+  proxy             stream (per-point bases) and per-layer MLP channels by the proxy (the old default)
+  auto              the default command: the measured allocator (candidates scored end to end)
+  auto-plain        the measured allocator with --layout plain
 
 Each point runs in its own process (clean peak memory) and is stored under --work as soon as it is
 measured, so an interrupted benchmark resumes; the statistics pass of the dense model is computed
@@ -43,10 +45,12 @@ METHODS: dict[str, dict] = {
     "plain-channels": {"schedule": "uniform", "layout": "plain", "basis": "channels"},
     "mlp": {"schedule": "mlp", "layout": "plain"},
     "mlp-global": {"schedule": "mlp-global", "layout": "plain"},
-    "auto-plain": {"schedule": "auto", "layout": "plain"},
+    "proxy-plain": {"schedule": "proxy", "layout": "plain"},
+    "proxy": {"schedule": "proxy", "layout": "slicegpt"},
     "auto": {"schedule": "auto", "layout": "slicegpt"},
+    "auto-plain": {"schedule": "auto", "layout": "plain"},
 }
-TARGETS = (0.95, 0.90, 0.85, 0.80)
+TARGETS = (0.95, 0.90, 0.85, 0.80, 0.75, 0.70)
 
 
 def point_name(method: str, target: float) -> str:
@@ -58,9 +62,10 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
     import torch
 
     import slicelm
+    from slicelm.config import SliceConfig
     from slicelm.data import load_calibration, load_eval_ids
     from slicelm.perplexity import perplexity
-    from slicelm.slicing import SliceConfig, slice_model
+    from slicelm.slicing import slice_model
 
     torch.set_num_threads(args.threads)
     data_dir = args.data_dir

@@ -263,6 +263,14 @@ def register_allocator(name: str, fn: Callable, needs: str = "", prunes_mlp: boo
     ALLOCATORS[name] = Allocator(fn, needs, prunes_mlp, help)
 
 
+def get_allocator(name: str) -> Allocator:
+    """The allocator registered as ``name`` (``auto`` registers itself with :mod:`slicelm.measured`,
+    which :mod:`slicelm.planning` imports)."""
+    if name not in ALLOCATORS:
+        raise SlicelmError(f"no allocator is registered as schedule {name!r}; import slicelm.planning first")
+    return ALLOCATORS[name]
+
+
 def _stream_widths(ctx: PlanContext, step: int) -> list[int]:
     """Every stream width the layout allows, widest first (the full width included)."""
     stream_step = ctx.stream_step(step)
@@ -360,22 +368,6 @@ register_allocator(
 )
 
 
-def _measured(request: PlanRequest) -> tuple[SlicingPlan, dict]:
-    # slicelm.measured sits above the executor (it follows candidate plans on copies of the model),
-    # which sits above this module: imported when the schedule runs, not at import time.
-    from slicelm.measured import measured_allocator
-
-    return measured_allocator(request)
-
-
-register_allocator(
-    "auto",
-    _measured,
-    needs="model",
-    help="the simple plans and per-layer allocations, scored end to end on held-out calibration windows",
-)
-
-
 def counter_for(request: PlanRequest, plan: SlicingPlan) -> ParameterCounter:
     """The counter for the layout ``plan`` is written in (an allocator may write a stream that stays
     whole in the plain layout whatever was asked: it needs no shortcuts)."""
@@ -389,7 +381,7 @@ def explicit_or_budget(request: PlanRequest) -> tuple[SlicingPlan, dict]:
     config, ctx = request.config, request.ctx
     if config.target_params is None:
         return explicit_plan(ctx, config), {}
-    allocator = ALLOCATORS[config.schedule]
+    allocator = get_allocator(config.schedule)
     plan, details = allocator.fn(request)
     count = counter_for(request, plan).count(plan)
     target, step = request.target, config.round_to
@@ -420,7 +412,7 @@ def build_plan(
 ) -> tuple[SlicingPlan, dict]:
     """The plan for ``config`` from the context alone (allocators that need the model are refused:
     use :func:`slicelm.planning.plan`)."""
-    if config.target_params is not None and ALLOCATORS[config.schedule].needs == "model":
+    if config.target_params is not None and get_allocator(config.schedule).needs == "model":
         raise SlicelmError(f"schedule {config.schedule} measures candidates on the model: use slicelm.plan()")
     request = PlanRequest(ctx, config, params_before, ParameterCounter(ctx), statistics=stats)
     return explicit_or_budget(request)
@@ -433,7 +425,7 @@ def minimal_plan_params(ctx: PlanContext, config: SliceConfig) -> int:
     narrows_stream = config.schedule != "mlp" and config.schedule != "mlp-global"
     width = min(ctx.stream_step(step), ctx.hidden) if narrows_stream else ctx.hidden
     plan = stream_plan(ctx, width, config)
-    if ALLOCATORS[config.schedule].prunes_mlp and ctx.layout.mlp_chunks is not None:
+    if config.prunes_mlp and ctx.layout.mlp_chunks is not None:
         plan = plan.with_mlp([step] * ctx.num_layers)
     return counter.count(plan)
 

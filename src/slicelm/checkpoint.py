@@ -27,11 +27,15 @@ from slicelm.modeling_slicelm import (
     validate_section,
 )
 from slicelm.outputs import OutputClaim, finite_or_none, staged_output, to_json
+from slicelm.plain import OUTPUT_KIND as PLAIN_KIND
+from slicelm.plain import to_stock_model
+from slicelm.plan import SlicingPlan
 from slicelm.streaming_io import ShardWriter, check_finite
 
 MODELING_FILE = "modeling_slicelm.py"
 PLAN_FILE = "slicing_plan.json"
 REPORT_FILE = "slicelm_report.json"
+FINETUNED_KIND = "finetuned-model"  # manifest kind of a fine-tuned stock (plain-layout or dense) folder
 OUTPUT_KIND = "sliced-model"  # manifest kind of the folders written here (see slicelm.outputs)
 MAX_SHARD_BYTES = 4 * 2**30
 
@@ -84,8 +88,6 @@ def save_sliced(
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
     if is_stock_shaped(getattr(model.config, SLICELM_KEY, {})):  # the original architecture, stock
-        from slicelm.plain import save_plain
-
         return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     tensors = unique_state_dict(model)  # checks for meta (never loaded) tensors
     for name, tensor in tensors.items():
@@ -103,13 +105,28 @@ def save_sliced(
     return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
 
 
+def save_plain(
+    model: nn.Module,
+    out: Any,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Write a plain-layout sliced model as a stock Hugging Face folder (no remote code)."""
+    full = {**(report or {}), "layout": "plain", "provenance": dict(metadata or {})}
+    plan = model.config.slicelm["plan"]
+    return save_stock(
+        to_stock_model(model), out, tokenizer, kind=PLAIN_KIND, overwrite=overwrite, plan=plan, report=full
+    )
+
+
 def is_stock_shaped(info: dict[str, Any]) -> bool:
     """A plain-layout model whose widths a stock config can hold (one stream width, one MLP width).
 
     Other plain-layout models (per-layer MLP widths) keep slicelm's format, without shortcuts.
     """
-    from slicelm.plan import SlicingPlan
-
     return info.get("kind") == "plain" and SlicingPlan.from_dict(info["plan"]).is_uniform
 
 
@@ -191,3 +208,16 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, dev
     except (OSError, RuntimeError) as exc:  # truncated or unreadable safetensors
         raise SlicelmError(f"cannot read the weights of {path} ({first_line(exc)}); re-create it") from None
     return model.eval()
+
+
+def save_finetuned(model, claim, tokenizer, source_folder: str, finetune_report: dict[str, Any]) -> Path:
+    """The same kind of folder as the input: sliced (remote code), or stock (plain layout / dense)."""
+    folder = Path(source_folder)
+    base: dict[str, Any] = {}
+    if (folder / REPORT_FILE).is_file():
+        base = json.loads((folder / REPORT_FILE).read_text())
+    report = base | {"finetune": finetune_report}
+    if getattr(model, "_slicelm_model", False):
+        return save_sliced(model, claim, tokenizer, report=report)
+    plan = json.loads((folder / PLAN_FILE).read_text()) if (folder / PLAN_FILE).is_file() else None
+    return save_stock(model, claim, tokenizer, kind=FINETUNED_KIND, plan=plan, report=report)

@@ -64,6 +64,7 @@ from slicelm.version import __version__
 # channels, ppl 376 against 30 with 32k tokens).
 REFIT_TOKENS_PER_CHANNEL = 4
 
+
 @dataclass
 class SliceReport:
     """What slicing did, for humans and for the JSON report."""

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.budget import ALLOCATORS, ParameterCounter, PlanRequest, counter_for, stream_plan
+from slicelm.budget import ALLOCATORS, ParameterCounter, PlanRequest, counter_for, register_allocator, stream_plan
 from slicelm.calibration import capture_layer_inputs
 from slicelm.channels import obs_prune, select_channels
 from slicelm.errors import SlicelmError
@@ -333,3 +333,11 @@ class KLScorer:
 def _first(output):
     """A decoder layer's hidden states (some releases return a tuple)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+register_allocator(
+    "auto",
+    measured_allocator,
+    needs="model",
+    help="the simple plans and per-layer allocations, scored end to end on held-out calibration windows",
+)

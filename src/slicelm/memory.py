@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
+from slicelm.meta import meta_model
+
 RUNTIME_BYTES = 1 * 2**30  # Python, torch, tokenizers and the calibration ids, measured ~0.7 GiB
 
 
 def parameter_count(model_config: Any) -> int:
     """Parameters of the model ``model_config`` describes (tied weights once), built on the meta device."""
-    from slicelm.models import meta_model
 
     return sum(p.numel() for p in meta_model(model_config).parameters())
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,22 +184,3 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     if getattr(model, "generation_config", None) is not None:
         stock.generation_config = copy.deepcopy(model.generation_config)
     return stock.eval()
-
-
-def save_plain(
-    model: nn.Module,
-    out: Any,
-    tokenizer: Any = None,
-    *,
-    overwrite: bool = False,
-    metadata: dict[str, Any] | None = None,
-    report: dict[str, Any] | None = None,
-) -> Path:
-    """Write a plain-layout sliced model as a stock Hugging Face folder (no remote code)."""
-    from slicelm.checkpoint import save_stock
-
-    full = {**(report or {}), "layout": "plain", "provenance": dict(metadata or {})}
-    plan = model.config.slicelm["plan"]
-    return save_stock(
-        to_stock_model(model), out, tokenizer, kind=OUTPUT_KIND, overwrite=overwrite, plan=plan, report=full
-    )

@@ -25,6 +25,7 @@ from slicelm.devices import DeviceAccess, move_buffers_outside
 from slicelm.errors import SlicelmError
 from slicelm.executor import resolve_pad_id
 from slicelm.fuse import is_tied
+from slicelm.measured import measured_allocator  # noqa: F401  (registers the auto schedule)
 from slicelm.modeling_slicelm import get_module
 from slicelm.offload import ActivationStore
 from slicelm.plain import check_plain
@@ -88,8 +89,16 @@ def plan_with_statistics(
     stats = statistics
     if allocator is not None and allocator.needs == "curves" and (stats is None or not stats.mlp_cost):
         stats = gather_statistics(
-            model, layout, calibration, config.batch_size, resolve_pad_id(model, pad_token_id), store, access,
-            device=device, curves=True, progress=progress,
+            model,
+            layout,
+            calibration,
+            config.batch_size,
+            resolve_pad_id(model, pad_token_id),
+            store,
+            access,
+            device=device,
+            curves=True,
+            progress=progress,
         )
     request = PlanRequest(
         ctx,
@@ -164,4 +173,3 @@ def gather_statistics(
     if layout.norm == "layer":
         stats.center()
     return stats
-

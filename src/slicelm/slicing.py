@@ -69,20 +69,42 @@ def slice_model(
     given = statistics
     if plan is None:
         plan, statistics = plan_with_statistics(
-            model, calibration, config, statistics=statistics, pad_token_id=pad_token_id, progress=progress,
-            access=access, store=store, device=device,
+            model,
+            calibration,
+            config,
+            statistics=statistics,
+            pad_token_id=pad_token_id,
+            progress=progress,
+            access=access,
+            store=store,
+            device=device,
         )
     if cache is not None and (statistics is None or not statistics.has_moments) and _needs_moments(plan):
         # A one-basis plan chooses its basis from the stream moments: gather them here to cache them.
         statistics = gather_statistics(
-            model, resolve(model), calibration, config.batch_size, resolve_pad_id(model, pad_token_id), store,
-            access or WeightAccess(), device=device, progress=progress,
+            model,
+            resolve(model),
+            calibration,
+            config.batch_size,
+            resolve_pad_id(model, pad_token_id),
+            store,
+            access or WeightAccess(),
+            device=device,
+            progress=progress,
         )
     if cache is not None and statistics is not None and statistics is not given:
         statistics.save(cache)
     return execute(
-        model, calibration, plan, batch_size=config.batch_size, pad_token_id=pad_token_id, progress=progress,
-        access=access, store=store, device=device, statistics=statistics,
+        model,
+        calibration,
+        plan,
+        batch_size=config.batch_size,
+        pad_token_id=pad_token_id,
+        progress=progress,
+        access=access,
+        store=store,
+        device=device,
+        statistics=statistics,
     )
 
 

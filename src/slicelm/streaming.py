@@ -24,12 +24,13 @@ from torch import nn
 from slicelm.arch import resolve
 from slicelm.calibration import WeightAccess
 from slicelm.checkpoint import OUTPUT_KIND, is_stock_shaped, sliced_config, write_companions
+from slicelm.config import SliceConfig
 from slicelm.errors import SlicelmError
+from slicelm.executor import SliceReport, merge_report
 from slicelm.modeling_slicelm import SLICELM_KEY, get_module
 from slicelm.offload import ActivationStore
 from slicelm.outputs import OutputClaim, staged_output
-from slicelm.config import SliceConfig
-from slicelm.executor import SliceReport, merge_report
+from slicelm.plan import SlicingPlan
 from slicelm.slicing import slice_model
 from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
 
@@ -38,7 +39,7 @@ def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     """The model of ``folder`` with every parameter on the meta device (no weight memory)."""
     from transformers import AutoConfig
 
-    from slicelm.models import meta_model
+    from slicelm.meta import meta_model
 
     return meta_model(AutoConfig.from_pretrained(folder), dtype)
 
@@ -161,7 +162,6 @@ def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata:
     from slicelm.modeling_slicelm import SLICELM_KEY
     from slicelm.outputs import to_json
     from slicelm.plain import plain_config, stock_tensors
-    from slicelm.plan import SlicingPlan
     from slicelm.streaming_io import INDEX, SINGLE
 
     info = getattr(model.config, SLICELM_KEY)

@@ -230,7 +230,8 @@ class _Resources:
 
 
 def _slice(model, tokenizer, sparsity: float, config: SweepConfig, resources: _Resources) -> dict[str, Any]:
-    from slicelm import SliceConfig, slice_model
+    from slicelm.config import SliceConfig
+    from slicelm.slicing import slice_model
 
     samples = resources.calibration(tokenizer)
     slice_config = SliceConfig(
@@ -277,7 +278,7 @@ def _measure_point(
                 raise RuntimeError(f"{label}: re-slicing gave {info['params']} parameters, stored {point['params']}")
             point.update(info)
             if config.save_models:
-                from slicelm import save_sliced
+                from slicelm.checkpoint import save_sliced
 
                 save_sliced(model, model_dir, tokenizer, overwrite=True)
         else:
@@ -353,7 +354,7 @@ def _recovered_model(model, tokenizer, record: dict[str, Any], folder: Path, con
     )
     record["finetune"] = {k: report.to_dict()[k] for k in ("steps", "tokens", "seconds", "trainable_params")}
     if config.save_models:
-        from slicelm.cli.finetune_cmd import save_finetuned
+        from slicelm.checkpoint import save_finetuned
 
         save_finetuned(
             model, folder, tokenizer, str(folder.parent / folder.name.removesuffix("-recovered")), report.to_dict()

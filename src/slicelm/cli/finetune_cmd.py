@@ -11,12 +11,9 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 from slicelm.cli.common import add_device_argument, quiet_libraries
 from slicelm.errors import SlicelmError
-
-FINETUNED_KIND = "finetuned-model"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -110,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
     source = resolve_source(args.model)
     work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
+    from slicelm.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
+
     with OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path]) as claim:
         _check_work_dir(work, args.resume)
         return _run(args, config, source, claim, work, device)
@@ -175,6 +174,8 @@ def _run(args, config, source, claim, work: Path, device) -> int:
         return 130
     report.data = data
     report.teacher = teacher_name
+    from slicelm.checkpoint import save_finetuned
+
     out = save_finetuned(model, claim, tokenizer, source.path, report.to_dict())
     shutil.rmtree(work, ignore_errors=True)  # slicelm's own work folder (checked when claimed)
     print(summary(report, out), file=sys.stderr)
@@ -212,23 +213,6 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: st
             f"teacher {teacher_name} has another vocabulary than the student ({len(teacher_tokenizer)} vs "
             f"{len(student_tokenizer)} tokens); distil from the model it was sliced from"
         )
-
-
-def save_finetuned(model, claim, tokenizer, source_folder: str, finetune_report: dict[str, Any]) -> Path:
-    """The same kind of folder as the input: sliced (remote code), or stock (plain layout / dense)."""
-    import json
-
-    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE, save_sliced, save_stock
-
-    folder = Path(source_folder)
-    base: dict[str, Any] = {}
-    if (folder / REPORT_FILE).is_file():
-        base = json.loads((folder / REPORT_FILE).read_text())
-    report = base | {"finetune": finetune_report}
-    if getattr(model, "_slicelm_model", False):
-        return save_sliced(model, claim, tokenizer, report=report)
-    plan = json.loads((folder / PLAN_FILE).read_text()) if (folder / PLAN_FILE).is_file() else None
-    return save_stock(model, claim, tokenizer, kind=FINETUNED_KIND, plan=plan, report=report)
 
 
 def summary(report, out: Path) -> str:
