@@ -259,17 +259,18 @@ class KLScorer:
         self.model, self.held, self.search, self.request = model, held, search, request
         self.batch_size = request.config.batch_size
         self.pad_id = request.pad_id
-        self.reference = [self._log_probs(model, ids) for ids in held]  # float16 (T, V) each
+        # float32 (T, V) each: float16 would bias every KL by its rounding (2048 x 49k tokens: 0.4 GB)
+        self.reference = [self._log_probs(model, ids) for ids in held]
 
     @torch.no_grad()
     def _log_probs(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         device = next(p.device for p in model.parameters())
         logits = model(input_ids=ids[None].to(device)).logits[0]  # (T, V)
-        return F.log_softmax(logits.float(), dim=-1).to(torch.float16).cpu()
+        return F.log_softmax(logits.float(), dim=-1).cpu()
 
     def _kl(self, log_q: torch.Tensor, index: int) -> float:
         """Sum over the window of KL(dense || candidate) (T positions)."""
-        log_p = self.reference[index].float()
+        log_p = self.reference[index]
         return (log_p.exp() * (log_p - log_q.float().cpu())).sum().item()
 
     @torch.no_grad()

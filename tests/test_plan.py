@@ -1,0 +1,183 @@
+"""Decide, then do: plans are saveable, followed exactly, checked against the model; allocators."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from helpers import calibration
+from test_cli_slice import run_cli, tiny_folder  # noqa: F401  (the fixture)
+
+import slicelm
+from slicelm.budget import ALLOCATORS, ParameterCounter, PlanRequest
+from slicelm.config import SCHEDULES, SliceConfig
+from slicelm.errors import SlicelmError
+from slicelm.measured import measured_allocator, split_calibration
+from slicelm.plan import LayerWidths, SlicingPlan
+from slicelm.planning import planning_context
+from slicelm.slicing import slice_model
+
+CASES = [
+    {"sparsity": 0.25},
+    {"sparsity": 0.25, "layout": "plain"},
+    {"target_params": 0.8, "schedule": "proxy", "layout": "plain", "round_to": 4},
+    {"target_params": 0.8, "schedule": "mlp-global", "round_to": 4},
+    {"target_params": 0.8, "schedule": "auto", "round_to": 4},
+]
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_every_schedule_is_a_registered_allocator():
+    assert set(SCHEDULES) == set(ALLOCATORS)
+
+
+def test_plan_round_trips_through_json():
+    plan = SlicingPlan(
+        64,
+        48,
+        (LayerWidths(48, 40, 96), LayerWidths(40, 64, None)),
+        layout="slicegpt",
+        basis="random",
+        tied=True,
+        seed=3,
+        model={"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128},
+        planning={"schedule": "auto"},
+    )
+    again = SlicingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and again.model == plan.model and again.planning == plan.planning
+    old = {"hidden_size": 64, "embedding": 48, "layers": [{"mid": 48, "out": 40}]}  # saved before this release
+    assert SlicingPlan.from_dict(old).layout == "slicegpt" and SlicingPlan.from_dict(old).basis == "pca"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_planning_leaves_the_model_unchanged_and_following_the_plan_equals_one_shot(case):
+    """plan() is pure; a plan written to JSON and followed gives the one-shot model bit for bit."""
+    config = SliceConfig(**case)
+    model = build_tiny_model("llama", num_hidden_layers=3, intermediate_size=128)
+    twin = copy.deepcopy(model)
+    before = _state(model)
+    plan = slicelm.plan(model, calibration(96), config, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not getattr(model, "_slicelm_model", False)
+
+    saved = SlicingPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    followed = slice_model(model, calibration(96), config, plan=saved, progress=False)
+    one_shot = slice_model(twin, calibration(96), config, progress=False)
+    assert SlicingPlan.from_dict(followed.plan) == SlicingPlan.from_dict(one_shot.plan)
+    a, b = model.state_dict(), twin.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_plan_for_another_model_is_refused():
+    model = build_tiny_model("llama", num_hidden_layers=3)
+    plan = slicelm.plan(model, calibration(96), SliceConfig(sparsity=0.25), progress=False)
+    other = build_tiny_model("llama", num_hidden_layers=2)
+    with pytest.raises(SlicelmError, match="num_hidden_layers 3, this one has 2"):
+        slice_model(other, calibration(96), plan=plan, progress=False)
+    wide = plan.with_mlp([10_000, None, None])
+    with pytest.raises(SlicelmError, match="wider than the model's"):
+        slice_model(build_tiny_model("llama", num_hidden_layers=3), calibration(96), plan=wide, progress=False)
+
+
+def _request(model, target: float = 0.8, layout: str = "slicegpt") -> PlanRequest:
+    from slicelm.arch import resolve
+
+    config = SliceConfig(target_params=target, schedule="auto", layout=layout, round_to=1)
+    ctx = planning_context(model, resolve(model), config)
+    params = sum(p.numel() for p in model.parameters())
+    return PlanRequest(ctx, config, params, ParameterCounter(ctx), model=model, calibration=calibration(96))
+
+
+@pytest.mark.parametrize("favourite", ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1"])
+def test_the_measured_allocator_keeps_the_best_scored_candidate(favourite):
+    """With a deterministic scorer the chosen plan is the best scored, and the uniform plans are
+    always among the candidates, so the choice never scores worse than any of them."""
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    seen: dict[str, float] = {}
+
+    def scorer(name: str, plan: SlicingPlan) -> float:
+        seen[name] = 0.0 if name == favourite else 1.0 + len(name) / 100
+        return seen[name]
+
+    request = _request(model)
+    plan, report = measured_allocator(request, scorer=scorer)
+    assert {"uniform-mlp", "uniform-stream", "stream+mlp"} <= set(seen)
+    assert report["chosen"] == favourite
+    assert min(c["score"] for c in report["candidates"]) == seen[favourite]
+    for candidate in report["candidates"]:
+        assert 0.79 * request.params_before <= candidate["params"] <= request.target, candidate
+
+
+def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    config = SliceConfig(target_params=0.8, schedule="auto", round_to=1)
+    plan = slicelm.plan(model, calibration(96), config, progress=False)
+    report = plan.planning
+    scores = {c["name"]: c["score"] for c in report["candidates"]}
+    assert report["chosen"] == min(scores, key=scores.get)
+    assert all(s >= -1e-6 and s == s for s in scores.values())  # KL: finite, non-negative (float32 rounding)
+    assert len(report["layer_sensitivity"]) == 4 and min(report["layer_sensitivity"]) > 0
+    dense = sum(p.numel() for p in model.parameters())
+    assert 0.79 * dense <= report["planned_count"] <= 0.8 * dense
+    # The held-out scoring windows are disjoint from the refit samples.
+    held, search = split_calibration(calibration(96))
+    assert len(held) + len(search) <= len(calibration(96)) and held and search
+
+
+def test_plan_only_then_plan_equals_one_shot_through_the_cli(tiny_folder, tmp_path, data_dir, capsys):  # noqa: F811
+    common = ["--calib-samples", 4, "--calib-seqlen", 32, "--batch-size", 2, "--data-dir", data_dir, "--quiet"]
+    plan_file = tmp_path / "plan.json"
+    code, _, err = run_cli(["slice", tiny_folder, "--target-params", 0.99, "--round-to", 4, "--plan-only",
+                            "--out", plan_file, *common], capsys)  # fmt: skip
+    assert code == 0, err
+    assert json.loads(plan_file.read_text())["planning"]["schedule"] == "auto"
+    code, _, err = run_cli(["slice", tiny_folder, "--plan", plan_file, "--out", tmp_path / "followed", *common], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(
+        ["slice", tiny_folder, "--target-params", 0.99, "--round-to", 4, "--out", tmp_path / "direct", *common], capsys
+    )
+    assert code == 0, err
+    from safetensors.torch import load_file
+
+    def weights(folder):
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out |= load_file(f)
+        return out
+
+    a, b = weights(tmp_path / "followed"), weights(tmp_path / "direct")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_plans_are_one_line_and_write_nothing(tiny_folder, tmp_path, data_dir, capsys):  # noqa: F811
+    common = ["--calib-samples", 2, "--calib-seqlen", 16, "--data-dir", data_dir, "--quiet"]
+    good = tmp_path / "plan.json"
+    code, _, err = run_cli(["slice", tiny_folder, "--sparsity", 0.25, "--plan-only", "--out", good, *common], capsys)
+    assert code == 0, err
+    data = json.loads(good.read_text())
+    cases = {
+        "not-json.json": ("{", "is not JSON"),
+        "list.json": ("[]", "not a slicing plan"),
+        "layers.json": (json.dumps(data | {"layers": data["layers"][:-1]}), "layers, the model 3"),
+        "width.json": (json.dumps(data | {"embedding": 10_000}), "widths outside"),
+        "layout.json": (json.dumps(data | {"layout": "fancy"}), "layout must be one of"),
+        "hidden.json": (json.dumps(data | {"model": data["model"] | {"hidden_size": 7}}), "hidden_size 7, this one"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        out = tmp_path / f"out-{name}"
+        code, _, err = run_cli(["slice", tiny_folder, "--plan", tmp_path / name, "--out", out, *common], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, (name, err)
+        assert not out.exists()
+    code, _, err = run_cli(
+        ["slice", tiny_folder, "--plan", good, "--sparsity", 0.1, "--out", tmp_path / "x", *common], capsys
+    )
+    assert code == 2 and "the plan decides every width" in err
+    code, _, err = run_cli(["slice", tiny_folder, "--sparsity", 0.2, "--plan-only", "--out", good, *common], capsys)
+    assert code == 2 and "exists" in err  # a plan file is never overwritten without --overwrite
