@@ -332,8 +332,11 @@ def check_against_config(model_config: Any, config: Any) -> None:
     """Everything the config alone can refuse, before any weight is loaded: the architecture, the
     layout, MLP pruning of a MoE, widths rounded to nothing, an impossible ``target_params``."""
     from slicelm.arch import spec_for
+    from slicelm.local import check_local_config
     from slicelm.plain import check_plain
 
+    if check_local_config(model_config, config):  # structure-local steps (slicelm.local) check their own plan
+        return
     spec = spec_for(model_config)
     if config.layout == "plain":
         check_plain(spec.norm, model_config.model_type)

@@ -83,6 +83,10 @@ def save_sliced(
     """
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
+    if getattr(model.config, SLICELM_KEY, {}).get("kind") == "local":  # MLP channels only: the stock class
+        from slicelm.local import save_local
+
+        return save_local(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     if is_stock_shaped(getattr(model.config, SLICELM_KEY, {})):  # the original architecture, stock
         from slicelm.plain import save_plain
 

@@ -266,6 +266,16 @@ def slice_model(
         raise SlicelmError("no calibration samples; give at least one sequence")
     layout = resolve(model)
     model.eval()
+    # Structure-local steps (MLP channels, the stream untouched): families without the rotation, experts,
+    # unregistered families recognised by their roles. slicelm.local builds on this module's SliceConfig
+    # and SliceReport, hence the import here.
+    from slicelm.local import serves_locally, slice_locally
+
+    if serves_locally(layout, config):
+        return slice_locally(
+            model, layout, calibration, config, pad_token_id=pad_token_id, progress=progress, access=access,
+            store=store, device=device,
+        )
     if device is not None and torch.device(device) != home:
         from slicelm.devices import DeviceAccess, move_buffers_outside
 
