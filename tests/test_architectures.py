@@ -216,10 +216,12 @@ def _stock_reloads(folders: dict[str, str], ids: torch.Tensor, mask: torch.Tenso
                     out = model(input_ids=ids, attention_mask=mask).logits
                     tokens = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
                 config = model.config.to_dict()
+                # through the config's attribute map (num_local_experts / num_experts)
+                widths = {{k: getattr(model.config, k, None) for k in {WIDTH_FIELDS + EXPERT_FIELDS!r}}}
                 results[case] = {{
                     "logits": out.tolist(),
                     "new_tokens": tokens.shape[1] - 6,
-                    "config": {{k: config.get(k) for k in {WIDTH_FIELDS + EXPERT_FIELDS!r}}},
+                    "config": widths,
                     "shapes": {{n: list(p.shape) for n, p in model.named_parameters()}},
                     "remote": "slicelm" in config or bool(config.get("auto_map")),
                 }}
@@ -287,7 +289,8 @@ def test_new_families_zero_removal_and_quarter_mlp_removal_reload_in_stock_trans
 
 
 def test_new_families_cli_budget_plans_mlp_channels_only(tmp_path, smollm2_tokenizer, data_dir, capsys):
-    """A budget on a family without the rotation spends MLP channels only and says so in one line;
+    """A budget on a family without the rotation spends MLP channels only and says so in one line
+    (the real tokenizer's 49k-token embeddings hold almost every parameter, hence the budget);
     an explicit --sparsity there is a one-line refusal that writes nothing."""
     from slicelm.cli import main
 
@@ -300,12 +303,12 @@ def test_new_families_cli_budget_plans_mlp_channels_only(tmp_path, smollm2_token
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot slice the stream of gemma2 models" in err
     assert not (tmp_path / "refused").exists()
-    argv = ["slice", source, "--target-params", 0.9, *CALIB, "--out", tmp_path / "budget", "--data-dir", data_dir]
+    argv = ["slice", source, "--target-params", 0.996, *CALIB, "--out", tmp_path / "budget", "--data-dir", data_dir]
     assert main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
     assert "warning: gemma2 has no rotation" in err and "MLP channels only" in err
     report = json.loads((tmp_path / "budget" / "slicelm_report.json").read_text())
-    assert report["planning"]["planned_count"] == report["params_after"] <= 0.9 * report["params_before"]
+    assert report["planning"]["planned_count"] == report["params_after"] <= 0.996 * report["params_before"]
     config = json.loads((tmp_path / "budget" / "config.json").read_text())
     assert config["intermediate_size"] == report["planning"]["widths"]["intermediate_size"] < 96
     assert "slicelm" not in config and "auto_map" not in config

@@ -628,7 +628,7 @@ def slice_locally(
         seconds=timings,
         peak_memory=memory.as_dict(),
         layout="stock",
-        planning=plan.planning | {"structure_local": True},
+        planning=plan.planning,  # empty for explicit widths (the CLI summary reads a budget from it)
         mlp_error=mlp_error,
         warnings=plan.warnings + details["notes"],
     )
