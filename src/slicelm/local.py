@@ -79,7 +79,10 @@ def serves_locally(layout: Layout, config: SliceConfig) -> bool:
         return True
     if not keeps_stream(config):
         return False
-    return layout.experts is not None or (layout.norm == "layer" and config.layout == "plain")
+    removes_mlp = config.target_params is not None or config.mlp_sparsity > 0
+    # Experts only when channels go (at zero removal the rotation path is exact too); a plain LayerNorm
+    # model always (the rotation path cannot write one).
+    return (layout.experts is not None and removes_mlp) or (layout.norm == "layer" and config.layout == "plain")
 
 
 # --------------------------------------------------------------------------------------------------
