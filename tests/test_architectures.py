@@ -458,3 +458,17 @@ def test_granite_residual_multiplier_is_folded_into_the_writers(tmp_path):
 @pytest.mark.parametrize("model_type", ["smollm3", "starcoder2", "qwen3_moe"])
 def test_new_rotation_families_are_exact_and_round_trip(tmp_path, model_type):
     _exact_and_round_trip(tmp_path, model_type)
+
+
+def test_post_layernorm_opt_is_refused_the_rotation_but_gets_the_local_steps(tmp_path):
+    """A configuration-level refusal (opt-350m's post-LayerNorm, no final norm module) is the rotation's only."""
+    from transformers import AutoModelForCausalLM
+
+    ids, mask = padded_batch(96)
+    model = build_tiny_model("opt", do_layer_norm_before=False)
+    report = slice_model(
+        model, calibration(**MOE_CALIBRATION), SliceConfig(sparsity=0.0, mlp_sparsity=0.25), progress=False
+    )
+    assert report.plan["mlp_widths"] == {"ffn_dim": 72} and model.config.ffn_dim == 72
+    reloaded = AutoModelForCausalLM.from_pretrained(save_sliced(model, tmp_path / "opt"), dtype=torch.float32)
+    assert relative_error(logits(model, ids, mask), logits(reloaded.eval(), ids, mask), mask) <= 1e-5

@@ -476,7 +476,9 @@ def capture_all_layer_inputs(
         raise _Stop
 
     handles = [layer.register_forward_pre_hook(layer_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(get_module(model, layout.final_norm).register_forward_pre_hook(stop))
+    final = get_module(model, layout.final_norm)
+    if isinstance(final, nn.Module):  # post-LN OPT has none: the head then runs too
+        handles.append(final.register_forward_pre_hook(stop))
     batches: list[Batch] = []
     try:
         for ids, mask in pad_batches(samples, batch_size, pad_id):
