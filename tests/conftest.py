@@ -87,6 +87,40 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "gpt2": {"n_inner": 96},  # Conv1D weights, fused c_attn, learned positions, positional layer args
     "gpt_neox": {"use_parallel_residual": True},  # parallel block with two LayerNorms
     "phi": {"qk_layernorm": True},  # parallel block with one shared LayerNorm; head with bias
+    # Mixtral's structure with q_norm/k_norm and experts moe_intermediate_size wide
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 16},
+    "smollm3": {"no_rope_layer_interval": 2},  # layer 1 has no RoPE (NoPE)
+    # every multiplier away from 1: the residual one is folded into the writers, the others commute
+    "granite": {
+        "embedding_multiplier": 3.0,
+        "residual_multiplier": 0.5,
+        "attention_multiplier": 0.2,
+        "logits_scaling": 4.0,
+        "attention_bias": True,
+        "mlp_bias": True,
+    },
+    "starcoder2": {"use_bias": True},  # LayerNorm with biases, non-gated c_fc/c_proj MLP
+}
+
+# Families served by the structure-local steps only (slicelm.arch.LOCAL_ONLY): the rotation is
+# refused, so they are kept apart from the registry-wide rotation tests.
+LOCAL_FAMILY_OVERRIDES: dict[str, dict] = {
+    # sandwich norms, soft-capping, alternating sliding windows
+    "gemma2": {"head_dim": 16, "sliding_window": 8, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    },
+    "olmo2": {},  # norms after each branch, QK-norm
+    # routed experts and a gated shared expert; layer 1 is a dense MLP (mlp_only_layers)
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "mlp_only_layers": [1],
+    },
 }
 
 
@@ -118,7 +152,7 @@ def tiny_config(model_type: str = "llama", **overrides):
         bos_token_id=1,
         eos_token_id=2,
     )
-    base.update(FAMILY_OVERRIDES.get(model_type, {}))
+    base.update(FAMILY_OVERRIDES.get(model_type, LOCAL_FAMILY_OVERRIDES.get(model_type, {})))
     base.update(overrides)
     return AutoConfig.for_model(model_type, **base)
 

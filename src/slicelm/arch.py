@@ -7,6 +7,13 @@ checkpoints work as well as hub ids. A Llama-shaped family costs one line in :da
 
 :func:`resolve` checks a spec against a loaded model and returns a :class:`Layout`: plain,
 JSON-serialisable data that is saved with the sliced model and drives both slicing and loading.
+
+Support comes in two tiers. *Structure-local* steps (MLP channels with their refit, per expert in a
+mixture of experts) run each decoder layer as it is and never touch the residual stream: they need
+only the roles to resolve. The *rotation* (stream slicing, SliceGPT, the plain basis) also needs
+computational invariance; a family or configuration that breaks it carries the reason in
+``ArchSpec.rotation`` / ``Layout.rotation`` (None: the rotation is allowed). A ``model_type`` that is
+not registered but whose layers resolve to the Llama-style roles gets the local tier with a note.
 """
 
 from __future__ import annotations
@@ -64,8 +71,25 @@ class ArchSpec:
     # Config fields of a stock checkpoint with other widths (the plain layout writes one).
     intermediate_field: str = "intermediate_size"
     scaled_embedding: bool = False  # the embedding multiplies by sqrt(config.hidden_size) (Gemma)
-    # Refuses configurations whose structure breaks computational invariance: returns a reason.
+    # Why this family's structure breaks computational invariance (None: the rotation holds). The
+    # structure-local steps (MLP channels) still apply.
+    rotation: str | None = None
+    # Configurations whose structure breaks computational invariance: returns a reason (as above).
     refuse: Callable[[Any], str | None] | None = field(default=None, compare=False)
+    # A decoder-layer attribute (and config field of the same name) scaling every branch output
+    # before the residual add (Granite's residual_multiplier). Fusion folds it into the writers.
+    residual_scale: str | None = None
+    # Mixture of experts, block-level paths. ``experts``: a module holding fused expert weights
+    # ``gate_up_proj`` (E, 2I, D) and ``down_proj`` (E, D, I), called as
+    # ``experts(x (N, D), top_k_index (N, k), top_k_weights (N, k))``; I is config.<expert_field>.
+    # A layer without it (Qwen-MoE's mlp_only_layers) has a dense Llama-style MLP at ``mlp``.
+    experts: str | None = None
+    expert_field: str = "intermediate_size"
+    # A dense Llama-style MLP beside the experts whose output is scaled per token by
+    # sigmoid(shared_expert_gate(x)) (Qwen2-MoE); its width is config.<shared_field>.
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    shared_field: str = "shared_expert_intermediate_size"
 
 
 def _refuse_opt(config: Any) -> str | None:
@@ -157,7 +181,53 @@ MIXTRAL = replace(
     mlp_inputs=("mlp.gate", "mlp.experts.gate_up_proj"),
     mlp_outputs=("mlp.experts.down_proj",),
     mlp_same_width=True,
-    mlp_chunks=None,  # experts have their own channels; a router decides between them
+    # Experts have their own channels (a router decides between them): the rotation path does not
+    # prune them; the structure-local path (slicelm.local) prunes each expert on its routed tokens.
+    mlp_chunks=None,
+    experts="mlp.experts",
+)
+
+
+def _refuse_dense_moe_layers(config: Any) -> str | None:
+    sparse = getattr(config, "decoder_sparse_step", 1) or 1
+    if getattr(config, "mlp_only_layers", None) or sparse != 1:
+        return (
+            "some of its layers have a dense MLP instead of experts (mlp_only_layers / decoder_sparse_step), "
+            "and the rotation's roles assume one MLP structure in every layer"
+        )
+    return None
+
+
+QWEN3_MOE = replace(MIXTRAL, expert_field="moe_intermediate_size", refuse=_refuse_dense_moe_layers)
+
+# Families whose blocks break computational invariance: the roles resolve (for the local steps),
+# and ``rotation`` says why the stream cannot be rotated.
+_SANDWICH = (
+    "its blocks normalise each branch's output before the residual add (post_attention_layernorm and "
+    "post_feedforward_layernorm), so branch outputs cannot be rotated into the stream's basis"
+)
+_POST_NORM = (
+    "its blocks normalise each branch's output before the residual add and the branches read the stream "
+    "unnormalised (post_attention_layernorm and post_feedforward_layernorm, no pre-norm), so no norm "
+    "can be folded and branch outputs cannot be rotated into the stream's basis"
+)
+GEMMA2 = replace(
+    LLAMA,
+    mlp_norm="pre_feedforward_layernorm",  # post_attention_layernorm normalises the attention output
+    norm_offset=1.0,
+    scaled_embedding=True,
+    rotation=_SANDWICH,
+)
+# OLMo 2 has no norm before its branches; the roles name the norms after them.
+OLMO2 = replace(LLAMA, attn_norm="post_attention_layernorm", mlp_norm="post_feedforward_layernorm", rotation=_POST_NORM)
+QWEN2_MOE = replace(
+    QWEN3_MOE,
+    shared_expert="mlp.shared_expert",
+    shared_expert_gate="mlp.shared_expert_gate",
+    rotation=(
+        "slicelm's rotation has no entry for its gated shared expert (shared_expert and shared_expert_gate "
+        "read the stream beside the router)"
+    ),
 )
 
 # model_type -> spec. Families that are Llama-shaped share the default spec.
@@ -169,22 +239,39 @@ REGISTRY: dict[str, ArchSpec] = {
     "gemma": replace(LLAMA, norm_offset=1.0, scaled_embedding=True),  # sqrt(d) scale commutes with rotations
     "phi3": PHI3,
     "mixtral": MIXTRAL,
+    "qwen3_moe": QWEN3_MOE,  # Mixtral's structure, experts config.moe_intermediate_size wide
+    "smollm3": LLAMA,  # NoPE layers only change attention's positions, not the stream
+    "granite": replace(LLAMA, residual_scale="residual_multiplier"),  # embedding/logit scalars commute
+    "starcoder2": replace(LAYER_NORM, mlp_inputs=("mlp.c_fc",), mlp_outputs=("mlp.c_proj",)),  # biases, no gate
     "opt": OPT,
     "gpt2": GPT2,
     "gpt_neox": GPT_NEOX,
     "phi": PHI,
 }
 
-# Families whose structure breaks computational invariance: model_type -> why.
-_SANDWICH = (
-    "its blocks normalise each branch's output before the residual add (post_attention_layernorm and "
-    "post_feedforward_layernorm), so branch outputs cannot be rotated into the stream's basis"
-)
-REFUSED: dict[str, str] = {
-    "gemma2": _SANDWICH,
-    "gemma3_text": _SANDWICH,
-    "gemma3": _SANDWICH,
+# Families served by the structure-local steps only (``spec.rotation`` says why). Kept apart from
+# REGISTRY, whose every entry the invariance tests rotate.
+LOCAL_ONLY: dict[str, ArchSpec] = {
+    "gemma2": GEMMA2,
+    "gemma3_text": GEMMA2,
+    "olmo2": OLMO2,
+    "qwen2_moe": QWEN2_MOE,
 }
+
+# model_types refused outright: model_type -> why.
+REFUSED: dict[str, str] = {
+    "gemma3": (
+        "it is the multimodal wrapper (Gemma3ForConditionalGeneration); load its text model "
+        "(model_type gemma3_text) to prune its MLP channels"
+    ),
+}
+
+# Recognising an unregistered family: the Llama roles, with the MLP shapes other families use.
+_RECOGNISABLE = (
+    LLAMA,
+    replace(LLAMA, mlp_inputs=("mlp.fc1",), mlp_outputs=("mlp.fc2",)),
+    replace(LLAMA, mlp_inputs=("mlp.c_fc",), mlp_outputs=("mlp.c_proj",)),
+)
 
 
 @dataclass(frozen=True)
@@ -214,6 +301,17 @@ class Layout:
     # Readers without a bias whose norm has one: folding the norm gives them a bias, so the sliced
     # structure must have one too. Block-level paths, plus ``head`` when the final norm has a bias.
     new_biases: tuple[str, ...] = ()
+    # Why this model cannot be rotated (stream slicing, SliceGPT, the plain basis); None: it can.
+    rotation: str | None = None
+    # Set for a model_type that is not registered but was recognised by its roles (one line).
+    note: str | None = None
+    residual_scale: str | None = None
+    experts: str | None = None
+    expert_field: str = "intermediate_size"
+    intermediate_field: str = "intermediate_size"
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    shared_field: str = "shared_expert_intermediate_size"
 
     @property
     def norms(self) -> tuple[str, ...]:
@@ -236,49 +334,89 @@ class Layout:
 
 
 def supported_model_types() -> list[str]:
-    return sorted(REGISTRY)
+    """Every registered family: with the rotation (REGISTRY) and structure-local only (LOCAL_ONLY)."""
+    return sorted({*REGISTRY, *LOCAL_ONLY})
+
+
+def rotation_model_types() -> list[str]:
+    """Registered families whose structure admits the rotation (some configurations may not)."""
+    return sorted(t for t, spec in REGISTRY.items() if spec.rotation is None)
 
 
 def register(model_type: str, spec: ArchSpec = LLAMA, **changes: Any) -> ArchSpec:
     """Add (or replace) a family: ``register("mytype", LLAMA, head="output")``."""
     REGISTRY[model_type] = replace(spec, **changes) if changes else spec
+    LOCAL_ONLY.pop(model_type, None)
     return REGISTRY[model_type]
 
 
+def _unsupported(model_type: Any, why: str = "") -> SlicelmError:
+    return SlicelmError(
+        f"model_type {model_type!r} is not supported{why}; supported: {', '.join(supported_model_types())} "
+        "(docs/architectures.md explains how to add one)"
+    )
+
+
 def spec_for(config: Any) -> ArchSpec:
+    """The registered spec of ``config.model_type`` (refusing unregistered and refused types).
+
+    The rotation's refusals are not raised here: see :func:`rotation_reason`.
+    """
     model_type = getattr(config, "model_type", None)
     if model_type in REFUSED:
         raise SlicelmError(f"cannot slice {model_type} models: {REFUSED[model_type]}")
-    spec = REGISTRY.get(model_type)
+    spec = REGISTRY.get(model_type) or LOCAL_ONLY.get(model_type)
     if spec is None:
-        raise SlicelmError(
-            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())} "
-            "(docs/architectures.md explains how to add one)"
-        )
-    reason = spec.refuse(config) if spec.refuse else None
-    if reason:
-        raise SlicelmError(f"cannot slice this {model_type} model: {reason}")
+        raise _unsupported(model_type)
     return spec
 
 
-def resolve(model: nn.Module) -> Layout:
-    """Check that every role of the family's spec exists in ``model`` and return its layout."""
-    spec = spec_for(model.config)
-    model_type = model.config.model_type
+def rotation_reason(spec: ArchSpec, config: Any) -> str | None:
+    """Why the rotation does not apply to this family or configuration (None: it does)."""
+    return spec.rotation or (spec.refuse(config) if spec.refuse else None)
 
-    def check(root: nn.Module, path: str, role: str) -> None:
+
+def rotation_refusal(layout: Layout) -> str:
+    """The one-line refusal of a rotation (``--sparsity``, ``--layout`` bases) on ``layout``'s model."""
+    local = (
+        "; MLP channel pruning needs no rotation: give --mlp-sparsity (with --sparsity 0) or a --target-params budget"
+    )
+    model_type = layout.model_type
+    if layout.note is not None:
+        return f"model_type {model_type!r} is not supported by the rotation: {layout.rotation}{local}"
+    spec = REGISTRY.get(model_type) or LOCAL_ONLY.get(model_type)
+    if spec is not None and spec.rotation is not None:
+        return f"cannot slice the stream of {model_type} models: {layout.rotation}{local}"
+    return f"cannot slice this {model_type} model: {layout.rotation}{local}"
+
+
+def require_rotation(layout: Layout) -> None:
+    """Refuse (one line) a rotation of a model whose structure breaks computational invariance."""
+    if layout.rotation is not None:
+        raise SlicelmError(rotation_refusal(layout))
+
+
+def _missing_role(model: nn.Module, spec: ArchSpec) -> tuple[str, str] | None:
+    """The first (role, path) of ``spec`` that ``model`` lacks, or None when every role resolves."""
+
+    def has(root: nn.Module, path: str) -> bool:
         try:
             get_module(root, path)
         except AttributeError:
-            raise SlicelmError(
-                f"{model_type} model has no {role} at {path!r}; its ArchSpec in slicelm.arch needs fixing"
-            ) from None
+            return False
+        return True
 
-    for path in spec.embeddings:
-        check(model, path, "embedding")
-    for path, role in ((spec.layers, "decoder layers"), (spec.final_norm, "final norm"), (spec.head, "head")):
-        check(model, path, role)
-    layer = get_module(model, spec.layers)[0]
+    model_roles = [(p, "embedding") for p in spec.embeddings]
+    model_roles += [(spec.layers, "decoder layers"), (spec.final_norm, "final norm"), (spec.head, "head")]
+    for path, role in model_roles:
+        if not has(model, path):
+            return role, path
+    layers = get_module(model, spec.layers)
+    if len(layers) == 0:
+        return "decoder layers", spec.layers
+    layer = layers[0]
+    if spec.experts:  # a MoE model's first layers may have a dense MLP (Qwen-MoE's mlp_only_layers)
+        layer = next((candidate for candidate in layers if has(candidate, spec.experts)), layer)
     mlp_chain = (spec.mlp,) if isinstance(spec.mlp, str) else spec.mlp
     block_roles = [(spec.attn_norm, "attention norm"), (spec.attn, "attention")]
     block_roles += [(p, "MLP") for p in mlp_chain]
@@ -288,8 +426,44 @@ def resolve(model: nn.Module) -> Layout:
     block_roles += [(p, "attention output") for p in spec.attn_outputs]
     block_roles += [(p, "MLP input") for p in spec.mlp_inputs]
     block_roles += [(p, "MLP output") for p in spec.mlp_outputs]
+    if spec.shared_expert:
+        block_roles += [(spec.shared_expert, "shared expert"), (spec.shared_expert_gate, "shared expert gate")]
     for path, role in block_roles:
-        check(layer, path, role)
+        if not has(layer, path):
+            return role, path
+    return None
+
+
+def _recognise(model: nn.Module, model_type: Any) -> tuple[ArchSpec, str]:
+    """The spec of an unregistered family from its roles, with its one-line note; else a refusal."""
+    for candidate in _RECOGNISABLE:
+        if _missing_role(model, candidate) is None:
+            note = (
+                f"model_type {model_type!r} is not registered: recognised by its roles (Llama-style q/k/v/o, "
+                f"{'/'.join(p.rsplit('.', 1)[-1] for p in candidate.mlp_inputs + candidate.mlp_outputs)}, "
+                "input and post-attention norms); the rotation needs a registry entry"
+            )
+            return candidate, note
+    role, path = _missing_role(model, _RECOGNISABLE[0])
+    raise _unsupported(model_type, f": its layers do not resolve to the usual roles (no {role} at {path!r})")
+
+
+def resolve(model: nn.Module) -> Layout:
+    """Check that every role of the family's spec exists in ``model`` and return its layout."""
+    model_type = getattr(model.config, "model_type", None)
+    note = None
+    if model_type in REFUSED or model_type in REGISTRY or model_type in LOCAL_ONLY:
+        spec = spec_for(model.config)
+        missing = _missing_role(model, spec)
+        if missing is not None:
+            raise SlicelmError(
+                f"{model_type} model has no {missing[0]} at {missing[1]!r}; its ArchSpec in slicelm.arch needs fixing"
+            )
+        rotation = rotation_reason(spec, model.config)
+    else:
+        spec, note = _recognise(model, model_type)
+        rotation = "it is not in slicelm's registry (recognised by its roles; the rotation needs a registry entry)"
+    layer = get_module(model, spec.layers)[0]
 
     def gains_bias(root: nn.Module, norm: str, readers: tuple[str, ...]) -> list[str]:
         if getattr(get_module(root, norm), "bias", None) is None:
@@ -324,6 +498,15 @@ def resolve(model: nn.Module) -> Layout:
         norm_offset=spec.norm_offset,
         mlp_chunks=spec.mlp_chunks,
         new_biases=tuple(new_biases),
+        rotation=rotation,
+        note=note,
+        residual_scale=spec.residual_scale,
+        experts=spec.experts,
+        expert_field=spec.expert_field,
+        intermediate_field=spec.intermediate_field,
+        shared_expert=spec.shared_expert,
+        shared_expert_gate=spec.shared_expert_gate,
+        shared_field=spec.shared_field,
     )
 
 

@@ -32,11 +32,11 @@ DAMP = 1e-4  # ridge, relative to the mean diagonal of C: keeps Hinv defined, ba
 
 
 def check_prunable(mlp_chunks: int | None, model_type: str) -> None:
-    """Refuse MLP channel pruning where the spec says channels are not shared (mixtures of experts)."""
+    """Refuse MLP channel pruning beside a rotation where channels are not shared (mixtures of experts)."""
     if mlp_chunks is None:
         raise SlicelmError(
-            f"MLP channel pruning does not apply to {model_type}: its MLP is a mixture of experts (each expert "
-            "has its own channels); drop --mlp-sparsity, or use --schedule uniform"
+            f"{model_type}'s MLP is a mixture of experts, whose channels are pruned per expert without the "
+            "rotation: give --sparsity 0 with --mlp-sparsity (or a --schedule mlp budget), or drop --mlp-sparsity"
         )
 
 
@@ -104,16 +104,25 @@ def select_channels(layer: nn.Module, layout: Layout, keep: torch.Tensor, writer
     Readers keep their output rows ``keep`` in each of their ``mlp_chunks`` blocks (and the matching
     bias entries); the writer keeps (or is given) the rows of those channels.
     """
-    chunks = layout.mlp_chunks or 1
-    for path in layout.mlp_inputs:
-        reader = get_module(layer, path)
+    readers = [get_module(layer, path) for path in layout.mlp_inputs]
+    keep_mlp_channels(readers, get_module(layer, layout.mlp_outputs[0]), layout.mlp_chunks or 1, keep, writer_rows)
+
+
+def keep_mlp_channels(
+    readers: list[nn.Module],
+    writer: nn.Module,
+    chunks: int,
+    keep: torch.Tensor,
+    writer_rows: torch.Tensor | None,
+) -> None:
+    """Keep channels ``keep`` (k,) of one MLP given by its modules (see :func:`select_channels`)."""
+    for reader in readers:
         weight = stream_weight(reader, "reader")  # (..., chunks * I, D)
         width = weight.shape[-2] // chunks
         rows = torch.cat([keep + c * width for c in range(chunks)]).to(weight.device)
         bias = stream_bias(reader)
         new_bias = bias.index_select(0, rows).contiguous() if bias is not None else None
         set_stream_weight(reader, "reader", weight.index_select(-2, rows), new_bias)
-    writer = get_module(layer, layout.mlp_outputs[0])
     weight = stream_weight(writer, "writer")  # (I, D)
     if writer_rows is None:
         new = weight.index_select(-2, keep.to(weight.device))

@@ -87,6 +87,8 @@ def save_sliced(
     """
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
+    if getattr(model.config, SLICELM_KEY, {}).get("kind") == "local":  # MLP channels only: the stock class
+        return save_local(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     if is_stock_shaped(getattr(model.config, SLICELM_KEY, {})):  # the original architecture, stock
         return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     tensors = unique_state_dict(model)  # checks for meta (never loaded) tensors
@@ -120,6 +122,26 @@ def save_plain(
     return save_stock(
         to_stock_model(model), out, tokenizer, kind=PLAIN_KIND, overwrite=overwrite, plan=plan, report=full
     )
+
+
+def save_local(
+    model: nn.Module,
+    out: Any,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model pruned by :func:`slicelm.local.slice_locally` as a stock folder (no remote code,
+    no slicelm section)."""
+    info = getattr(model.config, SLICELM_KEY)
+    full = {**(report or {}), "layout": "stock", "provenance": dict(metadata or {})}
+    delattr(model.config, SLICELM_KEY)
+    try:
+        return save_stock(model, out, tokenizer, kind=PLAIN_KIND, overwrite=overwrite, plan=info["plan"], report=full)
+    finally:
+        setattr(model.config, SLICELM_KEY, info)
 
 
 def is_stock_shaped(info: dict[str, Any]) -> bool:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slicelm.arch import Layout, norm_eps
-from slicelm.modeling_slicelm import RMSN, get_module, set_module, stream_weight
+from slicelm.arch import Layout, norm_eps, require_rotation
+from slicelm.modeling_slicelm import RMSN, get_module, set_module, stream_bias, stream_weight
 from slicelm.rotate import center_writer, scale_reader_inputs
 
 
@@ -67,6 +67,7 @@ def prepare_ends(model: nn.Module, layout: Layout, keep_tie: bool = False) -> Fu
     keep_tie: for a tied head of an RMS-norm family, leave the head tied to the embedding; the final
     norm's affine part is then returned by :func:`fuse_final` instead of folded into the head.
     """
+    require_rotation(layout)  # every rotation starts here: refused before any weight changes
     fused = FusedNorms(norm_eps(get_module(model, layout.final_norm)))
     # LayerNorm families always untie: centring the embedding would also change a tied head's logits.
     fused.keep_tie = keep_tie and layout.norm == "rms" and is_tied(model, layout)
@@ -75,12 +76,32 @@ def prepare_ends(model: nn.Module, layout: Layout, keep_tie: bool = False) -> Fu
     if layout.norm == "layer":
         for path in layout.embeddings:
             center_writer(get_module(model, path))
+    if layout.residual_scale is not None:  # folded into every layer's writers by fuse_layer
+        setattr(model.config, layout.residual_scale, 1.0)
     return fused
+
+
+def _fold_residual_scale(layer: nn.Module, layout: Layout) -> None:
+    """Scale the branch writers by the layer's residual multiplier and set it to 1 (same function):
+    a sliced block adds its branches to the residual unscaled, and a stock one then multiplies by 1."""
+    scale = float(getattr(layer, layout.residual_scale))
+    if scale == 1.0:
+        return
+    for path in layout.attn_outputs + layout.mlp_outputs:
+        writer = get_module(layer, path)
+        weight = stream_weight(writer, "writer")
+        weight.copy_((weight.to(torch.float64) * scale).to(weight.dtype))
+        bias = stream_bias(writer)
+        if bias is not None:
+            bias.copy_((bias.to(torch.float64) * scale).to(bias.dtype))
+    setattr(layer, layout.residual_scale, 1.0)
 
 
 @torch.no_grad()
 def fuse_layer(layer: nn.Module, layout: Layout, hidden: int, eps: float) -> None:
     """Fold one decoder layer's norms into its readers (and LayerNorm means into its writers)."""
+    if layout.residual_scale is not None:
+        _fold_residual_scale(layer, layout)
     if layout.norm == "layer":
         for path in layout.attn_outputs + layout.mlp_outputs:
             center_writer(get_module(layer, path))

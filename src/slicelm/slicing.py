@@ -19,6 +19,7 @@ from slicelm.arch import resolve
 from slicelm.calibration import WeightAccess
 from slicelm.config import BASES, LAYOUTS, SCHEDULES, Basis, LayoutKind, SliceConfig
 from slicelm.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport, execute, merge_report, resolve_pad_id
+from slicelm.local import serves_locally, slice_locally
 from slicelm.offload import ActivationStore
 from slicelm.plan import SlicingPlan
 from slicelm.planning import gather_statistics, plan_with_statistics
@@ -67,6 +68,14 @@ def slice_model(
     if statistics is None and cache is not None and (cache / "statistics.json").is_file():
         statistics = ModelStatistics.load(cache, store)
     given = statistics
+    layout = resolve(model)
+    if plan is None and serves_locally(layout, config):
+        # Structure-local steps only (MLP channels, the stream untouched): families without the
+        # rotation, mixtures of experts, unregistered families recognised by their roles.
+        return slice_locally(
+            model, layout, calibration, config, pad_token_id=pad_token_id, progress=progress, access=access,
+            store=store, device=device,
+        )
     if plan is None:
         plan, statistics = plan_with_statistics(
             model,

@@ -261,9 +261,12 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
     built on the meta device)."""
     from slicelm.budget import check_against_config, check_plan_against_config
+    from slicelm.local import check_local_config
 
     if getattr(args, "followed_plan", None) is not None:
         check_plan_against_config(model_config, args.followed_plan)
+    elif check_local_config(model_config, config):  # structure-local steps check their own plan
+        pass
     else:
         check_against_config(model_config, config)
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
