@@ -37,7 +37,7 @@ from slicelm.errors import SlicelmError
 MANIFEST = "slicelm_output.json"
 _TAG = "slicelm"
 # Kinds of model folder: --overwrite may replace one kind by another (re-slicing with another layout).
-MODEL_KINDS = ("sliced-model", "plain-model", "finetuned-model")
+MODEL_KINDS = ("sliced-model", "plain-model", "finetuned-model", "decilm-model")
 
 
 def _host() -> str:
