@@ -202,7 +202,12 @@ def _removal_cost(w: torch.Tensor, hinv: torch.Tensor, idx: torch.Tensor) -> flo
 
 
 def _exchange(
-    w: torch.Tensor, hinv: torch.Tensor, groups: list[torch.Tensor], bucket: list[int], removed: list[int], fixed: torch.Tensor
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    groups: list[torch.Tensor],
+    bucket: list[int],
+    removed: list[int],
+    fixed: torch.Tensor,
 ) -> list[int]:
     """Improve a removal set by swaps within a bucket (a removed group back for a kept one) while the
     exact joint cost drops: greedy removal can miss pairs that are cheap together.
