@@ -26,6 +26,7 @@ from slicelm.heads import (
     prune_heads,
     refit_rows,
     removal_curve,
+    resize_heads,
 )
 from slicelm.modeling_slicelm import block_roles, forget_parts, get_module, split_layer_call, stream_weight
 from slicelm.offload import ActivationStore
@@ -308,3 +309,20 @@ def test_fused_projections_and_impossible_counts_are_refused():
     for kv, q in ((0, 3), (5, 1), (2, 0), (2, 4)):
         with pytest.raises(SlicelmError, match="KV heads"):
             choose_heads(stats, kv, q)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_a_model_with_per_layer_head_counts_rebuilds_from_its_geometry(model_type):
+    """A loader builds the stock model, resizes each layer's heads and loads the tensors strictly."""
+    model = _model(model_type)
+    layout = resolve(model)
+    levels = [(3, 2), (4, 3), (1, 1)]
+    for index, layer in enumerate(get_module(model, layout.layers)):
+        batches, store = layer_inputs(model, layout, _calibration()[:8], index)
+        prune_heads(layer, layout, batches, store, *levels[index], CPU)
+    fresh = _model(model_type, seed=1)
+    for index, layer in enumerate(get_module(fresh, layout.layers)):
+        resize_heads(layer, layout, HeadGeometry(*levels[index], 8))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    ids, mask = padded_batch(96)
+    assert torch.equal(logits(fresh, ids, mask), logits(model, ids, mask))

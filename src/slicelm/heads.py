@@ -342,6 +342,24 @@ def apply_heads(layer: nn.Module, layout: Layout, choice: HeadChoice) -> None:
     set_head_counts(get_module(layer, layout.attn), choice.geometry)
 
 
+def resize_heads(layer: nn.Module, layout: Layout, geometry: HeadGeometry) -> None:
+    """Give a freshly built block the shapes of ``geometry`` (weights uninitialised), as a loader does
+    before reading a checkpoint whose layers keep different numbers of heads."""
+    q_proj, k_proj, v_proj, o_proj = _projections(layer, layout)
+    hd = geometry.head_dim
+    for module, rows in (
+        (q_proj, geometry.heads * hd),
+        (k_proj, geometry.kv_heads * hd),
+        (v_proj, geometry.kv_heads * hd),
+    ):
+        _keep_rows(module, torch.arange(rows))
+    o_weight = stream_weight(o_proj, "writer")
+    set_stream_weight(
+        o_proj, "writer", o_weight.new_empty(geometry.heads * hd, o_weight.shape[-1]), stream_bias(o_proj)
+    )
+    set_head_counts(get_module(layer, layout.attn), geometry)
+
+
 def prune_heads(
     layer: nn.Module,
     layout: Layout,
