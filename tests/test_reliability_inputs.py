@@ -156,3 +156,26 @@ def test_s1_fingerprint_is_small_holds_only_hashes_and_is_reproducible(data_dir)
     assert set(shipped) == set(data.EVAL_SETS)
     np.testing.assert_array_equal(shipped["wikitext2"], fingerprint_of(data.eval_text("wikitext2", data_dir)))
     assert len(shipped["wikitext2"]) > 300 * MIN_MATCHES  # the whole test set is far above the threshold
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough edges: one line instead of a traceback or argparse's riddle
+# --------------------------------------------------------------------------------------------------
+def test_rough_6_a_bad_available_memory_override_is_one_line(tiny_folders, tmp_path, capsys, data_dir, monkeypatch):
+    dense, _ = tiny_folders
+    monkeypatch.setenv("SLICELM_AVAILABLE_MEMORY", "lots")
+    out = tmp_path / "out"
+    code, _, lines = run_cli(["slice", dense, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", out], capsys)
+    assert_one_line_error(code, lines, "$SLICELM_AVAILABLE_MEMORY='lots'", "give a size such as 8GiB")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["-0.1,0.2", "-1"])
+def test_rough_15_negative_values_reach_the_flags_own_check(value, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code, _, lines = run_cli(["sweep", "smollm2-135m", "--sparsities", value, "--out", out], capsys)
+    assert_one_line_error(code, lines, "argument --sparsities: sparsities must be in [0, 1), got -")
+    assert not out.exists()
+    code, _, lines = run_cli(["slice", "smollm2-135m", "--sparsity", value.split(",")[0], "--out", out], capsys)
+    assert_one_line_error(code, lines, "--sparsity must be in [0, 1), got -")
+    assert not out.exists()
