@@ -208,6 +208,7 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, dev
     mis-shaped, is refused with one line (the same checks the folder's own modeling file makes).
     """
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     path = Path(path)
@@ -227,7 +228,7 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, dev
         model = sliced_model_class(base).from_pretrained(path, config=config, dtype=dtype, device_map=device)
     except SlicedCheckpointError as exc:
         raise SlicelmError(f"{path}: {exc}") from None
-    except (OSError, RuntimeError) as exc:  # truncated or unreadable safetensors
+    except (OSError, RuntimeError, SafetensorError) as exc:  # truncated or unreadable safetensors
         raise SlicelmError(f"cannot read the weights of {path} ({first_line(exc)}); re-create it") from None
     return model.eval()
 

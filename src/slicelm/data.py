@@ -8,7 +8,7 @@ Conventions (GPTQ / SliceGPT, the numbers published for SliceGPT are computed th
 
 * Test text is the split's rows joined with ``"\\n\\n"`` and tokenized **once** with the tokenizer's
   defaults (``tokenizer(text)``), so a tokenizer that adds BOS puts exactly one at the very start.
-* Calibration never touches a test split.
+* Calibration never touches a test split, by name or inside a user's file (`slicelm.fingerprint`).
 * Every calibration sample starts with the special tokens that ``tokenizer(text)`` would put in
   front of any text (BOS for Llama-style tokenizers, nothing for GPT-2/SmolLM2-style ones), so each
   sample looks like the start of an ordinary input, as when SliceGPT tokenizes samples one by one.
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slicelm.errors import SlicelmError, first_line
+from slicelm.fingerprint import check_not_eval_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -274,7 +275,8 @@ def load_calibration(
       padding is compute spent on nothing) records are treated as documents: every window is full.
 
     Calibration never reads a test split: wikitext2 needs ``wiki.train.raw`` (absent from the
-    offline data folder), and offline c4 uses only the documents that `eval_text` does not.
+    offline data folder), and offline c4 uses only the documents that `eval_text` does not. A
+    ``.txt``/``.jsonl`` file that contains an evaluation text (`slicelm.fingerprint`) is refused.
     """
     if n_samples < 1:
         raise SlicelmError(f"the number of calibration samples must be at least 1, got {n_samples}")
@@ -308,12 +310,16 @@ def _calibration_corpus(source: str, data_dir: str | Path | None) -> tuple[str, 
             raise SlicelmError(f"calibration file {path} does not exist")
         try:
             if suffix == ".txt":
-                return "text", str(path), path.read_text(encoding="utf-8")
-            return "documents", str(path), _jsonl_texts(path)
+                corpus = "text", str(path), path.read_text(encoding="utf-8")
+            else:
+                corpus = "documents", str(path), _jsonl_texts(path)
         except UnicodeDecodeError as exc:
             raise SlicelmError(
                 f"calibration file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8"
             ) from None
+        # A user's file may hold (part of) a test text: compared with the shipped fingerprint, no data dir needed.
+        check_not_eval_text(corpus[2] if suffix == ".txt" else DOC_SEPARATOR.join(corpus[2]), str(path))
+        return corpus
     if source not in CALIBRATION_SETS:
         hint = " (local files must end in .txt or .jsonl)" if Path(source).exists() else ""
         raise SlicelmError(

@@ -537,6 +537,13 @@ class _SlicedModel:
                 f"{pretrained_model_name_or_path} does not match its slicing plan: {problems}; "
                 "re-create it with slicelm"
             )
+        # slicelm never writes NaN/inf; a damaged file (a flipped bit, an edit) would give NaN logits silently.
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise SlicedCheckpointError(
+                    f"{pretrained_model_name_or_path}: tensor {name} holds non-finite values (NaN/inf); the file is "
+                    "damaged: re-create it with slicelm"
+                )
         return (model, loading_info) if want_info else model
 
 

@@ -90,6 +90,7 @@ def resolve_source(spec: str) -> ModelSource:
     if path.exists():
         if not (path / "config.json").is_file():
             raise SlicelmError(f"{spec} has no config.json; give a Hugging Face model folder, .gguf file or hub id")
+        _check_safetensors(path, spec)
         return ModelSource(str(path.resolve()), description=spec)
 
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
@@ -98,6 +99,21 @@ def resolve_source(spec: str) -> ModelSource:
 
     prepare_hub()  # offline: cached hub models still load, others fail at once instead of after retries
     return ModelSource(spec, description=spec)  # a hub id; transformers reports if it cannot be fetched
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(folder: Path, spec: str) -> None:
+    """Refuse a folder whose weights exist only as pickles (torch.load of a pickle can run code)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise SlicelmError(
+            f"{spec} holds its weights as pickles ({', '.join(pickles[:3])}): slicelm loads safetensors weights "
+            "only; convert them first (e.g. model.save_pretrained(folder) after loading it yourself, if you trust it)"
+        )
 
 
 def load_config(source: ModelSource):

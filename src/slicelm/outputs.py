@@ -166,6 +166,13 @@ def _is_within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+# The manifest kinds of folders that are not models, in words (for refusals).
+_KIND_WORDS = {
+    "sweep": "a sweep folder (points, tables and plots of `slicelm sweep`)",
+    "finetune-work": "a fine-tuning work folder (the checkpoint of an interrupted `slicelm finetune`)",
+}
+
+
 def refuse_replacing(out: Path, kinds: Iterable[str] | None = None) -> None:
     """Raise unless the existing folder ``out`` may be replaced (empty, or wholly a slicelm output)."""
     if out.is_symlink():
@@ -176,6 +183,14 @@ def refuse_replacing(out: Path, kinds: Iterable[str] | None = None) -> None:
         return
     foreign = foreign_entries(out, kinds)
     if foreign is None:
+        manifest = read_manifest(out)
+        if manifest is not None:  # ours, but of another kind: a sweep or a fine-tuning work folder
+            kind = str(manifest.get("kind"))
+            what = _KIND_WORDS.get(kind, f"a slicelm {kind} folder")
+            raise SlicelmError(
+                f"{out} is {what}, written by slicelm; --overwrite here only replaces a model folder, "
+                "so choose another --out (or delete that folder yourself)"
+            )
         raise SlicelmError(
             f"--overwrite only replaces folders slicelm wrote, and {out} is not one; choose another --out"
         )

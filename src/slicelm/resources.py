@@ -8,6 +8,8 @@ import sys
 import torch
 from torch import nn
 
+from slicelm.errors import SlicelmError
+
 
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (a tied embedding/head pair counts once)."""
@@ -50,9 +52,12 @@ def available_memory_bytes() -> int | None:
 
     override = os.environ.get(AVAILABLE_MEMORY_ENV)
     if override:
-        from slicelm.offload import parse_bytes
+        from slicelm.offload import parse_bytes  # offload imports torch helpers this module does not need
 
-        return parse_bytes(override)
+        try:
+            return parse_bytes(override)
+        except ValueError as exc:
+            raise SlicelmError(f"${AVAILABLE_MEMORY_ENV}={override!r}: {exc}; give a size such as 8GiB") from None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from slicelm.errors import SlicelmError
@@ -51,9 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A value that starts like a negative number ("-0.1,0.2", "-1e-3"): argparse takes it for a flag and says
+# "expected one argument"; glued to its flag (``--x=-0.1,0.2``) it reaches the flag's own check.
+_NEGATIVE_VALUE = re.compile(r"^-\.?\d")
+
+
+def glue_negative_values(argv: list[str]) -> list[str]:
+    """``["--flag", "-0.1,0.2"]`` -> ``["--flag=-0.1,0.2"]`` (slicelm has no flag named -<digit>)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and "=" not in token and i + 1 < len(argv) and _NEGATIVE_VALUE.match(argv[i + 1]):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.run(args) or 0)
     except SlicelmError as exc:

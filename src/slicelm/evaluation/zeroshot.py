@@ -8,6 +8,7 @@ SliceGPT paper reports for each task.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -67,19 +68,36 @@ def run_lm_eval(
     ``log_samples`` keeps every request and its log-likelihoods in ``results["samples"]``.
     """
     import lm_eval
+    import lm_eval.evaluator
 
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=specs,
-        num_fewshot=NUM_FEWSHOT,
-        limit=limit,
-        task_manager=task_manager,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=log_samples,
-    )
+    # lm-eval records `git describe` of the working directory; outside a git checkout git prints
+    # "fatal: not a git repository" on our stderr. Ask git the same question with its stderr discarded.
+    recorded = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_commit_hash
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=specs,
+            num_fewshot=NUM_FEWSHOT,
+            limit=limit,
+            task_manager=task_manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+        )
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = recorded
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     return results
+
+
+def quiet_git_commit_hash() -> str | None:
+    """The working directory's ``git describe --always`` (what lm-eval records), or None; never prints."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def summarize(results: dict[str, Any], tasks: list[str]) -> dict[str, Any]:

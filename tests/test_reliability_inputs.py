@@ -1,0 +1,181 @@
+"""Reliability of what users give slicelm: data files, flags, environment (issue 23).
+
+Each test reproduces one attack and asserts the refusal: one line ``slicelm: error: ...``, exit code 2,
+and nothing written. docs/reliability.md lists the same attacks in prose.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cli_checks import CALIB, assert_one_line_error, run_cli, save_model_folder
+
+from slicelm import data
+from slicelm.errors import SlicelmError
+from slicelm.fingerprint import FINGERPRINT_FILE, MIN_MATCHES, check_not_eval_text, fingerprint_of, load_fingerprint
+
+
+@pytest.fixture(scope="module")
+def wiki_test(data_dir) -> str:
+    return (data_dir / data.WIKITEXT2_TEST).read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def ptb_train(data_dir) -> str:
+    return (data_dir / data.PTB_TRAIN).read_text(encoding="utf-8")
+
+
+def detokenised(text: str) -> str:
+    """WikiText's tokenisation undone, as a user cleaning the file would: ``@-@`` -> ``-``, `` , `` -> ``, ``."""
+    for marked, plain in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", ".")):
+        text = text.replace(marked, plain)
+    text = re.sub(r" ([,.;:!?)]|'s|n't)", r"\1", text)
+    return re.sub(r"\( ", "(", text)
+
+
+def normalised(text: str) -> str:
+    """Whitespace collapsed, punctuation removed or changed, case changed: the words alone survive."""
+    text = re.sub(r"[\"'`]", "", text.replace(" - ", " — ").replace(";", ","))
+    return " ".join(text.split()).upper()
+
+
+def disguises(wiki: str, ptb: str) -> dict[str, str]:
+    return {
+        "appended to PTB train": ptb + "\n" + wiki,
+        "detokenised": detokenised(wiki),
+        "normalised": normalised(wiki),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# S1. The test-text guard: no data root needed, counts matches, survives normalisation
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def disguise_files(tmp_path_factory, wiki_test, ptb_train, data_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("disguised")
+    files = {}
+    for name, text in disguises(wiki_test, ptb_train).items():
+        files[name] = root / f"{name.replace(' ', '-')}.txt"
+        files[name].write_text(text, encoding="utf-8")
+    # And as documents: the test text split into a .jsonl of its paragraphs, among C4 documents.
+    docs = data.c4_sample_documents(data_dir / data.C4_SAMPLE)[data.C4_SAMPLE_EVAL_DOCS :][:200]
+    docs += [row for row in wiki_test.split("\n") if row.strip()]
+    files["jsonl among C4 documents"] = root / "mixed.jsonl"
+    files["jsonl among C4 documents"].write_text("\n".join(json.dumps({"text": d}) for d in docs), encoding="utf-8")
+    return files
+
+
+def test_s1_each_disguise_of_the_test_text_is_found_without_a_data_root(disguise_files, smollm2_tokenizer, hub_only):
+    """The fingerprint ships with the package: no data dir is consulted (hub_only removes every one)."""
+    assert data.resolve_data_dir(None) is None
+    for name, path in disguise_files.items():
+        with pytest.raises(SlicelmError, match="contains WikiText-2 test text") as refused:
+            data.load_calibration(str(path), smollm2_tokenizer, n_samples=1, seqlen=8)
+        assert "never calibrate or train on evaluation text" in str(refused.value), name
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory, smollm2_tokenizer, data_dir) -> tuple[Path, Path]:
+    """(dense, sliced) tiny Llamas with a real tokenizer."""
+    root = tmp_path_factory.mktemp("s1")
+    dense = save_model_folder(root / "dense", smollm2_tokenizer, tie_word_embeddings=True)
+    sliced = root / "sliced"
+    argv = ["slice", dense, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", sliced]
+    from slicelm.cli import main
+
+    assert main([str(a) for a in argv]) == 0
+    return dense, sliced
+
+
+FT = ["--tokens", "256", "--seqlen", "32", "--batch-size", "2", "--eval-windows", "1", "--quiet"]
+
+
+def test_s1_slice_calib_and_finetune_data_refuse_every_disguise(
+    tiny_folders, disguise_files, tmp_path, capsys, hub_only
+):
+    dense, sliced = tiny_folders
+    for name, path in disguise_files.items():
+        out = tmp_path / "out"
+        calib = ["--calib", path, "--calib-samples", 4, "--calib-seqlen", 32, "--quiet"]
+        code, _, lines = run_cli(["slice", dense, "--sparsity", 0.25, *calib, "--out", out], capsys)
+        assert_one_line_error(code, lines, f"{path} contains WikiText-2 test text")
+        assert not out.exists(), name
+        code, _, lines = run_cli(["finetune", sliced, "--data", path, *FT, "--out", out], capsys)
+        assert_one_line_error(code, lines, f"{path} contains WikiText-2 test text")
+        assert not out.exists() and not Path(f"{out}.slicelm-work").exists(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "lock or temporary files left behind"
+
+
+def test_s1_other_evaluation_texts_are_fingerprinted_too(data_dir):
+    for name, fragment in (("ptb", "PTB test text"), ("c4", "C4 test documents")):
+        with pytest.raises(SlicelmError, match=fragment):
+            check_not_eval_text(data.eval_text(name, data_dir), "file.txt")
+
+
+def test_s1_real_training_text_passes(data_dir, ptb_train):
+    """Non-test text of every kind in the data folder matches (almost) nothing: the false-positive check.
+
+    Measured: 0 for PTB train, C4's calibration half, Alpaca and the task files; 7 for PTB valid (WSJ
+    text like the test split), against a threshold of MIN_MATCHES = 32.
+    """
+    from slicelm.fingerprint import matches
+
+    texts = {
+        "ptb train": ptb_train,
+        "ptb valid": (data_dir / "ptb" / "ptb.valid.txt").read_text(encoding="utf-8"),
+        "c4 calibration half": "\n\n".join(data.c4_sample_documents(data_dir / data.C4_SAMPLE)[1000:]),
+        "alpaca": "\n\n".join(data.alpaca_texts(data_dir / data.ALPACA)),
+        "lambada": (data_dir / "lambada" / "lambada_openai.jsonl").read_text(encoding="utf-8"),
+    }
+    for label, text in texts.items():
+        found = {m.name: m.matches for m in matches(text)}
+        assert max(found.values()) <= MIN_MATCHES // 4, (label, found)
+        check_not_eval_text(text, label)  # does not raise
+
+
+def test_s1_a_file_of_real_training_text_calibrates(tiny_folders, data_dir, tmp_path, capsys, hub_only):
+    dense, _ = tiny_folders
+    calib = tmp_path / "mine.txt"
+    calib.write_text((data_dir / data.PTB_TRAIN).read_text(encoding="utf-8")[:200_000], encoding="utf-8")
+    argv = ["slice", dense, "--sparsity", 0.25, "--calib", calib, "--calib-samples", 4, "--calib-seqlen", 32]
+    code, _, lines = run_cli([*argv, "--quiet", "--out", tmp_path / "out"], capsys)
+    assert code == 0, lines
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_s1_fingerprint_is_small_holds_only_hashes_and_is_reproducible(data_dir):
+    """Well under 1 MB; only uint64 arrays (no text); the WikiText-2 set is what the script computes."""
+    assert FINGERPRINT_FILE.stat().st_size < 500_000
+    with np.load(FINGERPRINT_FILE, allow_pickle=False) as raw:
+        assert {raw[k].dtype.kind for k in raw.files} <= {"u", "i"}
+    shipped = load_fingerprint()
+    assert set(shipped) == set(data.EVAL_SETS)
+    np.testing.assert_array_equal(shipped["wikitext2"], fingerprint_of(data.eval_text("wikitext2", data_dir)))
+    assert len(shipped["wikitext2"]) > 300 * MIN_MATCHES  # the whole test set is far above the threshold
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough edges: one line instead of a traceback or argparse's riddle
+# --------------------------------------------------------------------------------------------------
+def test_rough_6_a_bad_available_memory_override_is_one_line(tiny_folders, tmp_path, capsys, data_dir, monkeypatch):
+    dense, _ = tiny_folders
+    monkeypatch.setenv("SLICELM_AVAILABLE_MEMORY", "lots")
+    out = tmp_path / "out"
+    code, _, lines = run_cli(["slice", dense, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", out], capsys)
+    assert_one_line_error(code, lines, "$SLICELM_AVAILABLE_MEMORY='lots'", "give a size such as 8GiB")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["-0.1,0.2", "-1"])
+def test_rough_15_negative_values_reach_the_flags_own_check(value, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code, _, lines = run_cli(["sweep", "smollm2-135m", "--sparsities", value, "--out", out], capsys)
+    assert_one_line_error(code, lines, "argument --sparsities: sparsities must be in [0, 1), got -")
+    assert not out.exists()
+    code, _, lines = run_cli(["slice", "smollm2-135m", "--sparsity", value.split(",")[0], "--out", out], capsys)
+    assert_one_line_error(code, lines, "--sparsity must be in [0, 1), got -")
+    assert not out.exists()
