@@ -149,28 +149,138 @@ class FinetuneReport:
 
 
 # --------------------------------------------------------------------------------------------------
-# Losses
+# Losses, in bounded memory
 # --------------------------------------------------------------------------------------------------
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over real tokens. logits (B, T, V), ids/mask (B, T)."""
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+# One (rows, vocab) float32 block of logits is at most this many elements (64 MiB): a block's
+# softmaxes and gradient are the only vocabulary-wide tensors a loss ever holds, whatever the batch.
+LOGIT_BLOCK = 2**24
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over real tokens of ``T^2 KL(p_teacher || p_student)`` at temperature T. (B, T, V) logits."""
-    keep = mask.bool()
-    return kd_loss_to(student, F.log_softmax(teacher[keep].float() / temperature, dim=-1), keep, temperature)
+@dataclass(frozen=True)
+class Head:
+    """A model's output projection, ``logits = hidden @ weight.T + bias``: weight (V, H), bias (V,).
+
+    ``weight=None`` means the hidden states already are the logits (a model whose head could not be
+    bypassed, see :func:`forward_hidden`).
+    """
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) in float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        if self.weight is None:
+            return hidden.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(hidden.to(dtype), self.weight.to(dtype), bias)
 
 
-def kd_loss_to(
-    student: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor, temperature: float
+LOGITS = Head()
+
+
+class _BlockTargets:
+    """What one block of logits is scored against: ``kd`` (the teacher's hidden states and head) or
+    ``lm`` (next-token ids). ``score(s, i, j)`` returns the summed loss of rows ``i:j`` of the
+    student's raw float32 logits ``s`` and its gradient with respect to them."""
+
+    def __init__(self, kind: str, target: torch.Tensor, head: Head = LOGITS, temperature: float = 1.0):
+        self.kind, self.target, self.head, self.temperature = kind, target, head, temperature
+
+    def score(self, s: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "lm":
+            log_q = F.log_softmax(s, dim=-1)
+            ids = self.target[i:j].unsqueeze(1)
+            loss = -log_q.gather(1, ids).sum()
+            grad = log_q.exp_().scatter_add_(1, ids, torch.full_like(ids, -1, dtype=s.dtype))
+            return loss, grad
+        # T^2 KL(p || q) at temperature T; its gradient with respect to the raw logits is T (q - p)
+        t = self.temperature
+        log_p = F.log_softmax(self.head.logits(self.target[i:j]) / t, dim=-1)
+        log_q = F.log_softmax(s / t, dim=-1)
+        p = log_p.exp()
+        loss = (p * (log_p - log_q)).sum() * t**2
+        return loss, log_q.exp_().sub_(p).mul_(t)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Mean loss over ``N`` rows of hidden states projected through a head, block by block.
+
+    The forward pass computes the gradient too (the loss is a scalar, so one pass suffices): per block
+    of rows, logits -> loss and d loss / d logits -> gradients of the hidden states, the head's weight
+    and bias. Only one block's logits exist at a time; the backward pass scales what was kept.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets: _BlockTargets, rows: int):  # hidden (N, H)
+        head = Head(weight, bias)
+        n = hidden.shape[0]
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # of the logits and the accumulators
+        grad_w = torch.zeros_like(weight, dtype=dtype) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=dtype) if want_b else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)  # a sum of N per-token terms
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            loss, g = targets.score(head.logits(hidden[i:j]), i, j)  # g: (rows, V)
+            total += loss.double()
+            if weight is None:
+                if want_h:
+                    grad_h[i:j] = g
+                continue
+            if want_h:
+                grad_h[i:j] = g @ weight.to(dtype)
+            if want_w:
+                grad_w.addmm_(g.T, hidden[i:j].to(dtype))
+            if want_b:
+                grad_b += g.sum(0)
+        scale = 1.0 / max(n, 1)
+        ctx.grads = [None if g is None else g.mul_(scale) for g in (grad_h, grad_w, grad_b)]
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        return (total * scale).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if g is None else (g * grad_out).to(d) for g, d in zip(ctx.grads, ctx.dtypes, strict=True)]
+        return *grads, None, None
+
+
+def _apply_chunked(hidden: torch.Tensor, head: Head, targets: _BlockTargets, rows: int | None) -> torch.Tensor:
+    vocab = hidden.shape[-1] if head.weight is None else head.weight.shape[0]
+    rows = rows or max(1, LOGIT_BLOCK // vocab)
+    return _ChunkedLoss.apply(hidden, head.weight, head.bias, targets, rows)
+
+
+def lm_loss(
+    hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, head: Head = LOGITS, *, rows: int | None = None
 ) -> torch.Tensor:
-    """:func:`kd_loss` against the teacher's log-probabilities at temperature T on the real tokens,
-    ``(N, V)`` for the ``N`` true entries of ``mask`` (as :func:`teacher_targets` caches them)."""
-    s = F.log_softmax(student[mask.bool()].float() / temperature, dim=-1)  # (N, V)
-    t = teacher_log_probs.float()
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    """Mean next-token cross-entropy over real tokens. hidden (B, T, H) (logits when ``head`` is
+    :data:`LOGITS`), ids/mask (B, T). Computed in blocks of ``rows`` tokens (default: 64 MiB of logits)."""
+    keep = mask[:, 1:].bool()
+    targets = _BlockTargets("lm", ids[:, 1:][keep])
+    return _apply_chunked(hidden[:, :-1][keep], head, targets, rows)
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    *,
+    student_head: Head = LOGITS,
+    teacher_head: Head = LOGITS,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Mean over real tokens of ``T^2 KL(p_teacher || p_student)`` at temperature T.
+
+    student/teacher: (B, T, H_s) and (B, T, H_t) hidden states projected by their heads (logits with
+    the default :data:`LOGITS`); mask (B, T). The KL is computed in blocks of ``rows`` tokens, so the
+    two models' full logits never exist for the whole batch; the gradient is exact.
+    """
+    keep = mask.bool()
+    targets = _BlockTargets("kd", teacher[keep].detach(), teacher_head, temperature)
+    return _apply_chunked(student[keep], student_head, targets, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +331,42 @@ def prepare_student(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         return get_peft_model(model, lora)
 
 
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's head when its logits are exactly ``head(final hidden states)``: a plain linear in a
+    family slicelm knows (:data:`slicelm.arch.REGISTRY`; none of them scales or caps its logits).
+    None otherwise: such a model's logits are taken as it computes them."""
+    from slicelm.arch import REGISTRY
+
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    known = getattr(config, "model_type", None) in REGISTRY
+    capped = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return head if known and not capped and type(head) is nn.Linear else None
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Head]:
+    """The model's final hidden states (B, T, H) and its :class:`Head`, without computing the logits.
+
+    The head's forward is swapped for the identity during the call, so the model returns what its
+    head would have read (the (B, T, V) logits are what fills memory at a large vocabulary; the
+    losses project block by block). A model without a bypassable head returns its logits and
+    :data:`LOGITS`.
+    """
+    head = output_head(model)
+    if head is None:
+        return model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits, LOGITS
+    head.forward = _identity
+    try:
+        hidden = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+    finally:
+        del head.forward
+    return hidden, Head(head.weight, head.bias)
+
+
 def merged(model: nn.Module) -> nn.Module:
     """The plain model with LoRA adapters merged into its weights (itself for full fine-tuning)."""
     if hasattr(model, "merge_and_unload"):
@@ -243,25 +389,34 @@ def _batches(windows: Sequence[torch.Tensor], pad_id: int, size: int):
     yield from pad_batches(windows, size, pad_id)
 
 
-@torch.no_grad()
-def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, device) -> list[torch.Tensor]:
-    """The teacher's next-token log-probabilities (at temperature T, on the real tokens) on the
-    held-out windows, one ``(N, V)`` tensor per batch.
+@dataclass
+class TeacherTargets:
+    """The teacher's outputs on the held-out windows: per batch, its final hidden states on the
+    real next-token positions, (N, H) on the CPU, and its head (projected block by block when scored)."""
 
-    Computed once per run (the teacher never changes) and kept in float16 on the CPU: half the
-    memory of the logits, and a held-out KD loss within about 1e-3 of the float32 one.
+    hidden: list[torch.Tensor]
+    head: Head
+
+
+@torch.no_grad()
+def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, device) -> TeacherTargets:
+    """The teacher's held-out outputs, computed once per run (the teacher never changes).
+
+    Its final hidden states are kept rather than its logits: H numbers per token instead of V (576
+    against 49,152 on SmolLM2), exact, and the KD loss projects them block by block.
     """
-    out = []
+    out, head = [], LOGITS
     for ids, mask in _batches(windows, pad_id, config.batch_size):
         ids, mask = ids.to(device), mask.to(device)
-        logits = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
-        keep = mask[:, 1:].bool()
-        out.append(F.log_softmax(logits[:, :-1][keep].float() / config.temperature, dim=-1).half().cpu())
-    return out
+        hidden, head = forward_hidden(teacher, ids, mask)
+        out.append(hidden[:, :-1][mask[:, 1:].bool()].cpu())
+    return TeacherTargets(out, head)
 
 
 @torch.no_grad()
-def evaluate(model, windows, config: FinetuneConfig, pad_id: int, device, targets=None) -> dict[str, float]:
+def evaluate(
+    model, windows, config: FinetuneConfig, pad_id: int, device, targets: TeacherTargets | None = None
+) -> dict[str, float]:
     """Held-out next-token loss (and KD loss against ``targets``, the teacher's cached
     :func:`teacher_targets`), mean over the windows' real tokens."""
     was = model.training
@@ -270,12 +425,13 @@ def evaluate(model, windows, config: FinetuneConfig, pad_id: int, device, target
     count = 0
     for index, (ids, mask) in enumerate(_batches(windows, pad_id, config.batch_size)):
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+        hidden, head = forward_hidden(model, ids, mask)
         n = int(mask[:, 1:].sum())
-        totals["heldout_lm"] += lm_loss(logits, ids, mask).item() * n
+        totals["heldout_lm"] += lm_loss(hidden, ids, mask, head).item() * n
         if targets is not None:
-            cached = F.log_softmax(targets[index].to(device).float(), dim=-1)  # renormalised after float16
-            kd = kd_loss_to(logits[:, :-1], cached, mask[:, 1:], config.temperature)
+            keep = mask[:, 1:].bool()
+            kd_targets = _BlockTargets("kd", targets.hidden[index].to(device), targets.head, config.temperature)
+            kd = _apply_chunked(hidden[:, :-1][keep], head, kd_targets, None)
             totals["heldout_kd"] += kd.item() * n
         count += n
     model.train(was)
@@ -377,15 +533,22 @@ def train(
                 chunk = [train_windows[i] for i in order[first : first + config.batch_size]]
                 ids, mask = next(_batches(chunk, pad_id, len(chunk)))
                 ids, mask = ids.to(device), mask.to(device)
-                logits = student(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                hidden, head = forward_hidden(student, ids, mask)  # the logits exist one block at a time
                 if config.loss == "kd":
                     t_start = time.perf_counter()
                     with torch.no_grad():
-                        target = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                        t_hidden, t_head = forward_hidden(teacher, ids, mask)
                     report.teacher_seconds += time.perf_counter() - t_start
-                    loss = kd_loss(logits[:, :-1], target[:, :-1], mask[:, 1:], config.temperature)
+                    loss = kd_loss(
+                        hidden[:, :-1],
+                        t_hidden[:, :-1],
+                        mask[:, 1:],
+                        config.temperature,
+                        student_head=head,
+                        teacher_head=t_head,
+                    )
                 else:
-                    loss = lm_loss(logits, ids, mask)
+                    loss = lm_loss(hidden, ids, mask, head)
                 if not torch.isfinite(loss):
                     raise SlicelmError(f"the training loss became non-finite at step {step}; lower --lr")
                 (loss / config.grad_accum).backward()
