@@ -18,6 +18,7 @@ its last checkpoint and writes no output folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.errors import SlicelmError
+from slicelm.errors import SlicelmError, first_line
 
 Loss = Literal["lm", "kd"]
 CHECKPOINT = "checkpoint"  # folder in the work dir: state.safetensors + state.json
@@ -308,6 +309,15 @@ def lora_targets(model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
             names.append(name)
         elif "final" in extra and name == f"{layout.final_norm}.proj":
             names.append(name)
+    if "shortcuts" in extra and not any(n.endswith(("attn_shortcut", "ffn_shortcut")) for n in names):
+        raise SlicelmError(
+            "--lora-extra shortcuts: this model has no shortcut matrices (only slicegpt-layout folders do)"
+        )
+    if "final" in extra and f"{layout.final_norm}.proj" not in names:
+        raise SlicelmError(
+            "--lora-extra final: this model has no final projection (only a slicegpt-layout folder that keeps "
+            "its tied head has one)"
+        )
     return sorted(names)
 
 
@@ -374,6 +384,35 @@ def merged(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's tensors (names, dtypes, shapes, bytes): what a checkpoint was trained from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
+    return digest.hexdigest()
+
+
+def windows_digest(*groups: Sequence[torch.Tensor]) -> str:
+    """SHA-256 of token windows (training, held-out): the data a run reads, whatever flag chose it."""
+    digest = hashlib.sha256()
+    for group in groups:
+        digest.update(f"group:{len(group)};".encode())
+        for window in group:
+            digest.update(window.to(torch.int64).contiguous().numpy().tobytes() + b";")
+    return digest.hexdigest()
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of a parameter or buffer holding NaN or infinity, if any."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -456,13 +495,17 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` (in place) and return ``(merged model, report)``.
 
     work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
     stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
     monitor: extra measurements added to each evaluation point (e.g. test perplexity); for curves
-    only — nothing is chosen by them.
+    only — nothing is chosen by them. data: the description of the windows, for the report.
+
+    Resuming verifies that the checkpoint was taken with the same settings and from the same
+    student, teacher and windows (digests of their weights and tokens).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -477,6 +520,18 @@ def train(
             f"{total} steps of {per_step} windows need {total * per_step} training windows, "
             f"the data gives {len(train_windows)}; lower --tokens/--steps or give more data"
         )
+    for role, module in (("model", model), ("teacher", teacher)):
+        bad = first_non_finite(module) if module is not None else None
+        if bad is not None:
+            raise SlicelmError(
+                f"the {role}'s weights hold NaN or infinity ({bad}): the folder is damaged, not the settings; "
+                "re-create or re-download it"
+            )
+    identity = {  # what a checkpoint continues: resuming verifies all three
+        "student": weights_digest(model),
+        "teacher": weights_digest(teacher) if teacher is not None else None,
+        "data": windows_digest(train_windows, heldout_windows),
+    }
     student = prepare_student(model, config).to(device)
     student.train()
     checkpointing = config.gradient_checkpointing
@@ -496,7 +551,7 @@ def train(
     work = Path(work_dir) if work_dir is not None else None
     report = FinetuneReport(
         config=asdict(config) | {"peak_lr": config.peak_lr},
-        data={},
+        data=dict(data or {}),
         steps=total,
         tokens=0,
         trainable_params=sum(p.numel() for p in params),
@@ -504,7 +559,7 @@ def train(
     )
     start_step = 0
     if resume:
-        start_step = _load_checkpoint(work, student, optimizer, scheduler, report, config)
+        start_step = _load_checkpoint(work, student, optimizer, scheduler, report, config, identity)
     eval_every = config.eval_every or max(1, total // 10)
     checkpoint_every = config.checkpoint_every or max(1, total // 10)
     memory = PeakMemory()
@@ -550,7 +605,9 @@ def train(
                 else:
                     loss = lm_loss(hidden, ids, mask, head)
                 if not torch.isfinite(loss):
-                    raise SlicelmError(f"the training loss became non-finite at step {step}; lower --lr")
+                    if step == 0:  # no update yet: not the learning rate
+                        raise SlicelmError("the training loss is non-finite before any update: check the data")
+                    raise Diverged(step)
                 (loss / config.grad_accum).backward()
                 loss_value += loss.item() / config.grad_accum
                 report.tokens += int(mask.sum())
@@ -571,11 +628,11 @@ def train(
                 report.curve.append(point | (monitor(student) if monitor else {}))
             if work is not None and (step % checkpoint_every == 0) and step < total:
                 report.seconds = time.perf_counter() - t0
-                _save_checkpoint(work, student, optimizer, scheduler, report, step)
+                _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
     except KeyboardInterrupt:
         if work is not None:
             report.seconds = time.perf_counter() - t0
-            _save_checkpoint(work, student, optimizer, scheduler, report, step)
+            _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
         raise
     finally:
         bar.close()
@@ -607,7 +664,7 @@ def needs_checkpointing(model: nn.Module, config: FinetuneConfig, distilling: bo
     return config.batch_size * config.seqlen * per_token > available / 2
 
 
-def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int) -> None:
+def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int, identity) -> None:
     """Atomically replace the work folder's checkpoint: trainable weights and optimizer moments as
     safetensors, step, schedule and report as JSON (nothing pickled)."""
     from safetensors.torch import save_file
@@ -624,6 +681,7 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
     meta = {
         "step": step,
+        "identity": identity,
         "param_groups": optim["param_groups"],
         "scheduler": scheduler.state_dict(),
         "report": report.to_dict(),
@@ -642,37 +700,94 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
         old.rmdir()
 
 
-def _load_checkpoint(work: Path | None, student, optimizer, scheduler, report: FinetuneReport, config) -> int:
+class Diverged(SlicelmError):
+    """The training loss became non-finite after ``step`` updates (a learning rate too high)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"the training loss became non-finite at step {step}; lower --lr")
+
+
+class DamagedCheckpoint(SlicelmError):
+    """A work folder's checkpoint that cannot be read or does not fit this run."""
+
+
+IDENTITY_CHANGES = {
+    "student": "another student (the model's weights differ from the ones it was trained from)",
+    "teacher": "another teacher (the teacher's weights differ: a changed folder or another --teacher)",
+    "data": "other training data (--data, --data-dir, --seqlen or the source's text differ)",
+}
+
+
+def _load_checkpoint(
+    work: Path | None, student, optimizer, scheduler, report: FinetuneReport, config, identity: dict
+) -> int:
+    """Restore a checkpoint into this run's student, optimizer, schedule and report; the step reached.
+
+    Refused (:class:`SlicelmError`) when it was taken with other settings, another student, teacher or
+    data; :class:`DamagedCheckpoint` when it cannot be read or does not fit the run.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = work / CHECKPOINT if work is not None else None
     if folder is None or not (folder / "state.json").is_file():
         raise SlicelmError(f"--resume: no checkpoint in {work}; run without --resume to start")
-    meta = json.loads((folder / "state.json").read_text())
-    saved = meta["report"]["config"]
+
+    def damaged(why: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(f"--resume: the checkpoint in {folder} is damaged ({why}); start again with --restart")
+
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        saved = meta["report"]["config"]
+        step = meta["step"]
+        recorded = meta.get("identity")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise damaged(f"state.json: {type(exc).__name__}") from None
+    total = config.total_steps()
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise damaged(f"step {step!r} outside this run's 0..{total}")
     wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
     if saved != wanted:
-        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
         raise SlicelmError(
-            f"--resume with other settings than the checkpoint ({', '.join(changed)}); use the same flags"
+            f"--resume with other settings than the checkpoint ({', '.join(changed)}); use the same flags, "
+            "or --restart to discard the checkpoint and start over"
         )
-    tensors = load_file(folder / "state.safetensors")
-    names = dict(student.named_parameters())
+    if not isinstance(recorded, dict):
+        raise damaged("it records no digest of the student, teacher and data")
+    for key, what in IDENTITY_CHANGES.items():
+        if recorded.get(key) != identity[key]:
+            raise SlicelmError(f"--resume: the checkpoint was taken with {what}; resume the same run, or --restart")
+    try:
+        tensors = load_file(folder / "state.safetensors")
+    except (OSError, SafetensorError) as exc:
+        raise damaged(f"state.safetensors: {first_line(exc)}") from None
+    names = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    params = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("param.")}
+    if set(params) != set(names):
+        raise damaged(f"{len(set(names) ^ set(params))} trainable weights missing or unexpected")
+    wrong = next((n for n, v in params.items() if v.shape != names[n].shape), None)
+    if wrong is not None:
+        raise damaged(f"{wrong} is {tuple(params[wrong].shape)}, the model's is {tuple(names[wrong].shape)}")
     state: dict[int, dict[str, torch.Tensor]] = {}
-    with torch.no_grad():
-        for key, value in tensors.items():
-            kind, rest = key.split(".", 1)
-            if kind == "param":
-                names[rest].copy_(value)
-            else:
-                index, name = rest.split(".", 1)
-                state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
-        setattr(report, key, meta["report"][key])
-    report.resumed_from = meta["step"]
-    return int(meta["step"])
+    try:
+        with torch.no_grad():
+            for name, value in params.items():
+                names[name].copy_(value)
+            for key, value in tensors.items():
+                kind, rest = key.split(".", 1)
+                if kind == "optim":
+                    index, name = rest.split(".", 1)
+                    state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
+            setattr(report, key, meta["report"][key])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise damaged(f"{type(exc).__name__}: {first_line(exc)}") from None
+    report.resumed_from = step
+    return step
 
 
 def finetune(
@@ -687,15 +802,20 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    windows: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` on ``data`` (c4, alpaca, ptb or a file) and return ``(merged model, report)``.
 
     The public front door: ``slicelm.finetune(model, tokenizer, "c4", FinetuneConfig(loss="kd"),
     teacher=dense)``. Save the result with :func:`slicelm.save_sliced` (sliced models) or
     ``save_pretrained`` (plain and dense ones).
+
+    windows: :func:`training_windows`' result when already made (the command reads the data before
+    it loads the models, so that bad data is refused first). monitor: see :func:`train`.
     """
     config = config or FinetuneConfig()
-    train_windows, heldout, description = training_windows(data, tokenizer, config, data_dir)
+    train_windows, heldout, description = windows or training_windows(data, tokenizer, config, data_dir)
     model, report = train(
         model,
         train_windows,
@@ -707,6 +827,8 @@ def finetune(
         resume=resume,
         progress=progress,
         device=device,
+        monitor=monitor,
+        data=description,
     )
     report.data = description
     return model, report
@@ -729,15 +851,18 @@ def training_windows(
 
     check_not_test_text(source, data_dir)
     train_count = config.total_steps() * config.windows_per_step
-    windows = load_calibration(
-        source,
-        tokenizer,
-        n_samples=train_count + config.eval_windows,
-        seqlen=config.seqlen,
-        seed=config.seed,
-        data_dir=data_dir,
-        packed=True,
-    )
+    try:
+        windows = load_calibration(
+            source,
+            tokenizer,
+            n_samples=train_count + config.eval_windows,
+            seqlen=config.seqlen,
+            seed=config.seed,
+            data_dir=data_dir,
+            packed=True,
+        )
+    except SlicelmError as exc:  # slicelm.data speaks of calibration; here the text is training data
+        raise SlicelmError(_as_training(str(exc))) from None
     heldout, train_windows = windows[: config.eval_windows], windows[config.eval_windows :]
     data = {
         "source": source,
@@ -748,6 +873,13 @@ def training_windows(
         "seed": config.seed,
     }
     return train_windows, heldout, data
+
+
+def _as_training(message: str) -> str:
+    """A data-loading message in the words of training rather than calibration."""
+    for old, new in (("calibration", "training"), ("calibrate on", "train on"), ("calibrating", "training")):
+        message = message.replace(old, new)
+    return message
 
 
 def check_not_test_text(source: str, data_dir: str | Path | None) -> None:
