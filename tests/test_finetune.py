@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
@@ -59,6 +60,72 @@ def test_kd_loss_is_zero_for_identical_distributions():
     assert kd_loss(logits_, logits_, mask, 1.0).abs().item() < 1e-6
     assert kd_loss(logits_, logits_, mask, 2.0).abs().item() < 1e-6
     assert kd_loss(logits_, torch.randn(2, 5, 11), mask, 1.0).item() > 0
+
+
+def _reference_losses(h, w, b, ht, wt, ids, mask, temperature):
+    """The unchunked losses from full float64 logits: T^2 KL(p_t || p_s) and next-token cross-entropy."""
+    s, t = (h @ w.T + b).double(), (ht @ wt.T).double()
+    log_p = F.log_softmax(t[mask] / temperature, -1)
+    log_q = F.log_softmax(s[mask] / temperature, -1)
+    kd = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100).flatten()
+    lm = F.cross_entropy(s[:, :-1].flatten(0, 1), targets, ignore_index=-100)
+    return kd, lm
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_chunked_losses_equal_the_unchunked_ones_in_value_and_gradient(dtype, bound):
+    """Blocks of 3 tokens (not a divisor of the 12 real ones), gradients to hidden states, head and bias."""
+    from slicelm.recovery import Head, lm_loss
+
+    gen = torch.Generator().manual_seed(0)
+    h, w, b = (
+        torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_() for shape in [(2, 7, 5), (13, 5), (13,)]
+    )
+    ht, wt = torch.randn(2, 7, 4, generator=gen, dtype=dtype), torch.randn(13, 4, generator=gen, dtype=dtype)
+    ids = torch.randint(0, 13, (2, 7), generator=gen)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    kd_ref, lm_ref = _reference_losses(h, w, b, ht, wt, ids, mask, 2.0)
+    kd = kd_loss(h, ht, mask, 2.0, student_head=Head(w, b), teacher_head=Head(wt), rows=3)
+    lm = lm_loss(h, ids, mask, Head(w, b), rows=3)
+    for got, expected in ((kd, kd_ref), (lm, lm_ref)):
+        assert abs(got.item() - expected.item()) <= bound * expected.item()
+        reference = torch.autograd.grad(expected, (h, w, b), retain_graph=True)  # kd and lm share the logits
+        for g, e in zip(torch.autograd.grad(got, (h, w, b)), reference, strict=True):
+            assert g.dtype == dtype and ((g - e).norm() / e.norm()).item() <= bound
+
+
+@pytest.mark.parametrize("family", ["sliced", "plain", "gpt2"])
+def test_training_through_the_bypassed_head_has_the_full_logits_gradient(family):
+    """forward_hidden + blocked KD gives the loss and LoRA gradients of full logits + the direct KL."""
+    from slicelm.recovery import LOGITS, forward_hidden
+
+    model = {"sliced": sliced_tiny, "plain": lambda: sliced_tiny("plain")}.get(
+        family, lambda: build_tiny_model("gpt2")
+    )()
+    teacher = build_tiny_model("gpt2" if family == "gpt2" else "llama", seed=3).double()  # float64: exact to 1e-9
+    student = prepare_student(model.double(), FinetuneConfig(lora_rank=4)).double()
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    ids, mask = padded_batch(96)
+    params = [p for p in student.parameters() if p.requires_grad]
+    hidden, head = forward_hidden(student, ids, mask)
+    t_hidden, t_head = forward_hidden(teacher, ids, mask)
+    assert head is not LOGITS and hidden.shape[-1] < 96  # the logits were never computed
+    blocked = kd_loss(
+        hidden[:, :-1], t_hidden[:, :-1], mask[:, 1:], 1.5, student_head=head, teacher_head=t_head, rows=5
+    )
+    s = student(input_ids=ids, attention_mask=mask).logits
+    t = teacher(input_ids=ids, attention_mask=mask).logits.detach()
+    mask_ = mask[:, 1:].bool()
+    log_p, log_q = F.log_softmax(t[:, :-1][mask_] / 1.5, -1), F.log_softmax(s[:, :-1][mask_] / 1.5, -1)
+    direct = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * 1.5**2
+    assert direct.item() > 0.01 and abs(blocked.item() - direct.item()) <= 1e-9 * direct.item()
+    for g, e in zip(torch.autograd.grad(blocked, params), torch.autograd.grad(direct, params), strict=True):
+        assert ((g - e).norm() / e.norm()).item() <= 1e-9
 
 
 def test_kd_with_teacher_equal_to_student_has_zero_loss():

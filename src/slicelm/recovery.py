@@ -18,6 +18,7 @@ its last checkpoint and writes no output folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.errors import SlicelmError
+from slicelm.errors import SlicelmError, first_line
 
 Loss = Literal["lm", "kd"]
 CHECKPOINT = "checkpoint"  # folder in the work dir: state.safetensors + state.json
@@ -149,28 +150,138 @@ class FinetuneReport:
 
 
 # --------------------------------------------------------------------------------------------------
-# Losses
+# Losses, in bounded memory
 # --------------------------------------------------------------------------------------------------
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over real tokens. logits (B, T, V), ids/mask (B, T)."""
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+# One (rows, vocab) float32 block of logits is at most this many elements (64 MiB): a block's
+# softmaxes and gradient are the only vocabulary-wide tensors a loss ever holds, whatever the batch.
+LOGIT_BLOCK = 2**24
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over real tokens of ``T^2 KL(p_teacher || p_student)`` at temperature T. (B, T, V) logits."""
-    keep = mask.bool()
-    return kd_loss_to(student, F.log_softmax(teacher[keep].float() / temperature, dim=-1), keep, temperature)
+@dataclass(frozen=True)
+class Head:
+    """A model's output projection, ``logits = hidden @ weight.T + bias``: weight (V, H), bias (V,).
+
+    ``weight=None`` means the hidden states already are the logits (a model whose head could not be
+    bypassed, see :func:`forward_hidden`).
+    """
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., V) in float32 (float64 for float64 inputs)."""
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        if self.weight is None:
+            return hidden.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(hidden.to(dtype), self.weight.to(dtype), bias)
 
 
-def kd_loss_to(
-    student: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor, temperature: float
+LOGITS = Head()
+
+
+class _BlockTargets:
+    """What one block of logits is scored against: ``kd`` (the teacher's hidden states and head) or
+    ``lm`` (next-token ids). ``score(s, i, j)`` returns the summed loss of rows ``i:j`` of the
+    student's raw float32 logits ``s`` and its gradient with respect to them."""
+
+    def __init__(self, kind: str, target: torch.Tensor, head: Head = LOGITS, temperature: float = 1.0):
+        self.kind, self.target, self.head, self.temperature = kind, target, head, temperature
+
+    def score(self, s: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "lm":
+            log_q = F.log_softmax(s, dim=-1)
+            ids = self.target[i:j].unsqueeze(1)
+            loss = -log_q.gather(1, ids).sum()
+            grad = log_q.exp_().scatter_add_(1, ids, torch.full_like(ids, -1, dtype=s.dtype))
+            return loss, grad
+        # T^2 KL(p || q) at temperature T; its gradient with respect to the raw logits is T (q - p)
+        t = self.temperature
+        log_p = F.log_softmax(self.head.logits(self.target[i:j]) / t, dim=-1)
+        log_q = F.log_softmax(s / t, dim=-1)
+        p = log_p.exp()
+        loss = (p * (log_p - log_q)).sum() * t**2
+        return loss, log_q.exp_().sub_(p).mul_(t)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Mean loss over ``N`` rows of hidden states projected through a head, block by block.
+
+    The forward pass computes the gradient too (the loss is a scalar, so one pass suffices): per block
+    of rows, logits -> loss and d loss / d logits -> gradients of the hidden states, the head's weight
+    and bias. Only one block's logits exist at a time; the backward pass scales what was kept.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets: _BlockTargets, rows: int):  # hidden (N, H)
+        head = Head(weight, bias)
+        n = hidden.shape[0]
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # of the logits and the accumulators
+        grad_w = torch.zeros_like(weight, dtype=dtype) if want_w else None
+        grad_b = torch.zeros_like(bias, dtype=dtype) if want_b else None
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)  # a sum of N per-token terms
+        for i in range(0, n, rows):
+            j = min(i + rows, n)
+            loss, g = targets.score(head.logits(hidden[i:j]), i, j)  # g: (rows, V)
+            total += loss.double()
+            if weight is None:
+                if want_h:
+                    grad_h[i:j] = g
+                continue
+            if want_h:
+                grad_h[i:j] = g @ weight.to(dtype)
+            if want_w:
+                grad_w.addmm_(g.T, hidden[i:j].to(dtype))
+            if want_b:
+                grad_b += g.sum(0)
+        scale = 1.0 / max(n, 1)
+        ctx.grads = [None if g is None else g.mul_(scale) for g in (grad_h, grad_w, grad_b)]
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        return (total * scale).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = [None if g is None else (g * grad_out).to(d) for g, d in zip(ctx.grads, ctx.dtypes, strict=True)]
+        return *grads, None, None
+
+
+def _apply_chunked(hidden: torch.Tensor, head: Head, targets: _BlockTargets, rows: int | None) -> torch.Tensor:
+    vocab = hidden.shape[-1] if head.weight is None else head.weight.shape[0]
+    rows = rows or max(1, LOGIT_BLOCK // vocab)
+    return _ChunkedLoss.apply(hidden, head.weight, head.bias, targets, rows)
+
+
+def lm_loss(
+    hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, head: Head = LOGITS, *, rows: int | None = None
 ) -> torch.Tensor:
-    """:func:`kd_loss` against the teacher's log-probabilities at temperature T on the real tokens,
-    ``(N, V)`` for the ``N`` true entries of ``mask`` (as :func:`teacher_targets` caches them)."""
-    s = F.log_softmax(student[mask.bool()].float() / temperature, dim=-1)  # (N, V)
-    t = teacher_log_probs.float()
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+    """Mean next-token cross-entropy over real tokens. hidden (B, T, H) (logits when ``head`` is
+    :data:`LOGITS`), ids/mask (B, T). Computed in blocks of ``rows`` tokens (default: 64 MiB of logits)."""
+    keep = mask[:, 1:].bool()
+    targets = _BlockTargets("lm", ids[:, 1:][keep])
+    return _apply_chunked(hidden[:, :-1][keep], head, targets, rows)
+
+
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    *,
+    student_head: Head = LOGITS,
+    teacher_head: Head = LOGITS,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Mean over real tokens of ``T^2 KL(p_teacher || p_student)`` at temperature T.
+
+    student/teacher: (B, T, H_s) and (B, T, H_t) hidden states projected by their heads (logits with
+    the default :data:`LOGITS`); mask (B, T). The KL is computed in blocks of ``rows`` tokens, so the
+    two models' full logits never exist for the whole batch; the gradient is exact.
+    """
+    keep = mask.bool()
+    targets = _BlockTargets("kd", teacher[keep].detach(), teacher_head, temperature)
+    return _apply_chunked(student[keep], student_head, targets, rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +309,15 @@ def lora_targets(model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
             names.append(name)
         elif "final" in extra and name == f"{layout.final_norm}.proj":
             names.append(name)
+    if "shortcuts" in extra and not any(n.endswith(("attn_shortcut", "ffn_shortcut")) for n in names):
+        raise SlicelmError(
+            "--lora-extra shortcuts: this model has no shortcut matrices (only slicegpt-layout folders do)"
+        )
+    if "final" in extra and f"{layout.final_norm}.proj" not in names:
+        raise SlicelmError(
+            "--lora-extra final: this model has no final projection (only a slicegpt-layout folder that keeps "
+            "its tied head has one)"
+        )
     return sorted(names)
 
 
@@ -221,6 +341,42 @@ def prepare_student(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         return get_peft_model(model, lora)
 
 
+def output_head(model: nn.Module) -> nn.Linear | None:
+    """The model's head when its logits are exactly ``head(final hidden states)``: a plain linear in a
+    family slicelm knows (:data:`slicelm.arch.REGISTRY`; none of them scales or caps its logits).
+    None otherwise: such a model's logits are taken as it computes them."""
+    from slicelm.arch import REGISTRY
+
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    known = getattr(config, "model_type", None) in REGISTRY
+    capped = any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return head if known and not capped and type(head) is nn.Linear else None
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Head]:
+    """The model's final hidden states (B, T, H) and its :class:`Head`, without computing the logits.
+
+    The head's forward is swapped for the identity during the call, so the model returns what its
+    head would have read (the (B, T, V) logits are what fills memory at a large vocabulary; the
+    losses project block by block). A model without a bypassable head returns its logits and
+    :data:`LOGITS`.
+    """
+    head = output_head(model)
+    if head is None:
+        return model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits, LOGITS
+    head.forward = _identity
+    try:
+        hidden = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+    finally:
+        del head.forward
+    return hidden, Head(head.weight, head.bias)
+
+
 def merged(model: nn.Module) -> nn.Module:
     """The plain model with LoRA adapters merged into its weights (itself for full fine-tuning)."""
     if hasattr(model, "merge_and_unload"):
@@ -228,6 +384,35 @@ def merged(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's tensors (names, dtypes, shapes, bytes): what a checkpoint was trained from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
+    return digest.hexdigest()
+
+
+def windows_digest(*groups: Sequence[torch.Tensor]) -> str:
+    """SHA-256 of token windows (training, held-out): the data a run reads, whatever flag chose it."""
+    digest = hashlib.sha256()
+    for group in groups:
+        digest.update(f"group:{len(group)};".encode())
+        for window in group:
+            digest.update(window.to(torch.int64).contiguous().numpy().tobytes() + b";")
+    return digest.hexdigest()
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of a parameter or buffer holding NaN or infinity, if any."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,25 +428,34 @@ def _batches(windows: Sequence[torch.Tensor], pad_id: int, size: int):
     yield from pad_batches(windows, size, pad_id)
 
 
-@torch.no_grad()
-def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, device) -> list[torch.Tensor]:
-    """The teacher's next-token log-probabilities (at temperature T, on the real tokens) on the
-    held-out windows, one ``(N, V)`` tensor per batch.
+@dataclass
+class TeacherTargets:
+    """The teacher's outputs on the held-out windows: per batch, its final hidden states on the
+    real next-token positions, (N, H) on the CPU, and its head (projected block by block when scored)."""
 
-    Computed once per run (the teacher never changes) and kept in float16 on the CPU: half the
-    memory of the logits, and a held-out KD loss within about 1e-3 of the float32 one.
+    hidden: list[torch.Tensor]
+    head: Head
+
+
+@torch.no_grad()
+def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, device) -> TeacherTargets:
+    """The teacher's held-out outputs, computed once per run (the teacher never changes).
+
+    Its final hidden states are kept rather than its logits: H numbers per token instead of V (576
+    against 49,152 on SmolLM2), exact, and the KD loss projects them block by block.
     """
-    out = []
+    out, head = [], LOGITS
     for ids, mask in _batches(windows, pad_id, config.batch_size):
         ids, mask = ids.to(device), mask.to(device)
-        logits = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
-        keep = mask[:, 1:].bool()
-        out.append(F.log_softmax(logits[:, :-1][keep].float() / config.temperature, dim=-1).half().cpu())
-    return out
+        hidden, head = forward_hidden(teacher, ids, mask)
+        out.append(hidden[:, :-1][mask[:, 1:].bool()].cpu())
+    return TeacherTargets(out, head)
 
 
 @torch.no_grad()
-def evaluate(model, windows, config: FinetuneConfig, pad_id: int, device, targets=None) -> dict[str, float]:
+def evaluate(
+    model, windows, config: FinetuneConfig, pad_id: int, device, targets: TeacherTargets | None = None
+) -> dict[str, float]:
     """Held-out next-token loss (and KD loss against ``targets``, the teacher's cached
     :func:`teacher_targets`), mean over the windows' real tokens."""
     was = model.training
@@ -270,12 +464,13 @@ def evaluate(model, windows, config: FinetuneConfig, pad_id: int, device, target
     count = 0
     for index, (ids, mask) in enumerate(_batches(windows, pad_id, config.batch_size)):
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+        hidden, head = forward_hidden(model, ids, mask)
         n = int(mask[:, 1:].sum())
-        totals["heldout_lm"] += lm_loss(logits, ids, mask).item() * n
+        totals["heldout_lm"] += lm_loss(hidden, ids, mask, head).item() * n
         if targets is not None:
-            cached = F.log_softmax(targets[index].to(device).float(), dim=-1)  # renormalised after float16
-            kd = kd_loss_to(logits[:, :-1], cached, mask[:, 1:], config.temperature)
+            keep = mask[:, 1:].bool()
+            kd_targets = _BlockTargets("kd", targets.hidden[index].to(device), targets.head, config.temperature)
+            kd = _apply_chunked(hidden[:, :-1][keep], head, kd_targets, None)
             totals["heldout_kd"] += kd.item() * n
         count += n
     model.train(was)
@@ -300,13 +495,17 @@ def train(
     stop_after: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` (in place) and return ``(merged model, report)``.
 
     work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
     stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
     monitor: extra measurements added to each evaluation point (e.g. test perplexity); for curves
-    only — nothing is chosen by them.
+    only — nothing is chosen by them. data: the description of the windows, for the report.
+
+    Resuming verifies that the checkpoint was taken with the same settings and from the same
+    student, teacher and windows (digests of their weights and tokens).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -321,6 +520,18 @@ def train(
             f"{total} steps of {per_step} windows need {total * per_step} training windows, "
             f"the data gives {len(train_windows)}; lower --tokens/--steps or give more data"
         )
+    for role, module in (("model", model), ("teacher", teacher)):
+        bad = first_non_finite(module) if module is not None else None
+        if bad is not None:
+            raise SlicelmError(
+                f"the {role}'s weights hold NaN or infinity ({bad}): the folder is damaged, not the settings; "
+                "re-create or re-download it"
+            )
+    identity = {  # what a checkpoint continues: resuming verifies all three
+        "student": weights_digest(model),
+        "teacher": weights_digest(teacher) if teacher is not None else None,
+        "data": windows_digest(train_windows, heldout_windows),
+    }
     student = prepare_student(model, config).to(device)
     student.train()
     checkpointing = config.gradient_checkpointing
@@ -340,7 +551,7 @@ def train(
     work = Path(work_dir) if work_dir is not None else None
     report = FinetuneReport(
         config=asdict(config) | {"peak_lr": config.peak_lr},
-        data={},
+        data=dict(data or {}),
         steps=total,
         tokens=0,
         trainable_params=sum(p.numel() for p in params),
@@ -348,7 +559,7 @@ def train(
     )
     start_step = 0
     if resume:
-        start_step = _load_checkpoint(work, student, optimizer, scheduler, report, config)
+        start_step = _load_checkpoint(work, student, optimizer, scheduler, report, config, identity)
     eval_every = config.eval_every or max(1, total // 10)
     checkpoint_every = config.checkpoint_every or max(1, total // 10)
     memory = PeakMemory()
@@ -377,17 +588,26 @@ def train(
                 chunk = [train_windows[i] for i in order[first : first + config.batch_size]]
                 ids, mask = next(_batches(chunk, pad_id, len(chunk)))
                 ids, mask = ids.to(device), mask.to(device)
-                logits = student(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                hidden, head = forward_hidden(student, ids, mask)  # the logits exist one block at a time
                 if config.loss == "kd":
                     t_start = time.perf_counter()
                     with torch.no_grad():
-                        target = teacher(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+                        t_hidden, t_head = forward_hidden(teacher, ids, mask)
                     report.teacher_seconds += time.perf_counter() - t_start
-                    loss = kd_loss(logits[:, :-1], target[:, :-1], mask[:, 1:], config.temperature)
+                    loss = kd_loss(
+                        hidden[:, :-1],
+                        t_hidden[:, :-1],
+                        mask[:, 1:],
+                        config.temperature,
+                        student_head=head,
+                        teacher_head=t_head,
+                    )
                 else:
-                    loss = lm_loss(logits, ids, mask)
+                    loss = lm_loss(hidden, ids, mask, head)
                 if not torch.isfinite(loss):
-                    raise SlicelmError(f"the training loss became non-finite at step {step}; lower --lr")
+                    if step == 0:  # no update yet: not the learning rate
+                        raise SlicelmError("the training loss is non-finite before any update: check the data")
+                    raise Diverged(step)
                 (loss / config.grad_accum).backward()
                 loss_value += loss.item() / config.grad_accum
                 report.tokens += int(mask.sum())
@@ -408,11 +628,11 @@ def train(
                 report.curve.append(point | (monitor(student) if monitor else {}))
             if work is not None and (step % checkpoint_every == 0) and step < total:
                 report.seconds = time.perf_counter() - t0
-                _save_checkpoint(work, student, optimizer, scheduler, report, step)
+                _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
     except KeyboardInterrupt:
         if work is not None:
             report.seconds = time.perf_counter() - t0
-            _save_checkpoint(work, student, optimizer, scheduler, report, step)
+            _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
         raise
     finally:
         bar.close()
@@ -444,7 +664,7 @@ def needs_checkpointing(model: nn.Module, config: FinetuneConfig, distilling: bo
     return config.batch_size * config.seqlen * per_token > available / 2
 
 
-def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int) -> None:
+def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int, identity) -> None:
     """Atomically replace the work folder's checkpoint: trainable weights and optimizer moments as
     safetensors, step, schedule and report as JSON (nothing pickled)."""
     from safetensors.torch import save_file
@@ -461,6 +681,7 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
     meta = {
         "step": step,
+        "identity": identity,
         "param_groups": optim["param_groups"],
         "scheduler": scheduler.state_dict(),
         "report": report.to_dict(),
@@ -479,37 +700,94 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
         old.rmdir()
 
 
-def _load_checkpoint(work: Path | None, student, optimizer, scheduler, report: FinetuneReport, config) -> int:
+class Diverged(SlicelmError):
+    """The training loss became non-finite after ``step`` updates (a learning rate too high)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"the training loss became non-finite at step {step}; lower --lr")
+
+
+class DamagedCheckpoint(SlicelmError):
+    """A work folder's checkpoint that cannot be read or does not fit this run."""
+
+
+IDENTITY_CHANGES = {
+    "student": "another student (the model's weights differ from the ones it was trained from)",
+    "teacher": "another teacher (the teacher's weights differ: a changed folder or another --teacher)",
+    "data": "other training data (--data, --data-dir, --seqlen or the source's text differ)",
+}
+
+
+def _load_checkpoint(
+    work: Path | None, student, optimizer, scheduler, report: FinetuneReport, config, identity: dict
+) -> int:
+    """Restore a checkpoint into this run's student, optimizer, schedule and report; the step reached.
+
+    Refused (:class:`SlicelmError`) when it was taken with other settings, another student, teacher or
+    data; :class:`DamagedCheckpoint` when it cannot be read or does not fit the run.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = work / CHECKPOINT if work is not None else None
     if folder is None or not (folder / "state.json").is_file():
         raise SlicelmError(f"--resume: no checkpoint in {work}; run without --resume to start")
-    meta = json.loads((folder / "state.json").read_text())
-    saved = meta["report"]["config"]
+
+    def damaged(why: str) -> DamagedCheckpoint:
+        return DamagedCheckpoint(f"--resume: the checkpoint in {folder} is damaged ({why}); start again with --restart")
+
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        saved = meta["report"]["config"]
+        step = meta["step"]
+        recorded = meta.get("identity")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise damaged(f"state.json: {type(exc).__name__}") from None
+    total = config.total_steps()
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise damaged(f"step {step!r} outside this run's 0..{total}")
     wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
     if saved != wanted:
-        changed = sorted(k for k in wanted if saved.get(k) != wanted[k])
+        changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
         raise SlicelmError(
-            f"--resume with other settings than the checkpoint ({', '.join(changed)}); use the same flags"
+            f"--resume with other settings than the checkpoint ({', '.join(changed)}); use the same flags, "
+            "or --restart to discard the checkpoint and start over"
         )
-    tensors = load_file(folder / "state.safetensors")
-    names = dict(student.named_parameters())
+    if not isinstance(recorded, dict):
+        raise damaged("it records no digest of the student, teacher and data")
+    for key, what in IDENTITY_CHANGES.items():
+        if recorded.get(key) != identity[key]:
+            raise SlicelmError(f"--resume: the checkpoint was taken with {what}; resume the same run, or --restart")
+    try:
+        tensors = load_file(folder / "state.safetensors")
+    except (OSError, SafetensorError) as exc:
+        raise damaged(f"state.safetensors: {first_line(exc)}") from None
+    names = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    params = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("param.")}
+    if set(params) != set(names):
+        raise damaged(f"{len(set(names) ^ set(params))} trainable weights missing or unexpected")
+    wrong = next((n for n, v in params.items() if v.shape != names[n].shape), None)
+    if wrong is not None:
+        raise damaged(f"{wrong} is {tuple(params[wrong].shape)}, the model's is {tuple(names[wrong].shape)}")
     state: dict[int, dict[str, torch.Tensor]] = {}
-    with torch.no_grad():
-        for key, value in tensors.items():
-            kind, rest = key.split(".", 1)
-            if kind == "param":
-                names[rest].copy_(value)
-            else:
-                index, name = rest.split(".", 1)
-                state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(meta["scheduler"])
-    for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
-        setattr(report, key, meta["report"][key])
-    report.resumed_from = meta["step"]
-    return int(meta["step"])
+    try:
+        with torch.no_grad():
+            for name, value in params.items():
+                names[name].copy_(value)
+            for key, value in tensors.items():
+                kind, rest = key.split(".", 1)
+                if kind == "optim":
+                    index, name = rest.split(".", 1)
+                    state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        scheduler.load_state_dict(meta["scheduler"])
+        for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
+            setattr(report, key, meta["report"][key])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise damaged(f"{type(exc).__name__}: {first_line(exc)}") from None
+    report.resumed_from = step
+    return step
 
 
 def finetune(
@@ -524,15 +802,20 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
     device: torch.device | str = "cpu",
+    windows: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` on ``data`` (c4, alpaca, ptb or a file) and return ``(merged model, report)``.
 
     The public front door: ``slicelm.finetune(model, tokenizer, "c4", FinetuneConfig(loss="kd"),
     teacher=dense)``. Save the result with :func:`slicelm.save_sliced` (sliced models) or
     ``save_pretrained`` (plain and dense ones).
+
+    windows: :func:`training_windows`' result when already made (the command reads the data before
+    it loads the models, so that bad data is refused first). monitor: see :func:`train`.
     """
     config = config or FinetuneConfig()
-    train_windows, heldout, description = training_windows(data, tokenizer, config, data_dir)
+    train_windows, heldout, description = windows or training_windows(data, tokenizer, config, data_dir)
     model, report = train(
         model,
         train_windows,
@@ -544,6 +827,8 @@ def finetune(
         resume=resume,
         progress=progress,
         device=device,
+        monitor=monitor,
+        data=description,
     )
     report.data = description
     return model, report
@@ -566,15 +851,18 @@ def training_windows(
 
     check_not_test_text(source, data_dir)
     train_count = config.total_steps() * config.windows_per_step
-    windows = load_calibration(
-        source,
-        tokenizer,
-        n_samples=train_count + config.eval_windows,
-        seqlen=config.seqlen,
-        seed=config.seed,
-        data_dir=data_dir,
-        packed=True,
-    )
+    try:
+        windows = load_calibration(
+            source,
+            tokenizer,
+            n_samples=train_count + config.eval_windows,
+            seqlen=config.seqlen,
+            seed=config.seed,
+            data_dir=data_dir,
+            packed=True,
+        )
+    except SlicelmError as exc:  # slicelm.data speaks of calibration; here the text is training data
+        raise SlicelmError(_as_training(str(exc))) from None
     heldout, train_windows = windows[: config.eval_windows], windows[config.eval_windows :]
     data = {
         "source": source,
@@ -585,6 +873,13 @@ def training_windows(
         "seed": config.seed,
     }
     return train_windows, heldout, data
+
+
+def _as_training(message: str) -> str:
+    """A data-loading message in the words of training rather than calibration."""
+    for old, new in (("calibration", "training"), ("calibrate on", "train on"), ("calibrating", "training")):
+        message = message.replace(old, new)
+    return message
 
 
 def check_not_test_text(source: str, data_dir: str | Path | None) -> None:

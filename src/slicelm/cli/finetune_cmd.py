@@ -66,7 +66,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="recompute activations in the backward pass (auto: only when they would not fit in memory)",
     )
     p.add_argument("--work-dir", help="checkpoints for --resume (default OUT.slicelm-work beside --out)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its work folder")
+    restart = p.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue an interrupted run from its work folder")
+    restart.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the work folder's checkpoint (an interrupted or diverged run) and start again",
+    )
     add_device_argument(p, "train")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -102,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     from slicelm.outputs import OutputClaim
 
     config = config_from(args)
+    if args.teacher and config.loss != "kd":
+        raise SlicelmError(f"--teacher is only used by --loss kd, not --loss {config.loss}; drop it or use --loss kd")
     device = resolve_device(args.device)
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
@@ -110,12 +118,13 @@ def run(args: argparse.Namespace) -> int:
     from slicelm.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
 
     with OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path]) as claim:
-        _check_work_dir(work, args.resume)
+        _check_work_dir(work, args.resume, args.restart)
         return _run(args, config, source, claim, work, device)
 
 
-def _check_work_dir(work: Path, resume: bool) -> None:
-    """A work folder is slicelm's own (created with the first checkpoint); resuming needs one."""
+def _check_work_dir(work: Path, resume: bool, restart: bool = False) -> None:
+    """A work folder is slicelm's own (created with the first checkpoint); resuming needs one, and
+    without --resume or --restart an existing one is never silently reused or discarded."""
     from slicelm.outputs import read_manifest
     from slicelm.recovery import WORK_KIND
 
@@ -123,29 +132,26 @@ def _check_work_dir(work: Path, resume: bool) -> None:
         manifest = read_manifest(work) if work.is_dir() else None
         if manifest is None or manifest.get("kind") != WORK_KIND:
             raise SlicelmError(f"--work-dir {work} exists and is not a slicelm work folder; choose another")
-        if not resume:
+        if not resume and not restart:
             raise SlicelmError(
-                f"{work} holds an interrupted run's checkpoint; pass --resume to continue it, or delete the folder"
+                f"{work} holds an interrupted run's checkpoint; pass --resume to continue it, or --restart to "
+                "discard it and start again"
             )
     elif resume:
         raise SlicelmError(f"--resume: {work} does not exist; run without --resume to start")
 
 
 def _run(args, config, source, claim, work: Path, device) -> int:
+    from slicelm import recovery
     from slicelm.data import resolve_data_dir
     from slicelm.models import DTYPES, load_model, load_tokenizer
-    from slicelm.recovery import recorded_source, train, training_windows
 
     data_dir = resolve_data_dir(args.data_dir)
     tokenizer = load_tokenizer(source)
-    train_windows, heldout, data = training_windows(args.data, tokenizer, config, data_dir)
+    windows = recovery.training_windows(args.data, tokenizer, config, data_dir)
     teacher = teacher_name = None
     if config.loss == "kd":
-        teacher_name = args.teacher or recorded_source(source.path)
-        if teacher_name is None:
-            raise SlicelmError(f"--loss kd needs --teacher: {args.model} does not record the model it was sliced from")
-        teacher, teacher_tokenizer = load_model(teacher_name, dtype=DTYPES[args.dtype])
-        check_same_vocabulary(tokenizer, teacher_tokenizer, teacher_name)
+        teacher, teacher_name = load_teacher(args, tokenizer, source)
     model, _ = load_model(source, dtype=DTYPES[args.dtype])
     monitor = None
     if args.monitor_ppl:
@@ -155,24 +161,29 @@ def _run(args, config, source, claim, work: Path, device) -> int:
             f"teacher {teacher_name} has another vocabulary than the student ({teacher.config.vocab_size} vs "
             f"{model.config.vocab_size} tokens); distil from the model it was sliced from"
         )
+    if args.restart and work.exists():  # checked to be slicelm's own work folder when claimed
+        shutil.rmtree(work)
     try:
-        model, report = train(
+        model, report = recovery.finetune(
             model,
-            train_windows,
-            heldout,
+            tokenizer,
+            args.data,
             config,
             teacher=teacher,
-            pad_id=int(tokenizer.pad_token_id or 0),
             work_dir=work,
             resume=args.resume,
             progress=not args.quiet,
             device=device,
+            windows=windows,
             monitor=monitor,
         )
     except KeyboardInterrupt:
         print(f"slicelm: interrupted; the last checkpoint is in {work}: continue with --resume", file=sys.stderr)
         return 130
-    report.data = data
+    except recovery.Diverged as exc:
+        raise SlicelmError(
+            f"{exc}: the run diverged; rerun with a lower --lr and --restart (it discards the checkpoint in {work})"
+        ) from None
     report.teacher = teacher_name
     from slicelm.checkpoint import save_finetuned
 
@@ -184,6 +195,27 @@ def _run(args, config, source, claim, work: Path, device) -> int:
     last = report.curve[-1] if report.curve else {}
     print(to_json({"out": str(out), "steps": report.steps, "tokens": report.tokens, **last}, indent=None))
     return 0
+
+
+def load_teacher(args: argparse.Namespace, tokenizer, source):
+    """The KD teacher, ``--teacher`` or the source recorded in the folder, and its name."""
+    from slicelm.models import DTYPES, load_model
+    from slicelm.recovery import recorded_source
+
+    name = args.teacher or recorded_source(source.path)
+    if name is None:
+        raise SlicelmError(f"--loss kd needs --teacher: {args.model} does not record the model it was sliced from")
+    try:
+        teacher, teacher_tokenizer = load_model(name, dtype=DTYPES[args.dtype])
+    except SlicelmError as exc:
+        if args.teacher:
+            raise
+        raise SlicelmError(
+            f"--loss kd distils the teacher recorded in {args.model}, {name}, which cannot be loaded ({exc}); "
+            "give --teacher, or use --loss lm"
+        ) from None
+    check_same_vocabulary(tokenizer, teacher_tokenizer, name)
+    return teacher, name
 
 
 def ppl_monitor(tokenizer, data_dir, windows: int, device):

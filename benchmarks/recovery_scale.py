@@ -1,0 +1,126 @@
+"""Peak memory of a KD LoRA run, before and after the blocked losses (issue 22's memory evidence).
+
+Runs ``slicelm finetune BASE --loss kd`` for a few steps under ``benchmarks/peak_rss.py`` (the
+process's own peak resident set) with the slicelm sources of a git revision (``--rev``, extracted
+with ``git archive``) or of this checkout, and records the peak, the wall-clock and the run's
+settings under a label:
+
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label before --rev 77969e6
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after
+
+Writes docs/results/recovery_scale.{json,md} (entries are merged by label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+NAME = "recovery_scale"
+
+
+def sources(rev: str | None, scratch: Path) -> Path:
+    """The src folder to put on PYTHONPATH: this checkout's, or a revision's extracted copy."""
+    if rev is None:
+        return REPO / "src"
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive.stdout, check=True)
+    return scratch / "src"
+
+
+def measure(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        src = sources(args.rev, scratch)
+        out = scratch / "out"
+        cmd = [sys.executable, "-m", "slicelm", "finetune", args.base, "--out", out, "--loss", "kd"]
+        cmd += ["--data", "c4", "--data-dir", args.data_dir, "--steps", args.steps, "--seqlen", args.seqlen]
+        cmd += ["--batch-size", args.batch_size, "--eval-windows", args.eval_windows, "--eval-every", args.steps]
+        cmd += ["--quiet", *args.extra]
+        env = os.environ | {"PYTHONPATH": str(src), "TOKENIZERS_PARALLELISM": "false"}
+        t0 = time.perf_counter()
+        run = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "peak_rss.py"), *map(str, cmd)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.perf_counter() - t0
+        if run.returncode != 0:
+            sys.exit(f"finetune failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        peak = int(run.stdout.strip().splitlines()[-1])
+        finetune = json.loads((out / "slicelm_report.json").read_text())["finetune"]
+    return {
+        "label": args.label,
+        "rev": args.rev or "working tree",
+        "command": "slicelm " + " ".join(str(c) for c in cmd[3:]),
+        "peak_rss_bytes": peak,
+        "peak_rss_gib": round(peak / 2**30, 2),
+        "wall_seconds": round(seconds, 1),
+        "steps": finetune["steps"],
+        "tokens": finetune["tokens"],
+        "batch": f"{args.batch_size} x {args.seqlen}",
+        "eval_windows": args.eval_windows,
+        "gradient_checkpointing": finetune.get("gradient_checkpointing"),
+        "curve": finetune["curve"],
+        "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+        "machine": platform.processor() or platform.machine(),
+    }
+
+
+def write_markdown(data: dict) -> None:
+    lines = [
+        "# Recovery at scale: peak memory of distillation",
+        "",
+        "Produced by `benchmarks/recovery_scale.py`: `slicelm finetune BASE --loss kd` (LoRA rank 32, teacher the "
+        "recorded dense SmolLM2-135M, float32, CPU) for a few steps at batch 4 x 512, peak resident memory of the "
+        "process (`ru_maxrss`, via `benchmarks/peak_rss.py`). The peak does not grow with the number of steps "
+        "(every step allocates the same), so a short run measures it.",
+        "",
+        "| label | sources | peak RSS (GiB) | steps | tokens | held-out windows | gradient checkpointing | wall (s) |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for entry in data["runs"]:
+        lines.append(
+            f"| {entry['label']} | {entry['rev']} | {entry['peak_rss_gib']:.2f} | {entry['steps']} "
+            f"| {entry['tokens']:,} | {entry['eval_windows']} | {entry['gradient_checkpointing']} "
+            f"| {entry['wall_seconds']:.0f} |"
+        )
+    lines += ["", "Commands:", ""]
+    lines += [f"- {e['label']}: `{e['command']}`" for e in data["runs"]]
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="a sliced SmolLM2 folder (slicelm slice smollm2-135m ...)")
+    p.add_argument("--label", required=True)
+    p.add_argument("--rev", default=None, help="git revision whose src/ to measure (default: this checkout)")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--data-dir", default=os.environ.get("SLICELM_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more finetune flags")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    path = RESULTS / f"{NAME}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+    if not args.report_only:
+        entry = measure(args)
+        data["runs"] = [e for e in data["runs"] if e["label"] != args.label] + [entry]
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    write_markdown(data)
+
+
+if __name__ == "__main__":
+    main()
