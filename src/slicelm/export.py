@@ -6,13 +6,19 @@ they live is given by ``--llama-cpp DIR`` or ``$LLAMA_CPP_DIR``: a llama.cpp che
 folder ``benchmarks/llama_cpp_build.sh`` builds (it holds the converter's own venv).
 
 Only folders in a stock architecture can be converted: a model sliced with ``--layout slicegpt``
-carries shortcut matrices that no llama.cpp architecture has.
+carries shortcut matrices that no llama.cpp architecture has (and that vLLM cannot run either).
+
+The GGUF file is published without ever replacing a file: the converter writes into a private
+temporary folder and the result is hard-linked to the ``--gguf`` path, which fails if anything
+appeared there meanwhile (a plain ``os.replace`` would silently overwrite it).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,15 +71,41 @@ def find_llama_cpp(root: str | Path | None) -> LlamaCpp:
 
 
 def check_exportable(folder: Path) -> None:
+    """Refuse, in one line, a folder that is not a stock Hugging Face architecture.
+
+    ``--layout slicegpt`` folders carry a ``slicelm`` config section and an ``auto_map`` to their
+    own modeling file; neither llama.cpp nor vLLM has an architecture with shortcut matrices.
+    """
     config = folder / "config.json"
     if not config.is_file():
         raise SlicelmError(f"{folder} has no config.json; give a Hugging Face model folder")
-    data = json.loads(config.read_text())
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SlicelmError(f"cannot read {config}: {exc}") from None
+    if not isinstance(data, dict):
+        raise SlicelmError(f"{config} is not a JSON object; give a Hugging Face model folder")
     if "slicelm" in data or data.get("auto_map"):
         raise SlicelmError(
-            f"{folder} is a --layout slicegpt model: its shortcut matrices need remote code, which llama.cpp cannot "
-            "run; re-slice with --layout plain"
+            f"{folder} is a --layout slicegpt model: its shortcut matrices need remote code, which llama.cpp and "
+            "vLLM cannot run; re-slice with --layout plain"
         )
+
+
+def vllm_command(folder: str | Path) -> str:
+    """The shell command that serves ``folder`` with vLLM's OpenAI-compatible server.
+
+    The weights' dtype is passed explicitly: slicelm saves float32 by default, and vLLM's ``auto``
+    may pick a half type on some platforms, which changes the greedy tokens.
+    """
+    folder = Path(folder).expanduser()
+    check_exportable(folder)
+    config = json.loads((folder / "config.json").read_text())
+    command = ["vllm", "serve", os.path.abspath(folder)]
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(dtype, str) and dtype in ("float32", "float16", "bfloat16"):
+        command += ["--dtype", dtype]
+    return shlex.join(command)
 
 
 def quantization_notes(folder: str | Path, outtype: str) -> list[str]:
@@ -136,17 +168,54 @@ def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16", llama
                 "f16" if quantize else outtype,
             ],
             "the GGUF conversion",
+            first,
         )
         if quantize is not None:
             final = Path(work) / out.name
-            _run([str(quantize), str(first), str(final), outtype.upper()], "llama-quantize")
+            _run([str(quantize), str(first), str(final), outtype.upper()], "llama-quantize", final)
             first = final
-        os.replace(first, out)
+        _publish(first, out)
     return out
 
 
-def _run(command: list[str], what: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
+def _publish(done: Path, out: Path) -> None:
+    """Give the finished file ``done`` the name ``out`` unless something already has that name.
+
+    ``os.link`` creates the name exclusively (atomic, like ``O_EXCL``): a file that appeared at
+    ``out`` during the conversion makes it fail instead of being replaced. Where hard links are not
+    supported, the name is claimed with ``O_EXCL`` and the bytes copied into the claimed file.
+    """
+    exists = f"{out} appeared while converting; slicelm does not replace files, choose another --gguf path"
+    try:
+        os.link(done, out)
+        return
+    except FileExistsError:
+        raise SlicelmError(exists) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise SlicelmError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        fd = os.open(out, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise SlicelmError(exists) from None
+    try:
+        with os.fdopen(fd, "wb") as dst, open(done, "rb") as src:
+            shutil.copyfileobj(src, dst, 16 * 2**20)
+    except BaseException:
+        out.unlink(missing_ok=True)  # our own claimed file, never a user's
+        raise
+
+
+def _run(command: list[str], what: str, expected: Path) -> None:
+    """Run one llama.cpp tool; any failure, including exit 0 without ``expected``, is one line."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except OSError as exc:
+        raise SlicelmError(f"{what} could not start ({command[0]}: {exc.strerror or exc})") from None
     if result.returncode != 0:
         lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
         raise SlicelmError(f"{what} failed ({lines[-1] if lines else f'exit code {result.returncode}'})")
+    if not expected.is_file() or expected.stat().st_size == 0:
+        raise SlicelmError(
+            f"{what} exited 0 but wrote no {expected.name} ({command[0]}); check that it is llama.cpp's own tool"
+        )

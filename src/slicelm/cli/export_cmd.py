@@ -1,4 +1,8 @@
-"""``slicelm export DIR --gguf FILE``: a plain (stock-architecture) model folder to GGUF for llama.cpp."""
+"""``slicelm export DIR [--gguf FILE]``: a plain (stock-architecture) model folder for llama.cpp and vLLM.
+
+With ``--gguf`` it converts the folder to GGUF; with or without it, it prints (on stderr, one line
+each) the widths llama.cpp cannot quantize as asked and the ``vllm serve`` command for the folder.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "export",
-        help="convert a plain-layout (or dense) model folder to GGUF with llama.cpp's converter",
+        help="convert a plain-layout (or dense) folder to GGUF with llama.cpp's converter; say how vLLM serves it",
         description="Convert a stock-architecture model folder (slicelm slice --layout plain, or any dense Hugging "
         "Face folder) to a GGUF file with llama.cpp's own convert_hf_to_gguf.py, quantizing with llama-quantize "
-        "when the type needs it.",
+        "when the type needs it, and print the vLLM command line that serves the folder. Without --gguf only the "
+        "folder is checked and the vLLM command printed; nothing is written.",
     )
     p.add_argument("folder", help="model folder (a --layout plain output, or a dense model)")
-    p.add_argument("--gguf", required=True, help="the GGUF file to write (must not exist)")
+    p.add_argument("--gguf", help="the GGUF file to write (must not exist); without it nothing is written")
     p.add_argument(
         "--outtype",
         default="f16",
@@ -35,11 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from slicelm.export import export_gguf, quantization_notes
+    from slicelm.export import export_gguf, quantization_notes, vllm_command
 
+    if args.gguf is None:  # vllm_command checks the folder first
+        print(f"slicelm: serve it with vLLM: {vllm_command(args.folder)}", file=sys.stderr)
+        return 0
     out = export_gguf(args.folder, args.gguf, args.outtype, args.llama_cpp)
     for note in quantization_notes(args.folder, args.outtype):
         print(f"slicelm: note: {note}", file=sys.stderr)
     print(f"slicelm: wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype})", file=sys.stderr)
+    print(f"slicelm: serve the folder with vLLM: {vllm_command(args.folder)}", file=sys.stderr)
     print(str(out))
     return 0

@@ -1,0 +1,131 @@
+"""`slicelm export`: publishing the GGUF never replaces a file, converters that lie are caught, and
+the vLLM command line. The converter here is a fake script standing in for llama.cpp's (the real one
+runs under ``pytest -m serving``, tests/test_serving.py)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from slicelm.cli import main
+
+PLAIN_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "dtype": "float32"}
+
+
+def fake_llama_cpp(root: Path, body: str) -> Path:
+    """A folder that `find_llama_cpp` accepts: ``convert_hf_to_gguf.py`` runs ``body`` with
+    ``folder`` and ``outfile`` set from its command line (``FOLDER --outfile F --outtype T``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    script = """
+        import sys
+        from pathlib import Path
+        folder, outfile = Path(sys.argv[1]), Path(sys.argv[sys.argv.index("--outfile") + 1])
+    """
+    (root / "convert_hf_to_gguf.py").write_text(textwrap.dedent(script) + textwrap.dedent(body))
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    out = tmp_path / "plain"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(PLAIN_CONFIG))
+    return out
+
+
+def run_export(folder: Path, gguf: Path, tools: Path, capsys, *extra: str) -> tuple[int, list[str]]:
+    code = main(["export", str(folder), "--gguf", str(gguf), "--llama-cpp", str(tools), *extra])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_file_that_appears_at_the_gguf_path_during_conversion_is_never_overwritten(folder, tmp_path, capsys):
+    """S3: the path is free when export starts; another program creates it while the converter runs."""
+    gguf = tmp_path / "m.gguf"
+    tools = fake_llama_cpp(
+        tmp_path / "llama.cpp",
+        f"""
+        Path({str(gguf)!r}).write_bytes(b"the user's own file")  # appears meanwhile
+        outfile.write_bytes(b"GGUF converted")
+        """,
+    )
+    code, err = run_export(folder, gguf, tools, capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("slicelm: error: ") and "appeared while converting" in err[0] and "--gguf" in err[0]
+    assert gguf.read_bytes() == b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp", "m.gguf", "plain"]  # no temporary left
+
+
+def test_a_converter_that_exits_0_without_writing_is_one_line_and_exit_2(folder, tmp_path, capsys):
+    """Rough 8: exit 0, no output file -> not a FileNotFoundError traceback."""
+    gguf = tmp_path / "m.gguf"
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'print("converted!")\n')
+    code, err = run_export(folder, gguf, tools, capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("slicelm: error: the GGUF conversion exited 0 but wrote no m.gguf")
+    assert not gguf.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp", "plain"]
+
+
+def test_a_quantizer_that_exits_0_without_writing_is_one_line_and_exit_2(folder, tmp_path, capsys):
+    gguf = tmp_path / "m.gguf"
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'outfile.write_bytes(b"GGUF f16")\n')
+    bin_dir = tools / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "llama-quantize").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "llama-quantize").chmod(0o755)
+    code, err = run_export(folder, gguf, tools, capsys, "--outtype", "q4_k_m")
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("slicelm: error: llama-quantize exited 0 but wrote no m.gguf")
+    assert not gguf.exists()
+
+
+def test_a_successful_export_publishes_the_file_and_prints_the_vllm_command(folder, tmp_path, capsys):
+    gguf = tmp_path / "m.gguf"
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'outfile.write_bytes(b"GGUF " + folder.name.encode())\n')
+    code = main(["export", str(folder), "--gguf", str(gguf), "--llama-cpp", str(tools)])
+    captured = capsys.readouterr()
+    assert code == 0 and gguf.read_bytes() == b"GGUF plain" and captured.out.strip() == str(gguf)
+    vllm = [line for line in captured.err.splitlines() if "vllm serve" in line]
+    assert len(vllm) == 1
+    command = shlex.split(vllm[0].split(": ", 2)[2])
+    assert command == ["vllm", "serve", str(folder), "--dtype", "float32"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp", "m.gguf", "plain"]
+
+
+def test_export_without_gguf_only_prints_the_vllm_command(folder, tmp_path, capsys):
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["export", str(folder)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"slicelm: serve it with vLLM: vllm serve {folder} --dtype float32"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_export_refuses_a_slicegpt_folder_for_gguf_and_vllm_naming_layout_plain(folder, tmp_path, capsys):
+    config = dict(PLAIN_CONFIG, slicelm={"layout": "slicegpt"}, auto_map={"AutoModelForCausalLM": "m.M"})
+    (folder / "config.json").write_text(json.dumps(config))
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'outfile.write_bytes(b"GGUF")\n')
+    for argv in (["export", str(folder), "--gguf", str(tmp_path / "m.gguf"), "--llama-cpp", str(tools)],
+                 ["export", str(folder)]):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--layout slicegpt" in err[0] and "re-slice with --layout plain" in err[0]
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_notes_fallback_widths_on_stderr(folder, tmp_path, capsys):
+    (folder / "config.json").write_text(json.dumps(dict(PLAIN_CONFIG, hidden_size=576, intermediate_size=1144)))
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'outfile.write_bytes(b"GGUF")\n')
+    bin_dir = tools / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    quantize = bin_dir / "llama-quantize"
+    quantize.write_text('#!/bin/sh\ncp "$1" "$2"\n')
+    quantize.chmod(0o755)
+    code, err = run_export(folder, tmp_path / "q.gguf", tools, capsys, "--outtype", "q4_k_m")
+    assert code == 0
+    notes = [line for line in err if line.startswith("slicelm: note: ")]
+    assert len(notes) == 2 and "hidden_size 576" in notes[0] and "legacy type" in notes[0]
+    assert "intermediate_size 1144" in notes[1] and "as F16" in notes[1]
+    assert (tmp_path / "q.gguf").read_bytes() == b"GGUF"
