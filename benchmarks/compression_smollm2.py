@@ -221,6 +221,31 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
                 cells.append(f"{r['ppl']:.1f} ({r['params_ratio']:.3f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: perplexity (parameters / dense).", ""]
+    measured = [r for r in rows if r["method"] in ("auto", "auto-plain") and r.get("candidates")]
+    for r in measured:
+        planning = r["planning"]
+        lines += [
+            f"How `{r['method']}` chose at target {r['target']:g}: {planning.get('evaluations')} end-to-end "
+            f"evaluations (KL of the next-token distribution from dense, on {planning.get('score_tokens')} held-out "
+            f"calibration tokens; candidates' refits on {planning.get('search_tokens')} other calibration tokens), "
+            f"search {planning.get('search_seconds', 0):.0f} s of the {r['slice_seconds']:.0f} s slicing time; "
+            f"chose **{planning.get('chosen')}**.",
+            "",
+            "| candidate | params / dense | KL per token |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {c['name']} | {c['params'] / r['dense_params']:.3f} | {c['score']:.4f} |" for c in r["candidates"]
+        ]
+        sens = planning.get("layer_sensitivity")
+        if sens:
+            lines += [
+                "",
+                "Measured layer sensitivity (KL with only that layer's MLP at the uniform width), layer 0 "
+                "first: " + ", ".join(f"{v:.4f}" for v in sens),
+            ]
+        widths = [w.get("mlp") for w in r["plan"]["layers"]]
+        lines += ["", f"Chosen MLP widths, layer 0 first: {widths}", ""]
     full_rows = [r for k, r in by_name.items() if k.endswith("-full")]
     if full_rows:
         lines += ["Full WikiText-2 test set:", "", "| point | params / dense | ppl (all windows) |", "|---|---:|---:|"]

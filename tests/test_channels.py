@@ -146,7 +146,8 @@ def test_target_params_lands_within_one_percent(schedule, layout):
         params = sum(p.numel() for p in to_stock_model(model).parameters())
     else:
         params = sum(p.numel() for p in model.parameters())
-        assert not any("shortcut" in n for n, _ in model.named_parameters()) or layout == "slicegpt"
+        if layout == "plain":  # one basis: never a shortcut matrix, whatever the widths
+            assert not any("shortcut" in n for n, _ in model.named_parameters())
     assert report.planning["planned_count"] == params
     if layout == "plain" and schedule == "uniform":  # the stream moves in steps of the 4 heads: 6% of 64
         assert params <= 0.8 * dense and "4 attention heads" in report.planning["note"]

@@ -181,3 +181,14 @@ def test_bad_plans_are_one_line_and_write_nothing(tiny_folder, tmp_path, data_di
     assert code == 2 and "the plan decides every width" in err
     code, _, err = run_cli(["slice", tiny_folder, "--sparsity", 0.2, "--plan-only", "--out", good, *common], capsys)
     assert code == 2 and "exists" in err  # a plan file is never overwritten without --overwrite
+
+
+def test_auto_with_the_plain_layout_keeps_the_stock_architecture():
+    """--layout plain asks for the stock architecture (one MLP width): auto scores only uniform plans."""
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    plan = slicelm.plan(
+        model, calibration(96), SliceConfig(target_params=0.8, layout="plain", round_to=1), progress=False
+    )
+    names = {c["name"] for c in plan.planning["candidates"]}
+    assert names <= {"uniform-mlp", "uniform-stream", "stream+mlp"} and "uniform-mlp" in names
+    assert plan.is_stock_shaped

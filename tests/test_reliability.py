@@ -122,8 +122,8 @@ def test_2_two_runs_cannot_claim_one_output(tiny_source, tmp_path, capsys, data_
         code, _, lines = run_cli(slice_args(tiny_source, out, "--data-dir", data_dir), capsys)
         assert_one_line_error(code, lines, "another slicelm run", f"pid {os.getpid()}")
     assert not out.exists()
+    assert run_cli(slice_args(tiny_source, out, "--data-dir", data_dir), capsys)[0] == 0
     with pytest.raises(SlicelmError, match="already exists"):  # and once published, a second claim fails
-        assert run_cli(slice_args(tiny_source, out, "--data-dir", data_dir), capsys)[0] == 0
         OutputClaim(out, overwrite=False)
 
 
@@ -201,9 +201,9 @@ def test_4_non_finite_values_produced_on_the_way_are_refused(tmp_path):
     calibration = [torch.randint(3, 96, (16,)) for _ in range(4)]
     with pytest.raises(SlicelmError, match=r"residual stream at layer.* holds non-finite values"):
         slice_model(model, calibration, SliceConfig(sparsity=0.25), progress=False)
-    assert not (tmp_path / "out").exists()
-    with pytest.raises(SlicelmError, match="not sliced"):
+    with pytest.raises(SlicelmError, match="not sliced"):  # the refused model cannot be saved as sliced
         save_sliced(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_4_report_json_is_strict():

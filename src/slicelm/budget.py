@@ -19,7 +19,7 @@ one :func:`register_allocator` call; the executor never changes):
   them, scored end to end on held-out calibration windows).
 
 The proxies are kept as named options: on SmolLM2 they lose badly to the uniform MLP plan
-(docs/results/allocation_smollm2.md).
+(docs/results/compression_smollm2.md).
 """
 
 from __future__ import annotations

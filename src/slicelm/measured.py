@@ -15,6 +15,8 @@ the model's own next-token distribution:
    the uniform MLP plan, the uniform stream plan (SliceGPT), their combination, and per-layer MLP
    widths shaped by the measured sensitivities (removal proportional to ``s_i ** -beta`` for each
    beta in :data:`SHAPES`; beta = 0 would be the uniform plan).
+   With ``layout="plain"`` (the stock architecture, one MLP width) only the uniform candidates are
+   scored: a layout the user asked for is honoured.
 4. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
    candidates, so the choice never scores worse than they do.
 
@@ -70,7 +72,11 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
     candidates = simple_candidates(request)
     sensitivity: list[float] | None = None
     uniform_mlp = candidates.get("uniform-mlp")
-    if uniform_mlp is not None and _can_measure_layers(request) and measure is not None:
+    # --layout plain asks for the stock architecture, which holds one MLP width: only uniform candidates.
+    stock_only = request.ctx.kind == "plain"
+    if stock_only:
+        pass
+    elif uniform_mlp is not None and _can_measure_layers(request) and measure is not None:
         width = next(lw.mlp for lw in uniform_mlp.layers)
         if width is not None:
             sensitivity = measure.layer_sensitivity(width)
