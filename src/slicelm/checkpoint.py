@@ -88,7 +88,7 @@ def save_sliced(
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
     if getattr(model.config, SLICELM_KEY, {}).get("kind") == "local":  # MLP channels only: the stock class
-        return save_local(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
+        return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     if is_stock_shaped(getattr(model.config, SLICELM_KEY, {})):  # the original architecture, stock
         return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
     tensors = unique_state_dict(model)  # checks for meta (never loaded) tensors
@@ -116,27 +116,15 @@ def save_plain(
     metadata: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a plain-layout sliced model as a stock Hugging Face folder (no remote code)."""
-    full = {**(report or {}), "layout": "plain", "provenance": dict(metadata or {})}
-    plan = model.config.slicelm["plan"]
-    return save_stock(
-        to_stock_model(model), out, tokenizer, kind=PLAIN_KIND, overwrite=overwrite, plan=plan, report=full
-    )
-
-
-def save_local(
-    model: nn.Module,
-    out: Any,
-    tokenizer: Any = None,
-    *,
-    overwrite: bool = False,
-    metadata: dict[str, Any] | None = None,
-    report: dict[str, Any] | None = None,
-) -> Path:
-    """Write a model pruned by :func:`slicelm.local.slice_locally` as a stock folder (no remote code,
-    no slicelm section)."""
+    """Write a model in the stock architecture (no remote code, no slicelm section): a plain-layout
+    sliced model (converted by :func:`slicelm.plain.to_stock_model`) or one pruned by the
+    structure-local steps of :mod:`slicelm.local` (already the stock class)."""
     info = getattr(model.config, SLICELM_KEY)
-    full = {**(report or {}), "layout": "stock", "provenance": dict(metadata or {})}
+    local = info.get("kind") == "local"
+    full = {**(report or {}), "layout": "stock" if local else "plain", "provenance": dict(metadata or {})}
+    if not local:
+        stock = to_stock_model(model)
+        return save_stock(stock, out, tokenizer, kind=PLAIN_KIND, overwrite=overwrite, plan=info["plan"], report=full)
     delattr(model.config, SLICELM_KEY)
     try:
         return save_stock(model, out, tokenizer, kind=PLAIN_KIND, overwrite=overwrite, plan=info["plan"], report=full)

@@ -35,29 +35,11 @@ from slicelm.statistics import ModelStatistics, collect_statistics
 
 
 def plan(
-    model: nn.Module,
-    calibration: Sequence[torch.Tensor],
-    config: SliceConfig | None = None,
-    *,
-    statistics: ModelStatistics | None = None,
-    pad_token_id: int | None = None,
-    progress: bool = True,
-    access: WeightAccess | None = None,
-    store: ActivationStore | None = None,
-    device: torch.device | str | None = None,
+    model: nn.Module, calibration: Sequence[torch.Tensor], config: SliceConfig | None = None, **options
 ) -> SlicingPlan:
-    """The plan ``config`` asks for on ``model`` (left unchanged). See :func:`plan_with_statistics`."""
-    return plan_with_statistics(
-        model,
-        calibration,
-        config,
-        statistics=statistics,
-        pad_token_id=pad_token_id,
-        progress=progress,
-        access=access,
-        store=store,
-        device=device,
-    )[0]
+    """The plan ``config`` asks for on ``model`` (left unchanged). ``options``: those of
+    :func:`plan_with_statistics` (statistics, pad_token_id, progress, access, store, device)."""
+    return plan_with_statistics(model, calibration, config, **options)[0]
 
 
 def plan_with_statistics(
