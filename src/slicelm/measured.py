@@ -73,15 +73,11 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
     sensitivity: list[float] | None = None
     uniform_mlp = candidates.get("uniform-mlp")
     # --layout plain asks for the stock architecture, which holds one MLP width: only uniform candidates.
-    stock_only = request.ctx.kind == "plain"
-    if stock_only:
-        pass
-    elif uniform_mlp is not None and _can_measure_layers(request) and measure is not None:
-        width = next(lw.mlp for lw in uniform_mlp.layers)
-        if width is not None:
-            sensitivity = measure.layer_sensitivity(width)
-    elif uniform_mlp is not None and measure is None:
-        sensitivity = [1.0 + i for i in range(request.ctx.num_layers)]  # a deterministic stand-in
+    shaped = uniform_mlp is not None and request.ctx.kind != "plain"
+    if shaped and measure is None:  # an injected scorer: a deterministic stand-in for the measurement
+        sensitivity = [1.0 + i for i in range(request.ctx.num_layers)]
+    elif shaped and _can_measure_layers(request) and uniform_mlp.layers[0].mlp is not None:
+        sensitivity = measure.layer_sensitivity(uniform_mlp.layers[0].mlp)
     if sensitivity is not None:
         for beta in SHAPES:
             shaped = shaped_plan(request, uniform_mlp, sensitivity, beta)
@@ -92,7 +88,6 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
             f"--target-params {request.config.target_params} cannot be met on this model by any candidate plan; "
             "raise it"
         )
-    counter = request.counter
     scored = []
     for name, plan in tqdm(list(candidates.items()), desc="score candidates", disable=not request.progress):
         scored.append((scorer(name, plan), name, plan))
@@ -100,7 +95,8 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
     report = {
         "chosen": best_name,
         "candidates": [
-            {"name": name, "score": score, "params": _count(counter, request, plan)} for score, name, plan in scored
+            {"name": name, "score": score, "params": counter_for(request, plan).count(plan)}
+            for score, name, plan in scored
         ],
         "score": "KL(dense || candidate) per held-out token" if measure is not None else "injected scorer",
         "evaluations": len(scored) + (len(sensitivity) if sensitivity is not None and measure is not None else 0),
@@ -111,10 +107,6 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
         "stream_width": best.embedding if best.keeps_stream else min(lw.out for lw in best.layers),
     }
     return best, report
-
-
-def _count(counter: ParameterCounter, request: PlanRequest, plan: SlicingPlan) -> int:
-    return counter_for(request, plan).count(plan)
 
 
 def _fallback(request: PlanRequest, why: str) -> tuple[SlicingPlan, dict]:
