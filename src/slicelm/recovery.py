@@ -731,11 +731,14 @@ def _load_checkpoint(
     from safetensors.torch import load_file
 
     folder = work / CHECKPOINT if work is not None else None
-    if folder is None or not (folder / "state.json").is_file():
+    if folder is None or not work.is_dir():
         raise SlicelmError(f"--resume: no checkpoint in {work}; run without --resume to start")
 
     def damaged(why: str) -> DamagedCheckpoint:
         return DamagedCheckpoint(f"--resume: the checkpoint in {folder} is damaged ({why}); start again with --restart")
+
+    if not (folder / "state.json").is_file():  # the work folder exists, so a checkpoint was written
+        raise damaged("state.json is missing")
 
     try:
         meta = json.loads((folder / "state.json").read_text())
@@ -747,6 +750,9 @@ def _load_checkpoint(
     total = config.total_steps()
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
         raise damaged(f"step {step!r} outside this run's 0..{total}")
+    scheduled = meta.get("scheduler", {}).get("last_epoch") if isinstance(meta.get("scheduler"), dict) else None
+    if scheduled != step:  # the schedule advances once per step: a step edited by hand disagrees with it
+        raise damaged(f"step {step} but its learning-rate schedule is at step {scheduled!r}")
     wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
     if saved != wanted:
         changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])

@@ -30,11 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="offline data folder (else $SLICELM_DATA_DIR, else ../shared/data, else the hub)")
     p.add_argument("--loss", choices=("lm", "kd"), default="kd", help="lm: next-token loss (the paper); kd: distil")
     p.add_argument("--teacher", help="teacher for --loss kd (default: the source model recorded in the sliced folder)")
-    p.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
+    p.add_argument("--temperature", type=float, default=None, help="KD temperature (default 1)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on every block linear (default 32)")
     group.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
-    p.add_argument("--lora-alpha", type=float, default=64.0, help="LoRA alpha (default 64)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 64)")
     p.add_argument(
         "--lora-extra",
         default="",
@@ -84,9 +84,9 @@ def config_from(args: argparse.Namespace):
     extra = tuple(t.strip() for t in args.lora_extra.split(",") if t.strip())
     return FinetuneConfig(
         loss=args.loss,
-        temperature=args.temperature,
+        temperature=1.0 if args.temperature is None else args.temperature,
         lora_rank=None if args.full else args.lora_rank,
-        lora_alpha=args.lora_alpha,
+        lora_alpha=64.0 if args.lora_alpha is None else args.lora_alpha,
         tokens=args.tokens,
         steps=args.steps,
         seqlen=args.seqlen,
@@ -107,9 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from slicelm.models import resolve_source
     from slicelm.outputs import OutputClaim
 
+    check_flags_have_effect(args)
     config = config_from(args)
-    if args.teacher and config.loss != "kd":
-        raise SlicelmError(f"--teacher is only used by --loss kd, not --loss {config.loss}; drop it or use --loss kd")
     device = resolve_device(args.device)
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
@@ -120,6 +119,20 @@ def run(args: argparse.Namespace) -> int:
     with OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path]) as claim:
         _check_work_dir(work, args.resume, args.restart)
         return _run(args, config, source, claim, work, device)
+
+
+def check_flags_have_effect(args: argparse.Namespace) -> None:
+    """Refuse flags that the other flags make meaningless, instead of ignoring them silently."""
+    if args.loss != "kd":
+        for flag, value in (("--teacher", args.teacher), ("--temperature", args.temperature)):
+            if value is not None:
+                raise SlicelmError(
+                    f"{flag} is only used by --loss kd, not --loss {args.loss}; drop it or use --loss kd"
+                )
+    if args.full:
+        for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-extra", args.lora_extra or None)):
+            if value is not None:
+                raise SlicelmError(f"{flag} configures LoRA adapters, and --full trains every weight; drop one of them")
 
 
 def _check_work_dir(work: Path, resume: bool, restart: bool = False) -> None:
@@ -182,7 +195,8 @@ def _run(args, config, source, claim, work: Path, device) -> int:
         return 130
     except recovery.Diverged as exc:
         raise SlicelmError(
-            f"{exc}: the run diverged; rerun with a lower --lr and --restart (it discards the checkpoint in {work})"
+            f"the training loss became non-finite at step {exc.step}: the run diverged; rerun with a lower --lr "
+            f"and --restart (it discards the checkpoint in {work})"
         ) from None
     report.teacher = teacher_name
     from slicelm.checkpoint import save_finetuned
