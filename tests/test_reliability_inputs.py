@@ -179,3 +179,84 @@ def test_rough_15_negative_values_reach_the_flags_own_check(value, tmp_path, cap
     code, _, lines = run_cli(["slice", "smollm2-135m", "--sparsity", value.split(",")[0], "--out", out], capsys)
     assert_one_line_error(code, lines, "--sparsity must be in [0, 1), got -")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough 14. Refusals that say what is wrong; rough 19. flags without effect are refused
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Every refusal below is known from the flags and the config: loading weights fails the test."""
+    import slicelm.models
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(slicelm.models, "load_model", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra,fragments",
+    [
+        (["--mlp-sparsity", "0"], ["--mlp-sparsity 0 removes no MLP channels", "nothing would be sliced"]),
+        (["--sparsity", "0.999"], ["--sparsity 0.999 keeps 0.1 of the model's 64 stream channels", "at most"]),
+        (["--sparsity", "0.95", "--round-to", "4"], ["--sparsity 0.95 keeps 3.2", "use at most --sparsity 0.9375"]),
+    ],
+)
+def test_rough_14_refusals_name_the_real_problem(extra, fragments, tiny_folders, tmp_path, capsys, no_loading):
+    dense, _ = tiny_folders
+    out = tmp_path / "out"
+    code, _, lines = run_cli(["slice", dense, *extra, "--out", out, "--quiet"], capsys)
+    assert_one_line_error(code, lines, *fragments)
+    assert "the step must be" not in lines[-1] and "give --sparsity (stream)" not in lines[-1]
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_rough_14_the_largest_sparsity_named_is_accepted(tiny_folders, tmp_path, capsys, data_dir):
+    """The limit the refusal names is real: --sparsity 0.9375 with --round-to 4 keeps one step (4 channels)."""
+    dense, _ = tiny_folders
+    out = tmp_path / "out"
+    argv = ["slice", dense, "--sparsity", "0.9375", "--round-to", "4", *CALIB, "--data-dir", data_dir, "--out", out]
+    code, _, lines = run_cli(argv, capsys)
+    assert code == 0, lines
+    report = json.loads((out / "slicelm_report.json").read_text())
+    assert {layer["mid"] for layer in report["plan"]["layers"]} == {4}  # (the last "out" is the unsliced head's)
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--sparsity", "0.25", "--schedule", "mlp-global"], "--schedule mlp-global chooses how --target-params"),
+        (["--mlp-sparsity", "0.25", "--schedule", "uniform"], "with --sparsity/--mlp-sparsity the widths are given"),
+        (["--sparsity", "0.25", "--ppl-seqlen", "32"], "--ppl-seqlen is the window of --ppl-windows"),
+        (["--sparsity", "0.25", "--untie-head"], "has no tied head"),
+    ],
+)
+def test_rough_19_slice_flags_without_effect_are_refused(
+    extra, fragment, tiny_folders, smollm2_tokenizer, tmp_path, capsys, no_loading
+):
+    dense, _ = tiny_folders
+    source = dense
+    if "--untie-head" in extra:  # a model whose head is its own weight already
+        source = save_model_folder(tmp_path / "untied", smollm2_tokenizer)
+    out = tmp_path / "out"
+    code, _, lines = run_cli(["slice", source, *extra, "--out", out, "--quiet"], capsys)
+    assert_one_line_error(code, lines, fragment)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--recover-full"], "--recover-full configures recovery, and no --recover is given"),
+        (["--recover-tokens", "4096"], "--recover-tokens configures recovery"),
+        (["--sparsities", "0.2,0.999"], "--sparsities 0.999 keeps 0.1 of the model's 64 stream channels"),
+        (["--mlp-sparsity", "1.5"], "--mlp-sparsity must be in [0, 1)"),
+    ],
+)
+def test_rough_19_sweep_flags_without_effect_are_refused(extra, fragment, tiny_folders, tmp_path, capsys, no_loading):
+    dense, _ = tiny_folders
+    out = tmp_path / "sweep"
+    code, _, lines = run_cli(["sweep", dense, "--tasks", "none", *extra, "--out", out], capsys)
+    assert_one_line_error(code, lines, fragment)
+    assert not out.exists()

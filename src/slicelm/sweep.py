@@ -11,9 +11,11 @@ Sparsity 0 is the dense model itself (no rotation): it is always measured, as th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -160,10 +162,11 @@ def needs_work(point: dict[str, Any], config: SweepConfig) -> bool:
 SWEEP_KIND = "sweep"
 
 
-def claim_sweep_folder(out: Path) -> None:
+def claim_sweep_folder(out: Path) -> list[Path]:
     """A sweep works in place (it resumes): its folder must be new, empty, or an earlier sweep's.
 
     Anything else is refused, so a mistyped ``--out`` never writes into (or over) a user's folder.
+    Returns the folders this call created (``out`` and missing parents, outermost first).
     """
     from slicelm.outputs import read_manifest, write_manifest
 
@@ -173,9 +176,27 @@ def claim_sweep_folder(out: Path) -> None:
         manifest = read_manifest(out)
         if manifest is None or manifest.get("kind") != SWEEP_KIND:
             raise SlicelmError(f"{out} holds files and is not a slicelm sweep folder; choose another --out")
-        return
+        return []
+    created = [p for p in (out, *out.parents) if not p.exists()][::-1]
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, SWEEP_KIND)
+    return created
+
+
+def release_unused_sweep_folder(out: Path, created: list[Path]) -> None:
+    """Remove the folders :func:`claim_sweep_folder` created while they hold nothing but its manifest
+    (and empty subfolders): a sweep refused before it stored anything leaves nothing behind."""
+    from slicelm.outputs import MANIFEST
+
+    if not created or not out.is_dir():
+        return
+    entries = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
+    if any(p != out / MANIFEST for p in entries):
+        return  # a stored measurement: kept for resuming
+    shutil.rmtree(out, ignore_errors=True)
+    for folder in reversed(created[:-1]):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if still empty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,18 +389,22 @@ def run_sweep(config: SweepConfig, out: str | Path, log: Callable[[str], None] =
     Returns the summary written to ``sweep.json``.
     """
     out = Path(out)
-    claim_sweep_folder(out)
+    created = claim_sweep_folder(out)
     resources = _Resources(config, log)
     sparsities = [0.0, *sorted({float(s) for s in config.sparsities if s > 0})]
     points = []
-    for sparsity in sparsities:
-        path = out / "points" / f"{point_label(sparsity)}.json"
-        point = load_point(path, config, sparsity)
-        if needs_work(point, config):
-            point = _measure_point(sparsity, point, path, out, config, resources)
-        else:
-            log(f"{point_label(sparsity)}: stored")
-        points.append(point)
+    try:
+        for sparsity in sparsities:
+            path = out / "points" / f"{point_label(sparsity)}.json"
+            point = load_point(path, config, sparsity)
+            if needs_work(point, config):
+                point = _measure_point(sparsity, point, path, out, config, resources)
+            else:
+                log(f"{point_label(sparsity)}: stored")
+            points.append(point)
+    except BaseException:
+        release_unused_sweep_folder(out, created)
+        raise
     summary = summarize_sweep(config, points)
     write_outputs(summary, out)
     return summary

@@ -108,14 +108,14 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     parser.add_argument(
         "--mlp-sparsity",
         type=float,
-        default=0.0,
+        default=None,
         help="fraction of every MLP's intermediate channels to remove (with a least-squares refit), in [0, 1)",
     )
     if not sweep:
         parser.add_argument(
             "--schedule",
             choices=SCHEDULES,
-            default=DEFAULT_SCHEDULE,
+            default=None,
             help="how --target-params is spent: auto (candidate plans — the uniform ones among them — scored end "
             "to end on held-out calibration windows; the best is kept), uniform (stream width only, the paper), "
             "mlp (MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
@@ -170,6 +170,8 @@ def validate_slicing_arguments(args: argparse.Namespace) -> None:
     for flag in ("calib_samples", "calib_seqlen", "calib_batch_size", "round_to"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.mlp_sparsity is None:  # not given (None tells a given 0 apart)
+        args.mlp_sparsity = 0.0
     if not 0.0 <= args.mlp_sparsity < 1.0:
         raise SlicelmError(f"--mlp-sparsity must be in [0, 1), got {args.mlp_sparsity}")
     if args.calib not in CALIBRATION_SETS:
@@ -185,7 +187,18 @@ def validate_slicing_arguments(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
+    from slicelm.config import DEFAULT_SCHEDULE
+
     args.followed_plan = None
+    if args.schedule is not None and args.target_params is None:
+        raise SlicelmError(
+            f"--schedule {args.schedule} chooses how --target-params is spent; with "
+            + ("--plan" if args.plan is not None else "--sparsity/--mlp-sparsity")
+            + " the widths are given, so it has no effect: drop it, or give --target-params"
+        )
+    args.schedule = args.schedule or DEFAULT_SCHEDULE
+    if args.ppl_seqlen is not None and not args.ppl_windows:
+        raise SlicelmError("--ppl-seqlen is the window of --ppl-windows, which is 0 (skip); give --ppl-windows N")
     if args.plan is not None:
         from slicelm.plan import SlicingPlan
 
@@ -215,6 +228,11 @@ def validate(args: argparse.Namespace) -> None:
                 f"--target-params is a fraction of the dense model's parameters in (0, 1), got {args.target_params}"
             )
     elif args.sparsity is None and not args.mlp_sparsity:
+        if args.mlp_sparsity is not None:  # given, and 0
+            raise SlicelmError(
+                "--mlp-sparsity 0 removes no MLP channels, and no --sparsity is given: nothing would be sliced; "
+                "give a positive --mlp-sparsity, --sparsity or --target-params"
+            )
         raise SlicelmError("give --sparsity (stream), --mlp-sparsity (MLP channels) or --target-params (a budget)")
     args.sparsity = args.sparsity or 0.0
     if not 0.0 <= args.sparsity < 1.0:
@@ -263,13 +281,38 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     from slicelm.budget import check_against_config, check_plan_against_config
     from slicelm.local import check_local_config
 
-    if getattr(args, "followed_plan", None) is not None:
+    if config.untie_head and not getattr(model_config, "tie_word_embeddings", False):
+        raise SlicelmError(
+            f"--untie-head: {args.model} has no tied head (its head has its own weight already); drop --untie-head"
+        )
+    following = getattr(args, "followed_plan", None) is not None
+    if not following and config.target_params is None:
+        check_stream_width(model_config, config.sparsity, config.round_to)
+    if following:
         check_plan_against_config(model_config, args.followed_plan)
     elif check_local_config(model_config, config):  # structure-local steps check their own plan
         pass
     else:
         check_against_config(model_config, config)
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
+
+
+def check_stream_width(model_config: Any, sparsity: float, round_to: int, flag: str = "--sparsity") -> None:
+    """Refuse a stream sparsity that leaves less than one ``--round-to`` step of the stream's width."""
+    hidden = getattr(model_config, "hidden_size", None)
+    kept = (hidden or 0) * (1.0 - sparsity)
+    if not hidden or not sparsity or int(kept) >= round_to:
+        return
+    if round_to > hidden // 2:  # the step, not the sparsity, is what leaves nothing
+        raise SlicelmError(
+            f"--round-to {round_to} leaves no width of the model's {hidden}-wide stream at {flag} {sparsity:g} "
+            f"(it keeps {kept:.1f} channels); lower --round-to"
+        )
+    raise SlicelmError(
+        f"{flag} {sparsity:g} keeps {kept:.1f} of the model's {hidden} stream channels, less than one --round-to "
+        f"step of {round_to}: nothing would be left; use at most {flag} {1.0 - round_to / hidden:.4g} "
+        "(or lower --round-to)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,12 @@ from pathlib import Path
 
 from slicelm.cli.common import quiet_libraries
 from slicelm.cli.eval_cmd import add_common_arguments, data_dir_from
-from slicelm.cli.slice_cmd import add_slicing_arguments, fit_seqlens, validate_slicing_arguments
+from slicelm.cli.slice_cmd import (
+    add_slicing_arguments,
+    check_stream_width,
+    fit_seqlens,
+    validate_slicing_arguments,
+)
 from slicelm.errors import SlicelmError
 
 
@@ -65,10 +70,17 @@ def add_parser(subparsers) -> None:
     group.add_argument("--ppl-windows", type=int, default=None, help="score only the first N windows (default all)")
     group = parser.add_argument_group("recovery (measure each slice again after fine-tuning it)")
     group.add_argument("--recover", choices=("lm", "kd"), default=None, help="recover each slice with this loss")
-    group.add_argument("--recover-tokens", type=int, default=131072, help="training tokens (default 131072)")
+    group.add_argument(
+        "--recover-tokens",
+        type=int,
+        default=RECOVERY_DEFAULTS["recover_tokens"],
+        help="training tokens (default 131072)",
+    )
     group.add_argument("--recover-data", default="c4", help="training text (default c4)")
     group.add_argument("--recover-full", action="store_true", help="full fine-tuning instead of LoRA")
-    group.add_argument("--recover-seqlen", type=int, default=512, help="training window (default 512)")
+    group.add_argument(
+        "--recover-seqlen", type=int, default=RECOVERY_DEFAULTS["recover_seqlen"], help="training window (default 512)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -83,6 +95,19 @@ def extra_slice_options(args: argparse.Namespace) -> dict:
     }
     defaults = {"untie_head": False, "mlp_sparsity": 0.0, "layout": "slicegpt", "basis": "pca"}
     return {k: v for k, v in options.items() if v != defaults[k]}
+
+
+RECOVERY_DEFAULTS = {"recover_tokens": 131072, "recover_data": "c4", "recover_full": False, "recover_seqlen": 512}
+
+
+def check_recovery_flags(args: argparse.Namespace) -> None:
+    """The --recover-* flags configure --recover: without it they would be ignored, so they are refused."""
+    if args.recover is not None:
+        return
+    given = [k for k, default in RECOVERY_DEFAULTS.items() if getattr(args, k) != default]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise SlicelmError(f"{flag} configures recovery, and no --recover is given; add --recover lm|kd or drop it")
 
 
 def recovery_options(args: argparse.Namespace) -> dict | None:
@@ -118,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
         for task in tasks:
             check_local_data(task, data_dir)
     validate_slicing_arguments(args)
+    check_recovery_flags(args)
     from slicelm.models import load_config, resolve_source
 
-    fit_seqlens(load_config(resolve_source(args.model)), args, ("calib_seqlen",))
+    model_config = load_config(resolve_source(args.model))
+    fit_seqlens(model_config, args, ("calib_seqlen",))
+    for sparsity in args.sparsities:
+        check_stream_width(model_config, sparsity, args.round_to, "--sparsities")
     for flag in ("ppl_seqlen", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise SlicelmError(f"--{flag.replace('_', '-')} must be a positive integer")
