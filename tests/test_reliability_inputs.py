@@ -260,3 +260,27 @@ def test_rough_19_sweep_flags_without_effect_are_refused(extra, fragment, tiny_f
     code, _, lines = run_cli(["sweep", dense, "--tasks", "none", *extra, "--out", out], capsys)
     assert_one_line_error(code, lines, fragment)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough 2. A sharded folder missing a shard: one line when streaming, as in memory
+# --------------------------------------------------------------------------------------------------
+def test_rough_2_a_missing_shard_while_streaming_is_one_line(smollm2_tokenizer, tmp_path, capsys, data_dir):
+    from conftest import build_tiny_model
+
+    source = tmp_path / "sharded"
+    build_tiny_model("llama", vocab_size=len(smollm2_tokenizer)).save_pretrained(source, max_shard_size="2MB")
+    smollm2_tokenizer.save_pretrained(source)
+    shards = sorted(source.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    before = sorted(p.name for p in source.iterdir())
+    out = tmp_path / "out"
+    for extra in (["--stream"], []):
+        argv = ["slice", source, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", out, *extra]
+        code, _, lines = run_cli(argv, capsys)
+        assert_one_line_error(code, lines)
+        if extra:
+            assert f"lists weight files that are missing ({shards[-1].name})" in lines[-1], lines[-1]
+        assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
+    assert sorted(p.name for p in source.iterdir()) == before

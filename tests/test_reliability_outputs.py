@@ -87,3 +87,111 @@ def test_rough_21_a_folder_that_existed_or_holds_measurements_is_kept(nan_folder
     (stored / "points" / "dense.json").write_text("{}")
     release_unused_sweep_folder(stored, [stored])
     assert (stored / "points" / "dense.json").is_file()  # a measurement is kept for resuming
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough 4. A full disk: one line, nothing published, no checkpoint that slicelm cannot resume
+# --------------------------------------------------------------------------------------------------
+def disk_full_after(monkeypatch, module, name: str, calls: int = 0) -> None:
+    """``module.name`` (a write function) works ``calls`` times, then fails as a full disk does."""
+    import errno
+
+    original = getattr(module, name)
+    count = {"n": 0}
+
+    def write(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[1] if len(args) > 1 else ""))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, write)
+
+
+@pytest.fixture(scope="module")
+def dense_and_sliced(tmp_path_factory, smollm2_tokenizer, data_dir):
+    from cli_checks import CALIB, save_model_folder
+
+    from slicelm.cli import main
+
+    root = tmp_path_factory.mktemp("disk")
+    dense = save_model_folder(root / "dense", smollm2_tokenizer, tie_word_embeddings=True)
+    sliced = root / "sliced"
+    assert (
+        main([str(a) for a in ["slice", dense, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", sliced]])
+        == 0
+    )
+    return dense, sliced
+
+
+@pytest.mark.parametrize("extra", [[], ["--stream"], ["--layout", "plain"]])
+def test_rough_4_a_full_disk_while_slicing_is_one_line_and_publishes_nothing(
+    extra, dense_and_sliced, tmp_path, capsys, data_dir, monkeypatch
+):
+    import safetensors.torch
+    from cli_checks import CALIB
+
+    import slicelm.streaming_io
+
+    dense, _ = dense_and_sliced
+    import transformers.modeling_utils
+
+    for module in (slicelm.streaming_io, safetensors.torch):  # slicelm's writers
+        disk_full_after(monkeypatch, module, "save_file")
+    disk_full_after(monkeypatch, transformers.modeling_utils, "safe_save_file")  # save_pretrained (plain)
+    out = tmp_path / "out"
+    argv = ["slice", dense, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", out, *extra]
+    code, stdout, lines = run_cli(argv, capsys)
+    assert_one_line_error(code, lines, "the disk refused a write (No space left on device", "nothing was published")
+    assert stdout == "" and sorted(tmp_path.iterdir()) == []
+
+
+FT = ["--tokens", "256", "--seqlen", "32", "--batch-size", "2", "--eval-windows", "1", "--quiet", "--loss", "lm"]
+
+
+@pytest.mark.parametrize("good_checkpoints", [0, 1])
+def test_rough_4_a_full_disk_while_finetuning_keeps_only_a_resumable_checkpoint(
+    good_checkpoints, dense_and_sliced, tmp_path, capsys, data_dir, monkeypatch
+):
+    """The first checkpoint fails: no work folder is left. A later one fails: the last good one stays,
+    and --resume continues from it once there is space."""
+    import safetensors.torch
+
+    _, sliced = dense_and_sliced
+    out, work = tmp_path / "out", tmp_path / "out.slicelm-work"
+    disk_full_after(monkeypatch, safetensors.torch, "save_file", calls=good_checkpoints)
+    argv = ["finetune", sliced, "--out", out, "--data-dir", data_dir, *FT]
+    code, _, lines = run_cli(argv, capsys)
+    assert_one_line_error(code, lines, "the disk refused a write (No space left on device", "no model was published")
+    assert not out.exists()
+    monkeypatch.undo()
+    if good_checkpoints == 0:
+        assert "run the same command again" in lines[-1] and sorted(tmp_path.iterdir()) == []
+        assert run_cli(argv, capsys)[0] == 0
+    else:
+        assert f"the last checkpoint is in {work}: free space, then continue with --resume" in lines[-1]
+        assert sorted(p.name for p in (work / "checkpoint").iterdir()) == ["state.json", "state.safetensors"]
+        assert not [p for p in work.iterdir() if p.name.startswith(".checkpoint")]  # no half-written one
+        code, _, lines = run_cli([*argv, "--resume"], capsys)
+        assert code == 0, lines
+    assert (out / "model.safetensors").is_file() and not work.exists()
+
+
+def test_rough_4_a_full_disk_in_a_sweep_with_save_models_keeps_what_it_measured(
+    dense_and_sliced, tmp_path, capsys, data_dir, monkeypatch
+):
+    import slicelm.streaming_io
+
+    dense, _ = dense_and_sliced
+    out = tmp_path / "sweep"
+    argv = ["sweep", dense, "--sparsities", "0.25", "--tasks", "none", "--ppl-windows", 1, "--ppl-seqlen", 32]
+    argv += ["--calib-samples", 4, "--calib-seqlen", 32, "--save-models", "--data-dir", data_dir, "--out", out]
+    disk_full_after(monkeypatch, slicelm.streaming_io, "save_file")
+    code, _, lines = run_cli(argv, capsys)
+    assert_one_line_error(code, lines, "the disk refused a write (No space left on device")
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert "models" not in left and not [n for n in left if ".slicelm-" in n or ".tmp" in n], left
+    monkeypatch.undo()
+    code, _, lines = run_cli(argv, capsys)  # resumes once there is space
+    assert code == 0, lines
+    assert (out / "models").is_dir() and (out / "sweep.json").is_file()

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -671,7 +672,8 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
 
     from slicelm.outputs import to_json, write_manifest
 
-    if not work.exists():
+    created = not work.exists()
+    if created:
         work.mkdir(parents=True)
         write_manifest(work, WORK_KIND)
     tensors = {f"param.{n}": t.contiguous() for n, t in trainable_state(student).items()}
@@ -687,9 +689,13 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
         "report": report.to_dict(),
     }
     tmp = work / f".{CHECKPOINT}.tmp{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(to_json(meta) + "\n")
+    try:
+        tmp.mkdir(exist_ok=True)
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(to_json(meta) + "\n")
+    except BaseException:  # a full disk: the last good checkpoint stays; a work folder without one goes
+        shutil.rmtree(work if created else tmp, ignore_errors=True)
+        raise
     old = work / f".{CHECKPOINT}.old{os.getpid()}"
     if (work / CHECKPOINT).exists():
         (work / CHECKPOINT).rename(old)

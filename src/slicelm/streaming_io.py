@@ -30,8 +30,19 @@ class LazyCheckpoint:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         if (self.folder / INDEX).is_file():
-            weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
-            self.files = {name: self.folder / file for name, file in weight_map.items()}
+            try:
+                weight_map = json.loads((self.folder / INDEX).read_text())["weight_map"]
+                self.files = {name: self.folder / file for name, file in weight_map.items()}
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise SlicelmError(
+                    f"{self.folder / INDEX} is damaged ({type(exc).__name__}: {first_line(exc)}); re-download it"
+                ) from None
+            missing = sorted({path.name for path in self.files.values() if not path.is_file()})
+            if missing:
+                shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                raise SlicelmError(
+                    f"{self.folder}: {INDEX} lists weight files that are missing ({shown}); re-download the model"
+                )
         elif (self.folder / SINGLE).is_file():
             with open_safetensors(self.folder / SINGLE) as f:
                 self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
@@ -87,6 +98,8 @@ def open_safetensors(path: Path):
             yield handle
     except SafetensorError as exc:
         raise SlicelmError(f"{path} is damaged or truncated ({first_line(exc)}); re-download it") from None
+    except FileNotFoundError:
+        raise SlicelmError(f"{path} is missing (deleted while slicelm worked?); re-download it") from None
 
 
 def release(module: nn.Module) -> None:

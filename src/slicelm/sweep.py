@@ -102,8 +102,11 @@ def _write_json(path: Path, data: Any) -> None:
     """Atomic write: an interrupted run never leaves a half-written file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written file
 
 
 def load_point(path: Path, config: SweepConfig, sparsity: float) -> dict[str, Any]:

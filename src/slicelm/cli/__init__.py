@@ -80,6 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     except SlicelmError as exc:
         print(f"slicelm: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from slicelm.cli.common import disk_refusal
+
+        why = disk_refusal(exc)
+        if why is None:
+            raise
+        # Outputs are staged beside their target and published by rename: a failed write publishes nothing.
+        print(
+            f"slicelm: error: the disk refused a write ({why}); nothing was published: free space, then run "
+            "the same command again",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("slicelm: interrupted", file=sys.stderr)
         return 130

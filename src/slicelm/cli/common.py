@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import warnings
@@ -46,3 +47,20 @@ def quiet_libraries(progress: bool = True) -> None:
             datasets.disable_progress_bars()
         except ImportError:
             pass
+
+
+# errno values that mean the disk, not slicelm, refused a write: no space, over quota, read-only
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def disk_refusal(exc: BaseException) -> str | None:
+    """In words, why the disk refused a write (``exc`` is an OSError, or safetensors' error that wraps
+    one, such as "No space left on device (os error 28)"); None for any other exception."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or os.strerror(exc.errno)}{where}"
+    if type(exc).__name__ == "SafetensorError":
+        for code in _DISK_ERRNOS:
+            if f"os error {code})" in str(exc):
+                return os.strerror(code)
+    return None

@@ -177,7 +177,7 @@ def _run(args, config, source, claim, work: Path, device) -> int:
     if args.restart and work.exists():  # checked to be slicelm's own work folder when claimed
         shutil.rmtree(work)
     try:
-        model, report = recovery.finetune(
+        model, report = _disk_checked(work, recovery.finetune)(  # a full disk: one line, the checkpoint kept
             model,
             tokenizer,
             args.data,
@@ -201,7 +201,7 @@ def _run(args, config, source, claim, work: Path, device) -> int:
     report.teacher = teacher_name
     from slicelm.checkpoint import save_finetuned
 
-    out = save_finetuned(model, claim, tokenizer, source.path, report.to_dict())
+    out = _disk_checked(work, save_finetuned)(model, claim, tokenizer, source.path, report.to_dict())
     shutil.rmtree(work, ignore_errors=True)  # slicelm's own work folder (checked when claimed)
     print(summary(report, out), file=sys.stderr)
     from slicelm.outputs import to_json
@@ -209,6 +209,28 @@ def _run(args, config, source, claim, work: Path, device) -> int:
     last = report.curve[-1] if report.curve else {}
     print(to_json({"out": str(out), "steps": report.steps, "tokens": report.tokens, **last}, indent=None))
     return 0
+
+
+def _disk_checked(work: Path, function):
+    """``function`` whose failed writes on a full (or read-only) disk are one line naming the way on:
+    continue from the work folder's last checkpoint, or run again when there is none."""
+    from slicelm.cli.common import disk_refusal
+    from slicelm.recovery import CHECKPOINT
+
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:
+            why = disk_refusal(exc)
+            if why is None:
+                raise
+            if (work / CHECKPOINT / "state.json").is_file():
+                way = f"the last checkpoint is in {work}: free space, then continue with --resume"
+            else:
+                way = "no checkpoint was kept: free space, then run the same command again"
+            raise SlicelmError(f"the disk refused a write ({why}); no model was published; {way}") from None
+
+    return call
 
 
 def load_teacher(args: argparse.Namespace, tokenizer, source):
