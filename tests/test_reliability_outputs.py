@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cli_checks import assert_one_line_error, run_cli, tree
 
@@ -195,3 +197,49 @@ def test_rough_4_a_full_disk_in_a_sweep_with_save_models_keeps_what_it_measured(
     code, _, lines = run_cli(argv, capsys)  # resumes once there is space
     assert code == 0, lines
     assert (out / "models").is_dir() and (out / "sweep.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough 5. An --offload-dir that is a file, read-only or full
+# --------------------------------------------------------------------------------------------------
+def _unwritable(tmp_path: Path) -> Path:
+    import os
+
+    if Path("/sys").is_dir() and os.geteuid() == 0:
+        return Path("/sys/slicelm-test-offload")  # root ignores permission bits; /sys refuses even root
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked / "offload"
+
+
+@pytest.mark.parametrize("how", ["file", "read-only", "full"])
+def test_rough_5_a_bad_offload_dir_is_one_line(how, dense_and_sliced, tmp_path, capsys, data_dir, monkeypatch):
+    import errno
+    import os
+
+    from cli_checks import CALIB
+
+    dense, _ = dense_and_sliced
+    offload = tmp_path / "offload"
+    fragment = {"file": "is a file, not a folder", "read-only": "cannot write to", "full": "cannot hold"}[how]
+    if how == "file":
+        offload.write_text("my notes")
+    elif how == "read-only":
+        offload = _unwritable(tmp_path)
+    else:
+
+        def full(*_args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    before = {p.name for p in tmp_path.iterdir()}
+    out = tmp_path / "out"
+    argv = ["slice", dense, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", out]
+    code, _, lines = run_cli([*argv, "--stream", "--max-memory", "1KiB", "--offload-dir", offload], capsys)
+    assert_one_line_error(code, lines, f"{offload}" if how != "full" else "offload folder", fragment)
+    assert {p.name for p in tmp_path.iterdir()} <= before | {"offload"} and not out.exists()
+    if how == "file":
+        assert offload.read_text() == "my notes"
+    if how == "full":
+        assert fragment in lines[-1] and "--max-memory" in lines[-1]
+        assert list(offload.iterdir()) == []  # the activations spilled so far are gone too

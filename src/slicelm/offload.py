@@ -9,6 +9,7 @@ back page by page, one batch at a time, never all at once).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Hashable
@@ -77,6 +78,7 @@ class ActivationStore:
         self._generation += 1
         self._spills += 1
         path = self._dir / f"act-{self._generation}.bin"
+        reserve(path, tensor.numel() * tensor.element_size(), self._dir.parent)
         array = np.memmap(path, dtype=_NUMPY[tensor.dtype], mode="w+", shape=tuple(tensor.shape))
         array[:] = tensor.numpy()
         array.flush()
@@ -91,6 +93,25 @@ class ActivationStore:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def reserve(path: Path, size: int, root: Path) -> None:
+    """Allocate ``size`` bytes for ``path`` before it is memory-mapped: a full disk then fails here
+    with one line instead of killing the process with SIGBUS when a mapped page cannot be stored."""
+    from slicelm.errors import SlicelmError
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        if size and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise SlicelmError(
+            f"the offload folder {root} cannot hold {size / 2**20:.1f} MiB more of calibration activations "
+            f"({exc.strerror}); free space there, choose another --offload-dir, or raise --max-memory"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def parse_bytes(text: str) -> int:

@@ -252,6 +252,8 @@ def _validate_run_flags(args: argparse.Namespace) -> None:
         raise SlicelmError("--ppl-windows needs the whole model in memory; with --stream, run `slicelm ppl OUT` after")
     if args.offload_dir and not (args.stream or args.max_memory):
         raise SlicelmError("--offload-dir applies when streaming (--stream or --max-memory)")
+    if args.offload_dir:
+        check_offload_dir(Path(args.offload_dir).expanduser())
     args.max_memory_bytes = None
     if args.max_memory:
         from slicelm.offload import parse_bytes
@@ -260,6 +262,23 @@ def _validate_run_flags(args: argparse.Namespace) -> None:
             args.max_memory_bytes = parse_bytes(args.max_memory)
         except ValueError as exc:
             raise SlicelmError(f"--max-memory: {exc}") from None
+
+
+def check_offload_dir(folder: Path) -> None:
+    """--offload-dir must be a folder slicelm can create files in (probed in the nearest existing
+    folder with a temporary entry removed at once, so nothing is left)."""
+    import tempfile
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SlicelmError(f"--offload-dir {folder}: {probe} is a file, not a folder; give a folder")
+    try:
+        Path(tempfile.mkdtemp(prefix=".slicelm-probe-", dir=probe)).rmdir()
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        raise SlicelmError(f"--offload-dir {folder}: cannot write to {probe} ({reason}); give another folder") from None
 
 
 def fit_seqlens(model_config: Any, args: argparse.Namespace, flags: tuple[str, ...]) -> None:
