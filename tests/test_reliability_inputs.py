@@ -284,3 +284,62 @@ def test_rough_2_a_missing_shard_while_streaming_is_one_line(smollm2_tokenizer, 
             assert f"lists weight files that are missing ({shards[-1].name})" in lines[-1], lines[-1]
         assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sharded"]
     assert sorted(p.name for p in source.iterdir()) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough 22. ppl and eval: the memory preflight of slice, before the weights are loaded
+# --------------------------------------------------------------------------------------------------
+def _largest_batch(folder: Path, seqlen: int, available: int) -> int:
+    import torch
+
+    from slicelm.memory import estimate_forward_bytes
+    from slicelm.models import load_config, resolve_source
+
+    config = load_config(resolve_source(str(folder)))
+    return max(b for b in range(1, 200) if estimate_forward_bytes(config, torch.float32, b, seqlen) <= 0.9 * available)
+
+
+@pytest.mark.parametrize("command", ["ppl", "eval"])
+def test_rough_22_a_batch_that_would_not_fit_is_refused_before_loading(
+    command, tiny_folders, tmp_path, capsys, data_dir, monkeypatch, no_loading
+):
+    dense, _ = tiny_folders
+    available = int(1.5 * 2**30)  # the runtime's 1 GiB and room for a few windows of a 49k vocabulary
+    monkeypatch.setenv("SLICELM_AVAILABLE_MEMORY", str(available))
+    seqlen = 32 if command == "ppl" else 128  # eval: requests up to the tiny model's 128 positions
+    largest = _largest_batch(dense, seqlen, available)
+    assert 1 <= largest < 64
+    base = {
+        "ppl": ["ppl", dense, "--seqlen", seqlen, "--max-windows", 2, "--data-dir", data_dir, "--quiet"],
+        "eval": ["eval", dense, "--tasks", "piqa", "--limit", 2, "--data-dir", data_dir, "--output", tmp_path / "e"],
+    }[command]
+    code, stdout, lines = run_cli([*base, "--batch-size", 64], capsys)
+    assert_one_line_error(code, lines, f"--batch-size 64 of {seqlen}-token windows needs about", f"{largest} or less")
+    assert stdout == "" and sorted(tmp_path.iterdir()) == []
+    monkeypatch.setenv("SLICELM_AVAILABLE_MEMORY", "1GiB")  # not even one window beside the runtime
+    code, _, lines = run_cli(base, capsys)
+    assert_one_line_error(code, lines, f"one window of {seqlen} tokens needs about", "1.0 GiB are available")
+
+
+def test_rough_22_the_default_batch_fits_and_runs(tiny_folders, tmp_path, capsys, data_dir, monkeypatch):
+    """ppl's default (1 window) runs in the tight budget; eval's default 8 is lowered to what fits."""
+    import slicelm.evaluation
+
+    dense, _ = tiny_folders
+    available = int(1.5 * 2**30)
+    monkeypatch.setenv("SLICELM_AVAILABLE_MEMORY", str(available))
+    code, stdout, lines = run_cli(["ppl", dense, "--seqlen", 32, "--max-windows", 2, "--data-dir", data_dir], capsys)
+    assert code == 0, lines
+    assert json.loads(stdout)["windows"] == 2
+    seen = {}
+    original = slicelm.evaluation.evaluate_zeroshot
+
+    def spy(*args, **kwargs):
+        seen["batch_size"] = kwargs["batch_size"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(slicelm.evaluation, "evaluate_zeroshot", spy)
+    argv = ["eval", dense, "--tasks", "piqa", "--limit", 2, "--data-dir", data_dir, "--device", "cpu"]
+    code, _, lines = run_cli(argv, capsys)
+    assert code == 0, lines
+    assert seen["batch_size"] == min(8, _largest_batch(dense, 128, available))

@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import warnings
+from typing import Any
 
 
 def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
@@ -64,3 +65,32 @@ def disk_refusal(exc: BaseException) -> str | None:
             if f"os error {code})" in str(exc):
                 return os.strerror(code)
     return None
+
+
+def fit_batch_size(model_config: Any, dtype: Any, seqlen: int, batch: int | None, default: int, flag: str) -> int:
+    """The batch size to score with: ``batch`` if given and it fits in the memory available (else one
+    line that names the largest that does), or the largest up to ``default`` that fits. Checked from the
+    config alone, before the weights are loaded (the memory preflight of ``slice``, for ``ppl``/``eval``)."""
+    from slicelm.errors import SlicelmError
+    from slicelm.memory import estimate_forward_bytes, forward_bytes_per_token
+    from slicelm.resources import available_memory_bytes
+
+    available = available_memory_bytes()
+    wanted = default if batch is None else batch
+    if available is None:
+        return wanted
+    fixed = estimate_forward_bytes(model_config, dtype, 0, seqlen)  # weights and runtime
+    per_window = seqlen * forward_bytes_per_token(model_config, dtype, seqlen)
+    largest = int((0.9 * available - fixed) // per_window)
+    gib = 2**30
+    if largest < 1:
+        raise SlicelmError(
+            f"one window of {seqlen} tokens needs about {(fixed + per_window) / gib:.1f} GiB and "
+            f"{available / gib:.1f} GiB are available; lower the window length or free memory"
+        )
+    if batch is not None and largest < batch:
+        raise SlicelmError(
+            f"{flag} {batch} of {seqlen}-token windows needs about {(fixed + batch * per_window) / gib:.1f} GiB "
+            f"and {available / gib:.1f} GiB are available; use {flag} {largest} or less"
+        )
+    return min(wanted, largest)

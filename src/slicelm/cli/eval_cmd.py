@@ -31,6 +31,9 @@ def parse_limit(text: str) -> int | float:
     return value
 
 
+DEFAULT_EVAL_BATCH = 8
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
     """Flags shared by ``eval`` and ``sweep`` (where the lm-eval batch size is ``--eval-batch-size``)."""
     from slicelm.evaluation.tasks import PAPER_TASKS
@@ -47,7 +50,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, batch_flag: str = "--b
         default=None,
         help="score only the first N documents of each task (or a fraction < 1); default: all",
     )
-    parser.add_argument(batch_flag, dest="eval_batch_size", type=int, default=8, help="lm-eval batch size (default: 8)")
+    parser.add_argument(
+        batch_flag,
+        dest="eval_batch_size",
+        type=int,
+        default=DEFAULT_EVAL_BATCH,
+        help=f"lm-eval batch size (default: {DEFAULT_EVAL_BATCH}, or fewer if they would not fit in memory)",
+    )
     parser.add_argument(
         "--data-dir",
         default=None,
@@ -94,6 +103,24 @@ def pick_device(name: str | None):
     return resolve_device(name)
 
 
+EVAL_CONTEXT = 1024  # tokens of the longest request a batch of the supported tasks pads to (an upper bound)
+
+
+def fit_eval_batch(args: argparse.Namespace, device) -> int:
+    """The memory preflight of ``slice``, for lm-eval's batches: an explicit --batch-size that would not
+    fit is refused before loading; the default is lowered to what fits (CPU only; GPUs untested)."""
+    if getattr(device, "type", str(device).split(":")[0]) != "cpu":
+        return args.eval_batch_size
+    from slicelm.cli.common import fit_batch_size
+    from slicelm.models import load_config, parse_dtype, resolve_source
+
+    model_config = load_config(resolve_source(args.model))
+    positions = getattr(model_config, "max_position_embeddings", None) or EVAL_CONTEXT
+    explicit = None if args.eval_batch_size == DEFAULT_EVAL_BATCH else args.eval_batch_size
+    seqlen = min(EVAL_CONTEXT, positions)
+    return fit_batch_size(model_config, parse_dtype(args.dtype), seqlen, explicit, DEFAULT_EVAL_BATCH, "--batch-size")
+
+
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from slicelm.evaluation import evaluate_zeroshot, resolve_tasks
@@ -114,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
         output = check_output_file(args.output, args.overwrite)
 
+    args.eval_batch_size = fit_eval_batch(args, device)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     # lm-eval prints progress notes to stdout; keep stdout for the JSON object alone.

@@ -31,7 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--dataset", default="wikitext2", help=f"one of {', '.join(EVAL_SETS)} (default: wikitext2)")
     parser.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN, help="tokens per window (default: 2048)")
     parser.add_argument("--max-windows", type=int, default=None, help="score only the first W windows (default: all)")
-    parser.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: 1)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per forward pass (default 1; a larger one must fit in the memory available)",
+    )
     parser.add_argument(
         "--score-from",
         type=int,
@@ -66,17 +71,23 @@ def run(args: argparse.Namespace) -> int:
         raise SlicelmError(f"--seqlen must be at least 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
         raise SlicelmError(f"--max-windows must be at least 1, got {args.max_windows}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise SlicelmError(f"--batch-size must be at least 1, got {args.batch_size}")
     dtype = parse_dtype(args.dtype)
     device = resolve_device(args.device)
     data_dir = resolve_data_dir(args.data_dir)
     source = resolve_source(args.model)
-    max_positions = getattr(load_config(source), "max_position_embeddings", None)
+    model_config = load_config(source)
+    max_positions = getattr(model_config, "max_position_embeddings", None)
     if max_positions is not None and args.seqlen > max_positions:
         raise SlicelmError(
             f"--seqlen {args.seqlen} is longer than the model's {max_positions} positions; lower --seqlen"
         )
+    if device.type == "cpu":  # the memory preflight; on a GPU the device's memory decides (untested)
+        from slicelm.cli.common import fit_batch_size
+
+        args.batch_size = fit_batch_size(model_config, dtype, args.seqlen, args.batch_size, 1, "--batch-size")
+    args.batch_size = args.batch_size or 1
 
     model, tokenizer = load_model(source, dtype=dtype)
     ids = load_eval_ids(args.dataset, tokenizer, data_dir)
