@@ -129,3 +129,23 @@ def test_export_notes_fallback_widths_on_stderr(folder, tmp_path, capsys):
     assert len(notes) == 2 and "hidden_size 576" in notes[0] and "legacy type" in notes[0]
     assert "intermediate_size 1144" in notes[1] and "as F16" in notes[1]
     assert (tmp_path / "q.gguf").read_bytes() == b"GGUF"
+
+
+@pytest.mark.parametrize(
+    "section,fragment",
+    [
+        ({"plan": {"layout": "plain"}}, "was sliced with --layout plain but written in slicelm's remote-code format"),
+        (None, "needs remote code (m.M), which llama.cpp and vLLM cannot run"),
+    ],
+)
+def test_rough_12_export_names_what_a_remote_code_folder_is(section, fragment, folder, tmp_path, capsys):
+    """Issue 23 rough 12: a plain-layout folder in slicelm's format is not called a --layout slicegpt one."""
+    config = dict(PLAIN_CONFIG, auto_map={"AutoModelForCausalLM": "m.M"})
+    if section is not None:
+        config["slicelm"] = section
+    (folder / "config.json").write_text(json.dumps(config))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["export", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and fragment in err[0] and "--layout slicegpt" not in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

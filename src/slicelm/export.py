@@ -86,10 +86,37 @@ def check_exportable(folder: Path) -> None:
     if not isinstance(data, dict):
         raise SlicelmError(f"{config} is not a JSON object; give a Hugging Face model folder")
     if "slicelm" in data or data.get("auto_map"):
-        raise SlicelmError(
-            f"{folder} is a --layout slicegpt model: its shortcut matrices need remote code, which llama.cpp and "
-            "vLLM cannot run; re-slice with --layout plain"
+        raise SlicelmError(f"{folder} {remote_code_kind(data)}")
+
+
+def remote_code_kind(config: dict) -> str:
+    """What a folder that needs remote code is, and the way to a stock one, in words (the config's
+    ``slicelm`` section records the layout it was sliced with)."""
+    section = config.get("slicelm")
+    layout = None
+    if isinstance(section, dict):
+        for where in (section.get("plan"), section.get("slice_config"), section):
+            if isinstance(where, dict) and isinstance(where.get("layout"), str):
+                layout = where["layout"]
+                break
+    if layout == "plain":
+        return (
+            "was sliced with --layout plain but written in slicelm's remote-code format (widths the stock "
+            f"{config.get('model_type', 'architecture')} architecture cannot hold, or an older slicelm), which "
+            "llama.cpp and vLLM cannot run; re-slice it with this slicelm (--layout plain is then written in the "
+            "stock architecture, or refused)"
         )
+    if layout == "slicegpt" or isinstance(section, dict):
+        return (
+            "is a --layout slicegpt model: its shortcut matrices need remote code, which llama.cpp and vLLM "
+            "cannot run; re-slice with --layout plain"
+        )
+    auto = config.get("auto_map")
+    code = ", ".join(sorted(set(auto.values()))) if isinstance(auto, dict) else str(auto)
+    return (
+        f"needs remote code ({code}), which llama.cpp and vLLM cannot run; export a folder in a stock "
+        "Hugging Face architecture"
+    )
 
 
 def vllm_command(folder: str | Path) -> str:
