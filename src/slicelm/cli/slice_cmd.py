@@ -441,6 +441,9 @@ def _run(args: argparse.Namespace, source, claim) -> int:
         ppl_after = ppl()
         extra |= {"load_seconds": load_seconds, "perplexity_before": ppl_before, "perplexity_after": ppl_after}
     full_report = merge_report(report.to_dict(), extra)
+    note = rounding_note(full_report, args.round_to)
+    if note:  # recorded in the report (in memory; a streamed report is already written) and printed
+        full_report["warnings"] = [*full_report.get("warnings", []), note]
     if args.stream:  # already written, report included, by slice_streaming
         out = claim.out
     else:
@@ -456,6 +459,24 @@ def _run(args: argparse.Namespace, source, claim) -> int:
     }
     print(to_json(result, indent=None))
     return 0
+
+
+def rounding_note(report: dict[str, Any], round_to: int) -> str | None:
+    """A line when rounding made the stream much narrower than --sparsity asked (more than 2 points)."""
+    sparsity = report.get("sparsity")
+    if not sparsity or (report.get("planning") or {}).get("target_params") is not None:
+        return None
+    plan = report["plan"]
+    widths = sorted(w["mid"] if w.get("mid") is not None else w["out"] for w in plan["layers"])
+    width, hidden = widths[len(widths) // 2], plan["hidden_size"]
+    removed = 1.0 - width / hidden
+    if removed - sparsity <= 0.02:
+        return None
+    return (
+        f"--sparsity {sparsity:g} removed {removed:.0%} of the stream (width {width} of {hidden}): widths are "
+        f"rounded down to multiples of --round-to {round_to} that the {report.get('layout', 'slicegpt')} layout "
+        "can hold; a --round-to that divides the model's widths (8, 16, ...) keeps closer to --sparsity"
+    )
 
 
 def _plan_only(args: argparse.Namespace, source) -> int:
