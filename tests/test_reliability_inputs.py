@@ -343,3 +343,35 @@ def test_rough_22_the_default_batch_fits_and_runs(tiny_folders, tmp_path, capsys
     code, _, lines = run_cli(argv, capsys)
     assert code == 0, lines
     assert seen["batch_size"] == min(8, _largest_batch(dense, 128, available))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rough 11. A tied LayerNorm model grows when sliced: the cause named is the forced untie of its head
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tied_gpt2(tmp_path_factory, smollm2_tokenizer) -> Path:
+    return save_model_folder(
+        tmp_path_factory.mktemp("gpt2") / "gpt2", smollm2_tokenizer, "gpt2", tie_word_embeddings=True
+    )
+
+
+def test_rough_11_the_growth_of_a_tied_layernorm_model_is_blamed_on_the_untied_head(
+    tied_gpt2, tmp_path, capfd, data_dir
+):
+    from slicelm.cli import main
+
+    out = tmp_path / "out"
+    argv = ["slice", tied_gpt2, "--sparsity", 0.25, *CALIB, "--data-dir", data_dir, "--out", out]
+    assert main([str(a) for a in argv]) == 0
+    note = next(line for line in capfd.readouterr().err.splitlines() if "the sliced model is larger" in line)
+    assert "gpt2 normalises with LayerNorm, so slicing unties its tied head" in note, note
+    assert "49,152 x 64 weight, 3,145,728 parameters" in note and "shortcut" not in note, note
+    report = json.loads((out / "slicelm_report.json").read_text())
+    assert report["params_after"] > report["params_before"] and report["plan"]["tied"] is False
+
+
+def test_rough_11_a_budget_a_tied_layernorm_model_cannot_meet_names_the_untie(tied_gpt2, tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    code, _, lines = run_cli(["slice", tied_gpt2, "--target-params", "0.99999", "--out", out, "--quiet"], capsys)
+    assert_one_line_error(code, lines, "--target-params 0.99999", "The cause: gpt2 normalises with LayerNorm")
+    assert sorted(tmp_path.iterdir()) == []

@@ -312,8 +312,35 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     elif check_local_config(model_config, config):  # structure-local steps check their own plan
         pass
     else:
-        check_against_config(model_config, config)
+        try:
+            check_against_config(model_config, config)
+        except SlicelmError as exc:
+            cause = forced_untie(model_config, config)
+            if cause is None or config.target_params is None:
+                raise
+            raise SlicelmError(f"{exc}. The cause: {cause[0]}") from None
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
+
+
+def forced_untie(model_config: Any, config: Any) -> tuple[str, int] | None:
+    """(in words, parameters added) when slicing must untie a tied head: a LayerNorm family's embedding
+    cannot stay the head once the stream is centred, so the head gets its own vocab x width weight."""
+    from slicelm.arch import spec_for
+
+    if not getattr(model_config, "tie_word_embeddings", False) or config.untie_head:
+        return None
+    try:
+        if spec_for(model_config).norm != "layer":
+            return None
+    except SlicelmError:
+        return None
+    vocab, hidden = model_config.vocab_size, model_config.hidden_size
+    added = vocab * hidden
+    return (
+        f"{model_config.model_type} normalises with LayerNorm, so slicing unties its tied head: the head gets its "
+        f"own {vocab:,} x {hidden} weight, {added:,} parameters that the dense model shares with its embedding",
+        added,
+    )
 
 
 def check_stream_width(model_config: Any, sparsity: float, round_to: int, flag: str = "--sparsity") -> None:
@@ -450,7 +477,8 @@ def _run(args: argparse.Namespace, source, claim) -> int:
         out = save_sliced(model, claim, tokenizer, metadata=metadata, report=full_report)
     for warning in full_report.get("warnings", []):
         print(f"slicelm: warning: {warning}", file=sys.stderr)
-    print(summary(full_report, out), file=sys.stderr)
+    untie = forced_untie(model_config, config)
+    print(summary(full_report, out, untie[0] if untie else None), file=sys.stderr)
     result = {k: full_report[k] for k in ("model", "sparsity", "params_before", "params_after")}
     result |= {
         "ppl_before": ppl_before and ppl_before["ppl"],
@@ -614,7 +642,7 @@ def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, confi
     )
 
 
-def summary(report: dict[str, Any], out: Path) -> str:
+def summary(report: dict[str, Any], out: Path, untie: str | None = None) -> str:
     """A short human-readable before/after table."""
     before, after = report["params_before"], report["params_after"]
     plan = report["plan"]
@@ -636,10 +664,9 @@ def summary(report: dict[str, Any], out: Path) -> str:
     if planning.get("note"):
         lines.append(f"  note            {planning['note']}")
     if after >= before:
-        lines.append(
-            f"  note            the sliced model is {'larger than' if after > before else 'as large as'} the "
-            "original: its shortcut matrices outweigh what this sparsity removes; slice more"
-        )
+        larger = "larger than" if after > before else "as large as"
+        why = f"{untie}" if untie else "its shortcut matrices outweigh what this sparsity removes; slice more"
+        lines.append(f"  note            the sliced model is {larger} the original: {why}")
     if report["perplexity_before"]:
         pb, pa = report["perplexity_before"], report["perplexity_after"]
         lines.append(
