@@ -142,14 +142,19 @@ class ParameterCounter:
         (default: as ``plan`` itself would be written).
         """
         stock = self.ctx.kind == "plain" and plan.is_uniform if stock is None else stock
-        key = (plan.embedding, tuple((lw.mid, lw.out) for lw in plan.layers), stock)
+        shape = tuple((lw.mid, lw.out, lw.heads, lw.mlp_removed) for lw in plan.layers)
+        key = (plan.embedding, shape, stock)
         if key not in self._cache:
-            model = self._structure(plan.with_mlp([None] * len(plan.layers)), stock)
+            # MLP channels are counted per channel below; heads and removed sub-blocks in the structure.
+            model = self._structure(plan.with_mlp([0 if lw.mlp_removed else None for lw in plan.layers]), stock)
             total = sum(p.numel() for p in model.parameters())
             per_channel = []
             layout = self.ctx.layout
-            for layer in get_module(model, layout.layers):
+            for lw, layer in zip(plan.layers, get_module(model, layout.layers), strict=True):
                 cost = 0
+                if lw.mlp_removed:
+                    per_channel.append(0)
+                    continue
                 for path in layout.mlp_inputs:
                     reader = get_module(layer, path)
                     bias = stream_bias(reader)
@@ -161,7 +166,7 @@ class ParameterCounter:
 
     def count(self, plan: SlicingPlan) -> int:
         total, per_channel = self.stream_counts(plan, self.ctx.kind == "plain" and plan.is_uniform)
-        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp is not None else 0 for lw in plan.layers]
+        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp else 0 for lw in plan.layers]
         return total - sum(r * c for r, c in zip(removed, per_channel, strict=True))
 
 

@@ -65,6 +65,10 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
     mlp = plan.layers[0].mlp
     if mlp is not None:
         setattr(new, spec.intermediate_field, mlp)
+    heads = plan.layers[0].heads
+    if heads is not None:  # the same heads removed in every layer: stock head counts, head_dim as before
+        new.num_key_value_heads = heads[0]
+        new.num_attention_heads = heads[0] * heads[1]
     if not hasattr(new, "rms_norm_eps"):
         raise SlicelmError(f"{layout.model_type} has no rms_norm_eps in its config; the plain layout cannot adjust it")
     new.rms_norm_eps = float(config.rms_norm_eps) * hidden / width

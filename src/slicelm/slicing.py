@@ -73,8 +73,15 @@ def slice_model(
         # Structure-local steps only (MLP channels, the stream untouched): families without the
         # rotation, mixtures of experts, unregistered families recognised by their roles.
         return slice_locally(
-            model, layout, calibration, config, pad_token_id=pad_token_id, progress=progress, access=access,
-            store=store, device=device,
+            model,
+            layout,
+            calibration,
+            config,
+            pad_token_id=pad_token_id,
+            progress=progress,
+            access=access,
+            store=store,
+            device=device,
         )
     if plan is None:
         plan, statistics = plan_with_statistics(
