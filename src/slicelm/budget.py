@@ -302,7 +302,7 @@ def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
                 candidates.append((plan, counter.count(plan), 0.0, width))
                 break  # the widest stream that fits: the paper's plan
             continue
-        candidate, cost = _spend_mlp(request, plan, uniform_mlp, mlp_cost)
+        candidate, cost = spend_mlp(request, plan, uniform_mlp, mlp_cost)
         if candidate is None:
             continue
         score = cost + (stream_cost[width] if stream_cost is not None else 0.0)
@@ -321,7 +321,7 @@ def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
     return plan, report
 
 
-def _spend_mlp(
+def spend_mlp(
     request: PlanRequest, plan: SlicingPlan, uniform: bool, mlp_cost: dict | None
 ) -> tuple[SlicingPlan | None, float]:
     """``plan`` with MLP channels removed until it meets the budget, counted as it will be written.
