@@ -160,3 +160,28 @@ def test_plan_with_heads_and_removals_round_trips_through_json():
     assert again.prunes_heads and again.removes_blocks and not again.is_uniform
     assert again.layers[1].removed and again.removed_layers == [1]
     assert "kv_heads" not in plan.to_dict()["layers"][2]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_removed_whole_layers_write_the_stock_architecture_with_fewer_layers(model_type, tmp_path):
+    """Both sub-blocks of a layer removed, the rest uniform: a stock config with fewer
+    ``num_hidden_layers`` (and ``layer_types``), renumbered tensors, the same logits and tokens."""
+    model = build_tiny_model(model_type, num_hidden_layers=4)
+    plan = _base_plan(model, "plain").with_heads([None, (0, 0), None, None])
+    plan = plan.with_mlp([lw.mlp if i != 1 else 0 for i, lw in enumerate(plan.layers)])
+    assert plan.is_stock_shaped and plan.removed_layers == [1]
+    expected = _count(model, plan)
+    report = _follow(model, plan)
+    ids, mask = padded_batch(96)
+    out = logits(model, ids, mask)
+    tokens = model.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    folder = save_sliced(model, tmp_path / "out")
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # no trust_remote_code
+    assert again.config.num_hidden_layers == 3 and len(again.model.layers) == 3
+    layer_types = getattr(again.config, "layer_types", None)
+    assert layer_types is None or len(layer_types) == 3
+    assert sum(p.numel() for p in again.parameters()) == expected == report.params_after
+    assert relative_error(out, logits(again, ids, mask), mask) <= RELOAD_TOL
+    assert torch.equal(again.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)

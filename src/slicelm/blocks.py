@@ -40,6 +40,7 @@ from slicelm.modeling_slicelm import (
     stream_weight,
 )
 from slicelm.offload import ActivationStore
+from slicelm.plain import drop_config_layers
 
 
 def is_removed(module: nn.Module) -> bool:
@@ -160,8 +161,4 @@ def drop_layers(model: nn.Module, layout: Layout, indices: list[int] | set[int])
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_index
     set_module(model, layout.layers, nn.ModuleList(kept))
-    config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(layers):
-        config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
-    config.num_hidden_layers = len(kept)
+    drop_config_layers(model.config, drop)

@@ -150,7 +150,9 @@ class ParameterCounter:
             total = sum(p.numel() for p in model.parameters())
             per_channel = []
             layout = self.ctx.layout
-            for lw, layer in zip(plan.layers, get_module(model, layout.layers), strict=True):
+            built = iter(get_module(model, layout.layers))  # a stock structure leaves removed layers out
+            for lw in plan.layers:
+                layer = None if stock and lw.removed else next(built)
                 cost = 0
                 if lw.mlp_removed:
                     per_channel.append(0)

@@ -62,10 +62,13 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     new.hidden_size = width
     new.head_dim = head_dim
-    mlp = plan.layers[0].mlp
+    if plan.removed_layers:  # whole layers removed: the stock architecture with fewer layers
+        drop_config_layers(new, plan.removed_layers)
+    kept = next(lw for lw in plan.layers if not lw.removed)
+    mlp = kept.mlp
     if mlp is not None:
         setattr(new, spec.intermediate_field, mlp)
-    heads = plan.layers[0].heads
+    heads = kept.heads
     if heads is not None:  # the same heads removed in every layer: stock head counts, head_dim as before
         new.num_key_value_heads = heads[0]
         new.num_attention_heads = heads[0] * heads[1]
@@ -86,6 +89,16 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
                 f"{reason}; change --sparsity/--round-to or use --layout slicegpt"
             ) from None
     return new
+
+
+def drop_config_layers(config: Any, drop: Any) -> None:
+    """``config`` (in place) without decoder layers ``drop``: ``num_hidden_layers`` and, when
+    present, the per-layer ``layer_types`` (sliding or full attention)."""
+    drop = {int(i) for i in drop}
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
+        config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
+    config.num_hidden_layers -= len(drop)
 
 
 def diagonalise_final_norm(q: torch.Tensor, width: int, scale: torch.Tensor) -> torch.Tensor:
@@ -127,7 +140,13 @@ def stock_tensors(tensors: dict[str, torch.Tensor], info: dict[str, Any], model_
     out: dict[str, torch.Tensor] = {}
     layers_seen: set[int] = set()
     final = None
+    # Whole removed layers hold no tensors and are left out: the kept ones are renumbered.
+    renumber = {old: new for new, old in enumerate(i for i in range(len(plan.layers)) if not plan.layers[i].removed)}
+    prefix = f"{layout.layers}."
     for name, tensor in tensors.items():
+        if name.startswith(prefix) and plan.removed_layers:
+            index, rest = name[len(prefix) :].split(".", 1)
+            name = f"{prefix}{renumber[int(index)]}.{rest}"
         if name.endswith(("attn_shortcut.weight", "ffn_shortcut.weight")):
             if not torch.allclose(tensor.double().cpu(), eye, atol=1e-6):
                 raise SlicelmError(f"{name} is not the identity: the model does not have one basis")

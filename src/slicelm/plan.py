@@ -108,10 +108,12 @@ class SlicingPlan:
 
     @property
     def is_uniform(self) -> bool:
-        """One stream width everywhere, and every layer has the same MLP width and head counts, no
-        sub-block removed (what a stock config can hold)."""
-        shapes = {(lw.mlp, lw.heads) for lw in self.layers}
-        return len(self._stream_widths()) == 1 and len(shapes) == 1 and not self.removes_blocks
+        """One stream width everywhere, and every kept layer has the same MLP width and head counts
+        and both its sub-blocks (what a stock config can hold: whole removed layers are left out)."""
+        kept = [lw for lw in self.layers if not lw.removed]
+        shapes = {(lw.mlp, lw.heads) for lw in kept}
+        partial = any(lw.attention_removed or lw.mlp_removed for lw in kept)
+        return len(self._stream_widths()) == 1 and len(shapes) == 1 and not partial
 
     @property
     def keeps_stream(self) -> bool:
