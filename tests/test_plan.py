@@ -37,6 +37,16 @@ def test_every_schedule_is_a_registered_allocator():
     assert set(SCHEDULES) == set(ALLOCATORS)
 
 
+def test_every_plan_basis_is_a_registered_basis():
+    from typing import get_args
+
+    from slicelm.bases import BASES
+    from slicelm.config import Basis
+    from slicelm.plan import BASES as PLAN_BASES
+
+    assert set(PLAN_BASES) == set(BASES) == set(get_args(Basis))
+
+
 def test_plan_round_trips_through_json():
     plan = SlicingPlan(
         64,

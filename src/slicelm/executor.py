@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicelm.arch import Layout, resolve
+from slicelm.bases import BASES
 from slicelm.blocks import remove_attention, remove_mlp
 from slicelm.budget import ParameterCounter, PlanContext
 from slicelm.calibration import Batch, WeightAccess, capture_layer_inputs
@@ -55,12 +56,12 @@ from slicelm.modeling_slicelm import (
     stream_weight,
 )
 from slicelm.offload import ActivationStore
-from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
+from slicelm.pca import CovarianceAccumulator
 from slicelm.plain import check_plain, diagonalise_final_norm
 from slicelm.plan import LayerWidths, SlicingPlan
 from slicelm.resources import PeakMemory, count_parameters
 from slicelm.rotate import rotate_reader, rotate_writer
-from slicelm.statistics import ModelStatistics, channel_basis, collect_statistics, global_basis
+from slicelm.statistics import ModelStatistics, collect_statistics
 from slicelm.version import __version__
 
 # The MLP refit solves a least-squares problem per output with as many unknowns as kept channels:
@@ -124,17 +125,7 @@ class _Bases:
                 f"the residual stream at {name} holds non-finite values (NaN/inf) on the calibration data; "
                 "the model overflows in its dtype: slice in float32 (--dtype float32)"
             )
-        if self.fixed is not None:
-            q = self.fixed
-        elif self.kind == "random":
-            q = random_orthogonal(self.dim, self.generator).to(cov.device)
-        elif self.kind == "identity":
-            q = torch.eye(self.dim, dtype=torch.float64, device=cov.device)
-        elif self.kind == "channels":  # keep the most energetic coordinates, no rotation
-            order = torch.argsort(torch.diagonal(cov), descending=True)
-            q = torch.eye(self.dim, dtype=torch.float64, device=cov.device)[:, order]
-        else:
-            q = pca(cov)[1]
+        q = self.fixed if self.fixed is not None else BASES[self.kind].at_point(cov, self.generator)
         # Share of the stream's energy kept by the chosen basis (for PCA: top eigenvalues / trace).
         kept = torch.einsum("ij,ik,kj->", q[:, :width], cov, q[:, :width]).item()
         self.explained[name] = kept / max(torch.trace(cov).item(), 1e-30)
@@ -228,18 +219,18 @@ def execute(
     ctx = PlanContext(layout, model.config, plan.layout, fused.keep_tie, _intermediate(model, layout))
     fixed = None
     if plain:
-        kind = plan.basis
-        if kind == "pca" and plan.keeps_stream:  # a whole stream: any basis gives the same function
-            kind = "identity"
+        basis = BASES[plan.basis]
+        if basis.full_width_identity and plan.keeps_stream:  # a whole stream: any such basis is the same function
+            basis = BASES["identity"]
         stats = None
-        if kind in ("pca", "channels"):
+        if basis.data:
             t_stats = time.perf_counter()
             stats = statistics
             if stats is None or not stats.has_moments:
                 stats = collect_statistics(model, layout, batches, store, access, device=device, progress=progress)
                 batches = capture_layer_inputs(model, layout, calibration, batch_size, pad_id, store, progress)
             timings["statistics"] = time.perf_counter() - t_stats
-        fixed = _global_basis(stats, kind, plan.seed, hidden)
+        fixed = basis.whole(stats, hidden, torch.Generator().manual_seed(plan.seed))
         if fused.keep_tie:  # the final norm must stay diagonal in the kept subspace (see plain.py)
             access.load(model, layout.final_norm)
             fixed = diagonalise_final_norm(fixed, plan.embedding, _final_scale(model, layout))
@@ -380,17 +371,6 @@ def _final_scale(model: nn.Module, layout: Layout) -> torch.Tensor:
     if weight is None:
         return torch.ones(model.config.hidden_size, dtype=torch.float64)
     return weight.detach().to(torch.float64).cpu() + layout.norm_offset
-
-
-def _global_basis(stats, kind: str, seed: int, hidden: int) -> torch.Tensor:
-    """The plain layout's one basis (D, D); pca and channels are chosen from every point's stream statistics."""
-    if kind == "pca":
-        return global_basis(stats)[1]
-    if kind == "channels":
-        return channel_basis(stats)
-    if kind == "identity":
-        return torch.eye(hidden, dtype=torch.float64)
-    return random_orthogonal(hidden, torch.Generator().manual_seed(seed))
 
 
 def _slice_layer(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slicelm.arch import resolve
+from slicelm.bases import needs_moments
 from slicelm.calibration import WeightAccess
 from slicelm.config import BASES, LAYOUTS, SCHEDULES, Basis, LayoutKind, SliceConfig
 from slicelm.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport, execute, merge_report, resolve_pad_id
@@ -125,4 +126,4 @@ def slice_model(
 
 
 def _needs_moments(plan: SlicingPlan) -> bool:
-    return plan.one_basis and plan.basis in ("pca", "channels") and not (plan.basis == "pca" and plan.keeps_stream)
+    return needs_moments(plan.basis, plan.one_basis, plan.keeps_stream)
