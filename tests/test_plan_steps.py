@@ -185,3 +185,18 @@ def test_removed_whole_layers_write_the_stock_architecture_with_fewer_layers(mod
     assert sum(p.numel() for p in again.parameters()) == expected == report.params_after
     assert relative_error(out, logits(again, ids, mask), mask) <= RELOAD_TOL
     assert torch.equal(again.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
+
+
+@pytest.mark.parametrize("schedule", ["heads", "attn-blocks"])
+def test_each_new_step_alone_is_a_schedule_that_lands_on_the_budget(schedule):
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    config = SliceConfig(target_params=0.85, schedule=schedule, round_to=1)
+    plan = slicelm.plan(model, calibration(96), config, progress=False)
+    dense = sum(p.numel() for p in model.parameters())
+    assert 0.84 * dense <= plan.planning["planned_count"] <= 0.85 * dense
+    if schedule == "heads":
+        assert plan.prunes_heads and not plan.removes_blocks and plan.is_stock_shaped
+    else:
+        assert [lw.attention_removed for lw in plan.layers].count(True) == 1 and not plan.prunes_heads
+    report = slice_model(model, calibration(96), config, plan=plan, progress=False)
+    assert report.params_after == plan.planning["planned_count"]

@@ -468,3 +468,48 @@ register_allocator(
     needs="model",
     help="the simple plans and per-layer allocations, scored end to end on held-out calibration windows",
 )
+
+
+def heads_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """``--schedule heads``: the head-removal step with the MLPs (one query head fewer per KV
+    group, else one KV group fewer, in every layer; the rest of the budget from every MLP alike)."""
+    candidates = head_candidates(request)
+    if not candidates:
+        raise SlicelmError(
+            f"--schedule heads: the attention of {request.ctx.layout.model_type} cannot lose heads here (fused "
+            "q/k/v projections, a single head, or no budget left for the MLPs); use --schedule mlp or auto"
+        )
+    name, plan = next(iter(candidates.items()))
+    return plan, {"chosen": name}
+
+
+def attention_blocks_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """``--schedule attn-blocks``: the sub-block step with the MLPs (the attention of the least
+    sensitive 1/16 of the layers removed, sensitivity measured as ``auto`` does; the rest from
+    every MLP alike)."""
+    model, calibration = request.model, request.calibration
+    if model is None or calibration is None or any(p.device.type == "meta" for p in model.parameters()):
+        raise SlicelmError("--schedule attn-blocks measures layers on the model in memory; it cannot stream")
+    if not isinstance(request.ctx.layout.attn, str):
+        raise SlicelmError(f"--schedule attn-blocks: {request.ctx.layout.model_type}'s attention is not one module")
+    held, search = split_calibration(calibration)
+    sensitivity = KLScorer(model, held, search, request).attention_sensitivity()
+    candidates = attention_removal_candidates(request, sensitivity)
+    if not candidates:
+        raise SlicelmError("--schedule attn-blocks cannot meet this budget with the MLPs left; raise it")
+    name, plan = next(iter(candidates.items()))
+    return plan, {"chosen": name, "attention_sensitivity": sensitivity}
+
+
+register_allocator(
+    "heads",
+    heads_allocator,
+    needs="model",
+    help="one attention head fewer per KV group in every layer (o_proj refit), the rest from every MLP",
+)
+register_allocator(
+    "attn-blocks",
+    attention_blocks_allocator,
+    needs="model",
+    help="the attention sub-blocks of the least sensitive 1/16 of the layers removed, the rest from every MLP",
+)

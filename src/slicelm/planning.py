@@ -95,6 +95,10 @@ def plan_with_statistics(
         device=device,
     )
     chosen, report = explicit_or_budget(request)
+    if chosen.keeps_stream and chosen.layout == "slicegpt" and layout.norm == "rms":
+        # A stream that stays whole needs no shortcuts: the stock architecture, whatever --layout says.
+        chosen = replace(chosen, layout="plain")
+        report = report | {"layout_note": "the stream stays whole: written in the stock architecture (no shortcuts)"}
     chosen = replace(
         chosen,
         basis=config.basis,

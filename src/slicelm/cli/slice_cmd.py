@@ -119,7 +119,9 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
             help="how --target-params is spent: auto (candidate plans — the uniform ones among them — scored end "
             "to end on held-out calibration windows; the best is kept), uniform (stream width only, the paper), "
             "mlp (MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
-            f"calibration proxy; measured to lose, kept for comparison). Default {DEFAULT_SCHEDULE}",
+            "calibration proxy; measured to lose, kept for comparison), heads and attn-blocks (one attention head "
+            "fewer per KV group, or the attention of the least sensitive 1/16 of the layers removed, the rest "
+            f"from every MLP: the new steps alone, for comparison). Default {DEFAULT_SCHEDULE}",
         )
     parser.add_argument(
         "--layout",
