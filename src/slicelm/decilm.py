@@ -4,7 +4,8 @@ The input is an in-memory stock model (Llama, Mistral or Qwen2 module names) in 
 layer may have been shrunk on its own: fewer MLP channels (gate/up rows, down columns), fewer query
 heads or KV heads (q/k/v rows, o columns, in whole heads of ``head_dim``), or a sub-block removed,
 represented by :class:`~slicelm.modeling_decilm.NoOpAttention` / :class:`~slicelm.modeling_decilm.NoOpMLP`
-(any module with ``no_op = True``) in place of ``self_attn`` / ``mlp``. The residual stream keeps one
+(any module with ``no_op = True``) or by the executor's :class:`~slicelm.blocks.ZeroBranch` in place of
+``self_attn`` / ``mlp``. The residual stream keeps one
 width everywhere (no shortcut matrices). Widths are read from the weight shapes.
 
 The output is what vLLM's ``DeciLMForCausalLM`` and llama.cpp's ``deci`` converter read:
@@ -45,6 +46,7 @@ import torch
 from torch import nn
 
 from slicelm import configuration_decilm, modeling_decilm
+from slicelm.blocks import is_removed
 from slicelm.configuration_decilm import DeciLMConfig
 from slicelm.errors import SlicelmError
 from slicelm.outputs import OutputClaim, staged_output, to_json
@@ -107,7 +109,8 @@ class DeciBlock:
 
 
 def is_no_op(module: nn.Module | None) -> bool:
-    return module is None or bool(getattr(module, "no_op", False))
+    """A removed sub-block: absent, a module marked ``no_op`` (NoOpAttention / NoOpMLP) or a ZeroBranch."""
+    return module is None or bool(getattr(module, "no_op", False)) or is_removed(module)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -135,6 +138,15 @@ def check_family(config: Any) -> None:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise SlicelmError(f"a DeciLM folder needs SiLU MLPs; this model uses {config.hidden_act}")
+
+
+def family_refusal(config: Any) -> str | None:
+    """Why a DeciLM folder cannot hold this family (one line), or None when it can."""
+    try:
+        check_family(config)
+    except SlicelmError as exc:
+        return str(exc)
+    return None
 
 
 def deci_blocks(model: nn.Module) -> list[DeciBlock]:

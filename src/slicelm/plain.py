@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from slicelm.arch import Layout, spec_for
+from slicelm.blocks import is_removed
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import SLICELM_KEY
+from slicelm.heads import head_geometry, set_head_counts
+from slicelm.modeling_slicelm import SLICELM_KEY, get_module, set_module
 from slicelm.plan import SlicingPlan
 
 OUTPUT_KIND = "plain-model"
@@ -207,3 +209,82 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     if getattr(model, "generation_config", None) is not None:
         stock.generation_config = copy.deepcopy(model.generation_config)
     return stock.eval()
+
+
+def stream_widths(plan: SlicingPlan) -> set[int]:
+    """Every width the residual stream has in ``plan`` (one, in a plan a stock-named model can hold)."""
+    return {plan.embedding} | {w for lw in plan.layers for w in (lw.mid, lw.out) if w is not None}
+
+
+@torch.no_grad()
+def to_shaped_model(model: nn.Module) -> nn.Module:
+    """The original architecture class holding a one-basis model whose layers differ, exactly.
+
+    Like :func:`to_stock_model`, but each layer keeps its own shapes: MLP widths and head counts are
+    read from the tensors (every module takes the shape of the tensor it holds), and a removed
+    sub-block stays a :class:`~slicelm.blocks.ZeroBranch` (its norm ``nn.Identity``). The stream has
+    one width (one basis), which the config holds; the config's ``intermediate_size`` is the
+    original one and describes no layer: this model is for writers that describe each layer
+    themselves (:func:`slicelm.decilm.save_decilm`), not for ``save_pretrained``.
+    """
+    from accelerate import init_empty_weights
+
+    info = getattr(model.config, SLICELM_KEY, None)
+    if not isinstance(info, dict) or info.get("kind") != "plain":
+        raise SlicelmError("this model was not sliced with one basis (--layout plain)")
+    layout = Layout.from_dict(info["layout"])
+    plan = SlicingPlan.from_dict(info["plan"])
+    if len(stream_widths(plan)) != 1:
+        raise SlicelmError(f"the plan gives the stream several widths {sorted(stream_widths(plan))}; one is needed")
+    state = stock_tensors(dict(model.state_dict()), info, model.config)
+    config = plain_config(model.config, layout, plan.with_mlp([None] * len(plan.layers)))
+    config.architectures = [model._slicelm_base.__name__]
+    with init_empty_weights(include_buffers=False):
+        stock = model._slicelm_base(config)
+    mlp_path = layout.mlp if isinstance(layout.mlp, str) else layout.mlp[-1]
+    for source, target in zip(get_module(model, layout.layers), get_module(stock, layout.layers), strict=True):
+        for path in (layout.attn, mlp_path, *layout.norms):  # removed branches and the norms that fed them
+            module = get_module(source, path)
+            if is_removed(module) or isinstance(module, nn.Identity):
+                set_module(target, path, copy.deepcopy(module))
+    unexpected = [n for n, t in state.items() if not _assign(stock, n, t) and not _feeds_nothing(stock, n)]
+    tied = bool(info.get("tied_head"))
+    missing = [n for n, p in stock.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing = [k for k in missing if not (tied and k == f"{layout.head}.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"the model does not fit its own architecture: missing {missing}, unexpected {unexpected}")
+    if len(layout.attn_inputs) == 3:  # separate q/k/v: the attention reads its head counts from the shapes
+        for source, target in zip(get_module(model, layout.layers), get_module(stock, layout.layers), strict=True):
+            if not is_removed(get_module(source, layout.attn)):
+                set_head_counts(get_module(target, layout.attn), head_geometry(source, layout))
+    if tied:
+        stock.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        stock.generation_config = copy.deepcopy(model.generation_config)
+    return stock.eval()
+
+
+def _feeds_nothing(root: nn.Module, name: str) -> bool:
+    """``name`` belongs to a norm that fed only a removed branch (now ``nn.Identity``)."""
+    try:
+        return isinstance(get_module(root, name.rpartition(".")[0]), nn.Identity)
+    except AttributeError:
+        return False
+
+
+def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """Put ``tensor`` at ``name`` in ``root``, giving a linear layer the tensor's shape. False: no such slot."""
+    path, _, attr = name.rpartition(".")
+    try:
+        module = get_module(root, path)
+    except AttributeError:
+        return False
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        return False
+    if isinstance(module, nn.Linear) and attr == "weight":
+        module.out_features, module.in_features = tensor.shape
+    return True
