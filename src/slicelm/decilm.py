@@ -4,7 +4,7 @@ The input is an in-memory stock model (Llama, Mistral or Qwen2 module names) in 
 layer may have been shrunk on its own: fewer MLP channels (gate/up rows, down columns), fewer query
 heads or KV heads (q/k/v rows, o columns, in whole heads of ``head_dim``), or a sub-block removed,
 represented by :class:`~slicelm.modeling_decilm.NoOpAttention` / :class:`~slicelm.modeling_decilm.NoOpMLP`
-(any module with ``no_op = True``) or by the executor's :class:`~slicelm.blocks.ZeroBranch` in place of
+(any module with ``no_op = True``) or by the executor's :class:`~slicelm.modeling_slicelm.ZeroBranch` in place of
 ``self_attn`` / ``mlp``. The residual stream keeps one
 width everywhere (no shortcut matrices). Widths are read from the weight shapes.
 
@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from slicelm import configuration_decilm, modeling_decilm
-from slicelm.blocks import is_removed
 from slicelm.configuration_decilm import DeciLMConfig
 from slicelm.errors import SlicelmError
+from slicelm.modeling_slicelm import ZeroBranch
 from slicelm.outputs import OutputClaim, staged_output, to_json
 from slicelm.streaming_io import ShardWriter, check_finite
 
@@ -110,7 +110,7 @@ class DeciBlock:
 
 def is_no_op(module: nn.Module | None) -> bool:
     """A removed sub-block: absent, a module marked ``no_op`` (NoOpAttention / NoOpMLP) or a ZeroBranch."""
-    return module is None or bool(getattr(module, "no_op", False)) or is_removed(module)
+    return module is None or bool(getattr(module, "no_op", False)) or isinstance(module, ZeroBranch)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -352,7 +352,7 @@ def mlp_tensors(
     return out
 
 
-def _biases(model: nn.Module, blocks: Sequence[DeciBlock]) -> dict[str, bool]:
+def bias_flags(model: nn.Module, blocks: Sequence[DeciBlock]) -> dict[str, bool]:
     """Which biases the model has; one flag each for q/k/v, o and the MLP must hold for all layers."""
     found: dict[str, set[bool]] = {"qkv": set(), "o": set(), "mlp": set()}
     for layer, block in zip(_layers(model), blocks, strict=True):
@@ -402,6 +402,56 @@ def decilm_tensors(
     return {k: v.detach() for k, v in out.items()}
 
 
+def decilm_structure(model: nn.Module, source: Any) -> nn.Module:
+    """The DeciLM model :func:`save_decilm` writes for ``model``, on the meta device (for exact counts).
+
+    model: any Llama-named structure whose shapes give the widths (meta weights will do); source:
+    the stock config of its stream (one ``hidden_size``, explicit ``head_dim``). Zero padding of
+    query heads and KV groups is part of the structure, as it is of the folder.
+    """
+    blocks = deci_blocks(model)
+    heads = model.config.num_attention_heads
+    served = [served_block(b, heads, index=i) for i, b in enumerate(blocks)]
+    config = decilm_config(source, served, bias_flags(model, blocks))
+    with torch.device("meta"):
+        deci = modeling_decilm.DeciLMForCausalLM(config)
+    deci.tie_weights()
+    return deci
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def is_decilm_folder(folder: str | Path) -> bool:
+    """A DeciLM / Nemotron-NAS folder (``model_type: "nemotron-nas"`` in its config.json)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == DeciLMConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_decilm_config(folder: str | Path) -> DeciLMConfig:
+    """The folder's config through slicelm's copy of ``configuration_decilm.py`` (no remote code run)."""
+    try:
+        return DeciLMConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SlicelmError(f"cannot read the DeciLM config of {folder}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def load_decilm(folder: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """A DeciLM folder loaded with slicelm's copy of its modeling file (the folder's own code is not run)."""
+    from safetensors import SafetensorError
+
+    config = load_decilm_config(folder)
+    try:
+        model = modeling_decilm.DeciLMForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise SlicelmError(f"cannot load the DeciLM folder {folder}: {str(exc).strip().splitlines()[0]}") from None
+    return model.eval()
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------
@@ -431,7 +481,7 @@ def save_decilm(
         raise SlicelmError("the blocks given differ from the model's weight shapes; nothing was written")
     heads = model.config.num_attention_heads
     served = [served_block(b, heads, llama_cpp=llama_cpp, index=i) for i, b in enumerate(found)]
-    biases = _biases(model, found)
+    biases = bias_flags(model, found)
     config = decilm_config(model.config, served, biases)
     raw = config.to_dict()
     if raw["block_configs"] and serving_problems(raw)["vllm"]:

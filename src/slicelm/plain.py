@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from slicelm.arch import Layout, spec_for
-from slicelm.blocks import is_removed
 from slicelm.errors import SlicelmError
 from slicelm.heads import head_geometry, set_head_counts
-from slicelm.modeling_slicelm import SLICELM_KEY, get_module, set_module
-from slicelm.plan import SlicingPlan
+from slicelm.modeling_slicelm import SLICELM_KEY, ZeroBranch, get_module, set_module
+from slicelm.plan import LayerWidths, SlicingPlan
 
 OUTPUT_KIND = "plain-model"
 
@@ -211,6 +211,14 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     return stock.eval()
 
 
+def stream_plan_of(plan: SlicingPlan) -> SlicingPlan:
+    """``plan`` with its stream widths and whole removed layers only (what one stock config holds)."""
+    layers = tuple(
+        LayerWidths(lw.mid, lw.out, 0, 0, 0) if lw.removed else LayerWidths(lw.mid, lw.out) for lw in plan.layers
+    )
+    return replace(plan, layers=layers)
+
+
 def stream_widths(plan: SlicingPlan) -> set[int]:
     """Every width the residual stream has in ``plan`` (one, in a plan a stock-named model can hold)."""
     return {plan.embedding} | {w for lw in plan.layers for w in (lw.mid, lw.out) if w is not None}
@@ -236,17 +244,22 @@ def to_shaped_model(model: nn.Module) -> nn.Module:
     plan = SlicingPlan.from_dict(info["plan"])
     if len(stream_widths(plan)) != 1:
         raise SlicelmError(f"the plan gives the stream several widths {sorted(stream_widths(plan))}; one is needed")
-    state = stock_tensors(dict(model.state_dict()), info, model.config)
-    config = plain_config(model.config, layout, plan.with_mlp([None] * len(plan.layers)))
+    state = stock_tensors(dict(model.state_dict()), info, model.config)  # whole removed layers left out
+    config = plain_config(model.config, layout, stream_plan_of(plan))
     config.architectures = [model._slicelm_base.__name__]
     with init_empty_weights(include_buffers=False):
         stock = model._slicelm_base(config)
+    kept = [layer for layer, lw in zip(get_module(model, layout.layers), plan.layers, strict=True) if not lw.removed]
+    pairs = list(zip(kept, get_module(stock, layout.layers), strict=True))
     mlp_path = layout.mlp if isinstance(layout.mlp, str) else layout.mlp[-1]
-    for source, target in zip(get_module(model, layout.layers), get_module(stock, layout.layers), strict=True):
+    for source, target in pairs:
+        cache_index = getattr(get_module(target, layout.attn), "layer_idx", None)  # kept layers are renumbered
         for path in (layout.attn, mlp_path, *layout.norms):  # removed branches and the norms that fed them
             module = get_module(source, path)
-            if is_removed(module) or isinstance(module, nn.Identity):
+            if isinstance(module, (ZeroBranch, nn.Identity)):
                 set_module(target, path, copy.deepcopy(module))
+        if isinstance(get_module(target, layout.attn), ZeroBranch):
+            get_module(target, layout.attn).layer_idx = cache_index
     unexpected = [n for n, t in state.items() if not _assign(stock, n, t) and not _feeds_nothing(stock, n)]
     tied = bool(info.get("tied_head"))
     missing = [n for n, p in stock.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
@@ -254,8 +267,8 @@ def to_shaped_model(model: nn.Module) -> nn.Module:
     if missing or unexpected:
         raise RuntimeError(f"the model does not fit its own architecture: missing {missing}, unexpected {unexpected}")
     if len(layout.attn_inputs) == 3:  # separate q/k/v: the attention reads its head counts from the shapes
-        for source, target in zip(get_module(model, layout.layers), get_module(stock, layout.layers), strict=True):
-            if not is_removed(get_module(source, layout.attn)):
+        for source, target in pairs:
+            if not isinstance(get_module(source, layout.attn), ZeroBranch):
                 set_head_counts(get_module(target, layout.attn), head_geometry(source, layout))
     if tied:
         stock.tie_weights()

@@ -21,6 +21,7 @@ DEFAULT_SEQLEN = 2048
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slicelm.checkpoint import FORMATS
     from slicelm.models import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -58,6 +59,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is an earlier slicelm output (nothing else)"
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="what --out holds: stock (the original architecture; one-basis plans of one width), decilm (a "
+        "DeciLM / Nemotron-NAS folder: one-basis plans whose layers differ, Llama/Mistral/Qwen2), slicelm "
+        "(remote code; every plan). Default auto: the first of these that holds the plan",
     )
     add_device_argument(p, "compute (the model stays in CPU memory; each layer visits the device)")
     p.add_argument(
@@ -228,6 +237,7 @@ def validate(args: argparse.Namespace) -> None:
 def _validate_run_flags(args: argparse.Namespace) -> None:
     if args.plan_only and (args.ppl_windows or args.stream):
         raise SlicelmError("--plan-only writes a plan and slices nothing; drop --ppl-windows/--stream")
+    _validate_format(args)
     if args.ppl_seqlen is not None and args.ppl_seqlen < 2:
         raise SlicelmError("--ppl-seqlen must be at least 2")
     if args.ppl_windows < 0:
@@ -244,6 +254,27 @@ def _validate_run_flags(args: argparse.Namespace) -> None:
             args.max_memory_bytes = parse_bytes(args.max_memory)
         except ValueError as exc:
             raise SlicelmError(f"--max-memory: {exc}") from None
+
+
+def _validate_format(args: argparse.Namespace) -> None:
+    """Refuse a --format that the flags alone show cannot hold the plan (the model's family is
+    checked with its config, a followed plan in full, see check_model_config)."""
+    fmt = getattr(args, "format", "auto")
+    if fmt == "auto":
+        return
+    if args.plan_only:
+        raise SlicelmError("--format chooses the folder written; --plan-only writes a plan (give --format later)")
+    if fmt == "decilm" and args.stream:
+        raise SlicelmError("--format decilm needs the model in memory (streaming cannot write it); drop --stream")
+    if fmt not in ("stock", "decilm") or args.followed_plan is not None:
+        return
+    if args.layout == "slicegpt" and args.sparsity > 0:
+        raise SlicelmError(f"--format {fmt} cannot hold the slicegpt layout's shortcut matrices; add --layout plain")
+    if fmt == "stock" and args.target_params is not None and args.schedule == "mlp-global":
+        raise SlicelmError(
+            "--format stock holds one MLP width and --schedule mlp-global gives every layer its own; use "
+            "--format decilm or another --schedule"
+        )
 
 
 def fit_seqlens(model_config: Any, args: argparse.Namespace, flags: tuple[str, ...]) -> None:
@@ -263,14 +294,23 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
     built on the meta device)."""
     from slicelm.budget import check_against_config, check_plan_against_config
+    from slicelm.checkpoint import choose_format
+    from slicelm.decilm import family_refusal
     from slicelm.local import check_local_config
 
+    fmt = getattr(args, "format", "auto")
+    local = False
     if getattr(args, "followed_plan", None) is not None:
         check_plan_against_config(model_config, args.followed_plan)
+        choose_format(args.followed_plan, model_config, fmt)
     elif check_local_config(model_config, config):  # structure-local steps check their own plan
-        pass
+        local = True
     else:
         check_against_config(model_config, config)
+    if local and fmt not in ("auto", "stock"):
+        raise SlicelmError(f"--format {fmt}: {model_config.model_type} is pruned by the structure-local steps (stock)")
+    if fmt == "decilm" and family_refusal(model_config) is not None:
+        raise SlicelmError(f"--format decilm: {family_refusal(model_config)}")
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
 
 
@@ -299,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, source, claim) -> int:
     import torch
 
-    from slicelm.checkpoint import save_sliced
+    from slicelm.checkpoint import format_of, save_sliced
     from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
     from slicelm.models import load_config, load_model, load_tokenizer
     from slicelm.outputs import to_json
@@ -381,10 +421,12 @@ def _run(args: argparse.Namespace, source, claim) -> int:
         ppl_after = ppl()
         extra |= {"load_seconds": load_seconds, "perplexity_before": ppl_before, "perplexity_after": ppl_after}
     full_report = merge_report(report.to_dict(), extra)
+    if not args.stream:  # refused here, before anything is written, if --format cannot hold the plan
+        full_report["format"] = format_of(model, args.format).name
     if args.stream:  # already written, report included, by slice_streaming
         out = claim.out
     else:
-        out = save_sliced(model, claim, tokenizer, metadata=metadata, report=full_report)
+        out = save_sliced(model, claim, tokenizer, format=args.format, metadata=metadata, report=full_report)
     for warning in full_report.get("warnings", []):
         print(f"slicelm: warning: {warning}", file=sys.stderr)
     print(summary(full_report, out), file=sys.stderr)
@@ -549,7 +591,8 @@ def summary(report: dict[str, Any], out: Path) -> str:
     else:
         what = f"sparsity {report['sparsity']:.2f}" if report.get("sparsity") is not None else "a given plan"
     lines = [
-        f"sliced {report['model']} at {what}, {report.get('layout', 'slicegpt')} layout ({how}) -> {out}",
+        f"sliced {report['model']} at {what}, {report.get('layout', 'slicegpt')} layout ({how}) -> {out}"
+        + (f" ({report['format']} format)" if report.get("format") else ""),
         f"  parameters      {before / 1e6:9.2f}M -> {after / 1e6:9.2f}M  ({after / before:.1%})",
     ]
     if planning.get("note"):
