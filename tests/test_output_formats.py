@@ -46,9 +46,18 @@ def sliced_non_uniform(tied: bool = False, model_type: str = "llama"):
 
 
 def stored_parameters(folder) -> int:
-    """Parameters in the folder's safetensors (what is written: zero padding included)."""
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    """Parameters in the folder's safetensors shards (what is written: zero padding included)."""
+    total = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    return total
+
+
+def folder_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +255,7 @@ def test_cli_plan_is_written_as_decilm_and_reported(cli_deci):
     assert report["params_after"] == report["parameters"]["stored"] == stored_parameters(cli_deci)
 
 
-def test_ppl_eval_and_export_take_a_decilm_folder(cli_deci, data_dir, tmp_path, capsys):
+def test_ppl_eval_and_export_take_a_decilm_folder_and_finetune_refuses_it(cli_deci, data_dir, tmp_path, capsys):
     from slicelm.models import load_model
     from slicelm.perplexity import perplexity
 
@@ -265,6 +274,9 @@ def test_ppl_eval_and_export_take_a_decilm_folder(cli_deci, data_dir, tmp_path, 
     assert code == 0 and "--trust-remote-code" in err[-1], err
     code, _, err = run_cli(["export", cli_deci, "--gguf", tmp_path / "m.gguf", "--llama-cpp", tmp_path], capsys)
     assert_one_line_error(code, err, "convert_hf_to_gguf.py")  # the folder passes; only the converter is missing
+    code, _, err = run_cli(["finetune", cli_deci, "--out", tmp_path / "ft"], capsys)
+    assert_one_line_error(code, err, "DeciLM folder")
+    assert not (tmp_path / "ft").exists()
 
 
 def test_export_refuses_a_decilm_folder_llama_cpp_cannot_read(deci_folders, tmp_path, capsys):
@@ -280,7 +292,7 @@ def test_export_refuses_a_decilm_folder_llama_cpp_cannot_read(deci_folders, tmp_
         (["--format", "stock", "--plan", "PLAN"], "one stream width and one MLP width"),
         (["--format", "stock", "--target-params", 0.8, "--schedule", "mlp-global", "--layout", "plain"], "mlp-global"),
         (["--format", "decilm", "--sparsity", 0.25], "--layout plain"),
-        (["--format", "decilm", "--sparsity", 0.25, "--layout", "plain", "--stream"], "drop --stream"),
+        (["--format", "decilm", "--sparsity", 0.25, "--layout", "plain", "--stream"], "drop --format"),
         (["--format", "decilm", "--sparsity", 0.25, "--plan-only"], "--plan-only"),
     ],
 )
@@ -313,3 +325,34 @@ def test_decilm_is_refused_for_a_family_it_cannot_hold_before_the_weights_load(
     code, _, err = run_cli([*argv, "--data-dir", data_dir, "--out", tmp_path / "out"], capsys)
     assert_one_line_error(code, err, "--format decilm", "Llama-style")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_streamed_non_uniform_plan_writes_the_same_decilm_folder(tied, tmp_path):
+    """Streaming writes what the in-memory run writes (and planning counted): the same DeciLM folder."""
+    from slicelm.decilm import load_decilm
+    from slicelm.streaming import slice_streaming
+
+    overrides = dict(num_hidden_layers=4, intermediate_size=192, tie_word_embeddings=tied)
+    build_tiny_model("llama", **overrides).save_pretrained(tmp_path / "source")
+    config = SliceConfig(target_params=0.8, schedule="mlp-global", layout="plain", round_to=1, batch_size=3)
+    in_memory = build_tiny_model("llama", **overrides)
+    report = slice_model(in_memory, calibration(96), config, progress=False)
+    memory = save_sliced(in_memory, tmp_path / "memory")
+    streamed_report = slice_streaming(
+        tmp_path / "source", tmp_path / "streamed", calibration(96), config, max_memory=2048, progress=False
+    )
+    streamed = tmp_path / "streamed"
+    assert streamed_report.plan == report.plan and streamed_report.params_after == report.params_after
+    assert read_manifest(streamed)["kind"] == "decilm-model"
+    a, b = (json.loads((f / "config.json").read_text()) for f in (memory, streamed))
+    assert a["block_configs"] == b["block_configs"] and a["architectures"] == b["architectures"]
+    expected, got = folder_tensors(memory), folder_tensors(streamed)
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        scale = tensor.abs().max().clamp_min(1e-12)
+        assert ((got[key] - tensor).abs().max() / scale).item() <= 1e-6, key
+    assert stored_parameters(streamed) == report.params_after
+    ids, mask = padded_batch(96)
+    assert relative_error(logits(in_memory, ids, mask), logits(load_decilm(streamed), ids, mask), mask) <= TOL
+    assert json.loads((streamed / "slicelm_report.json").read_text())["parameters"]["stored"] == report.params_after

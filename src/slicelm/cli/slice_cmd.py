@@ -264,8 +264,8 @@ def _validate_format(args: argparse.Namespace) -> None:
         return
     if args.plan_only:
         raise SlicelmError("--format chooses the folder written; --plan-only writes a plan (give --format later)")
-    if fmt == "decilm" and args.stream:
-        raise SlicelmError("--format decilm needs the model in memory (streaming cannot write it); drop --stream")
+    if args.stream:
+        raise SlicelmError("--stream writes the format auto picks (stock, decilm or slicelm); drop --format")
     if fmt not in ("stock", "decilm") or args.followed_plan is not None:
         return
     if args.layout == "slicegpt" and args.sparsity > 0:
