@@ -356,3 +356,25 @@ def test_a_streamed_non_uniform_plan_writes_the_same_decilm_folder(tied, tmp_pat
     ids, mask = padded_batch(96)
     assert relative_error(logits(in_memory, ids, mask), logits(load_decilm(streamed), ids, mask), mask) <= TOL
     assert json.loads((streamed / "slicelm_report.json").read_text())["parameters"]["stored"] == report.params_after
+
+
+def test_the_default_allocators_per_layer_choice_is_written_as_decilm_and_counted_exactly(tmp_path, monkeypatch):
+    """`--target-params` with the default schedule and layout: a sensitivity-shaped MLP plan (chosen
+    here by a deterministic scorer) has one basis, so it is served as a DeciLM folder, counted as such."""
+    import dataclasses
+
+    import slicelm.measured
+    from slicelm.budget import ALLOCATORS
+
+    measured = slicelm.measured.measured_allocator
+    prefer_shaped = dataclasses.replace(
+        ALLOCATORS["auto"], fn=lambda r: measured(r, scorer=lambda name, _: 0.0 if "shaped" in name else 1.0)
+    )
+    monkeypatch.setitem(ALLOCATORS, "auto", prefer_shaped)
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=192)
+    report = slice_model(model, calibration(96), SliceConfig(target_params=0.8, round_to=1), progress=False)
+    assert report.planning["chosen"].startswith("mlp-shaped") and report.plan["layout"] == "plain"
+    folder = save_sliced(model, tmp_path / "out")
+    assert read_manifest(folder)["kind"] == "decilm-model"
+    chosen = next(c for c in report.planning["candidates"] if c["name"] == report.planning["chosen"])
+    assert chosen["params"] == report.planning["planned_count"] == report.params_after == stored_parameters(folder)
