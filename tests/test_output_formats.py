@@ -255,7 +255,9 @@ def test_cli_plan_is_written_as_decilm_and_reported(cli_deci):
     assert report["params_after"] == report["parameters"]["stored"] == stored_parameters(cli_deci)
 
 
-def test_ppl_eval_and_export_take_a_decilm_folder_and_finetune_refuses_it(cli_deci, data_dir, tmp_path, capsys):
+def test_ppl_eval_and_export_take_a_decilm_folder_and_slice_and_finetune_refuse_it(
+    cli_deci, data_dir, tmp_path, capsys
+):
     from slicelm.models import load_model
     from slicelm.perplexity import perplexity
 
@@ -274,6 +276,8 @@ def test_ppl_eval_and_export_take_a_decilm_folder_and_finetune_refuses_it(cli_de
     assert code == 0 and "--trust-remote-code" in err[-1], err
     code, _, err = run_cli(["export", cli_deci, "--gguf", tmp_path / "m.gguf", "--llama-cpp", tmp_path], capsys)
     assert_one_line_error(code, err, "convert_hf_to_gguf.py")  # the folder passes; only the converter is missing
+    code, _, err = run_cli(["slice", cli_deci, "--sparsity", 0.1, "--out", tmp_path / "again"], capsys)
+    assert_one_line_error(code, err, "DeciLM folder")
     code, _, err = run_cli(["finetune", cli_deci, "--out", tmp_path / "ft"], capsys)
     assert_one_line_error(code, err, "DeciLM folder")
     assert not (tmp_path / "ft").exists()

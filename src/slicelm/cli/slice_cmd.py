@@ -318,6 +318,7 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     quiet_libraries(progress=not args.quiet)
     from slicelm.checkpoint import OUTPUT_KIND
+    from slicelm.decilm import is_decilm_folder
     from slicelm.devices import resolve_device
     from slicelm.models import resolve_source
     from slicelm.outputs import OutputClaim
@@ -327,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.model)
     if source.is_sliced:
         raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
+    if not source.gguf_file and is_decilm_folder(source.path):
+        raise SlicelmError(f"{args.model} is a DeciLM folder (per-layer widths); slice the original model instead")
     if args.plan_only:
         return _plan_only(args, source)
     # Claimed before any work: a refused or busy --out costs nothing, and no other run can take it.
