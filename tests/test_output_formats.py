@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,15 +71,45 @@ def deci_folders(tmp_path_factory):
         model, report = sliced_non_uniform(tied, model_type)
         folder = save_sliced(model, root / case, report={"plan": report.plan})
         saved[case] = (logits(model, ids, mask), report, folder)
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=192, tie_word_embeddings=True)
+    report = slice_model(model, calibration(96), plan=HEADS_PLAN, progress=False)
+    saved["heads"] = (logits(model, ids, mask), report, save_sliced(model, root / "heads"))
     return saved
+
+
+# Per-layer heads and sub-blocks as plan entries: one KV group of two query heads (zero-padded to four
+# in the folder), attention removed, MLP removed, one query head per group; the stream kept whole.
+HEADS_PLAN = SlicingPlan(
+    64,
+    64,
+    (
+        LayerWidths(64, 64, 120, kv_heads=1, q_per_kv=2),
+        LayerWidths(64, 64, 100, kv_heads=0, q_per_kv=0),
+        LayerWidths(64, 64, 0),
+        LayerWidths(64, 64, 150, kv_heads=2, q_per_kv=1),
+    ),
+    layout="plain",
+)
+
+
+def served_layers(plan: dict) -> list[tuple]:
+    """(no-op attention, no-op FFN, query heads, KV heads, MLP width) per layer as vLLM derives them
+    from the folder (4 query heads in every attention layer, zero-padded; tiny configs: 2 KV heads)."""
+    out = []
+    for lw in plan["layers"]:
+        attention = lw.get("kv_heads", 2) != 0
+        kv = None if not attention else (2 if lw.get("kv_heads") in (None, 2) else lw["kv_heads"])
+        width = None if lw.get("mlp") == 0 else lw.get("mlp", 192)
+        out.append((not attention, width is None, 4 if attention else None, kv, width))
+    return out
 
 
 def test_auto_writes_a_non_uniform_one_basis_plan_as_decilm(deci_folders):
     for case, (_, report, folder) in deci_folders.items():
         raw = json.loads((folder / "config.json").read_text())
         assert raw["architectures"] == ["DeciLMForCausalLM"] and raw["model_type"] == "nemotron-nas", case
-        widths = [b["ffn"]["intermediate_size"] for b in raw["block_configs"]]
-        assert widths == [lw.get("mlp", 192) for lw in report.plan["layers"]], case
+        widths = [b["ffn"].get("intermediate_size") for b in raw["block_configs"]]
+        assert widths == [row[-1] for row in served_layers(report.plan)], case
         names = {p.name for p in folder.iterdir()}
         assert {"modeling_decilm.py", "configuration_decilm.py", "slicing_plan.json"} <= names, case
         assert "modeling_slicelm.py" not in names and "slicelm" not in raw, case
@@ -116,10 +147,10 @@ def test_decilm_folder_loads_without_slicelm_with_the_in_memory_logits(deci_fold
 def test_decilm_config_is_what_vllm_reads(deci_folders):
     from transformers import AutoConfig
 
-    _, report, folder = deci_folders["untied"]
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-    expected = [(False, False, 4, 2, lw.get("mlp", 192)) for lw in report.plan["layers"]]
-    assert vllm_view(config) == expected
+    for case in ("untied", "heads"):
+        _, report, folder = deci_folders[case]
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        assert vllm_view(config) == served_layers(report.plan), case
 
 
 def test_decilm_folder_round_trips_through_slicelm_load_and_save(deci_folders, tmp_path):
@@ -138,13 +169,17 @@ def test_decilm_folder_round_trips_through_slicelm_load_and_save(deci_folders, t
     assert SlicingPlan.load(again / "slicing_plan.json") == SlicingPlan.from_dict(report.plan)
 
 
-@pytest.mark.parametrize("case", ["untied", "tied"])
+@pytest.mark.parametrize("case", ["untied", "tied", "heads"])
 def test_planning_counts_the_decilm_folder_exactly(deci_folders, case):
-    """Planning's count, the report's params_after and the folder's stored tensors agree."""
+    """Planning's count, the report's params_after and the folder's stored tensors agree (zero padding
+    of query heads included)."""
     _, report, folder = deci_folders[case]
     stored = stored_parameters(folder)
-    assert report.planning["planned_count"] == report.params_after == stored
-    assert json.loads((folder / "slicelm_report.json").read_text())["parameters"]["stored"] == stored
+    assert report.params_after == stored
+    if case != "heads":  # planned by a budget; the heads case follows a given plan
+        assert report.planning["planned_count"] == stored
+    parameters = json.loads((folder / "slicelm_report.json").read_text())["parameters"]
+    assert parameters["stored"] == stored and (parameters["zero_padding"] > 0) == (case == "heads")
 
 
 def test_counter_counts_a_hand_written_non_uniform_plan_as_its_decilm_folder(tmp_path):
@@ -331,20 +366,36 @@ def test_decilm_is_refused_for_a_family_it_cannot_hold_before_the_weights_load(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_a_streamed_non_uniform_plan_writes_the_same_decilm_folder(tied, tmp_path):
-    """Streaming writes what the in-memory run writes (and planning counted): the same DeciLM folder."""
+# HEADS_PLAN with a whole layer removed after its first layer (left out of the folder, the rest renumbered).
+HEADS_AND_LAYER_PLAN = replace(
+    HEADS_PLAN, layers=(HEADS_PLAN.layers[0], LayerWidths(64, 64, 0, 0, 0), *HEADS_PLAN.layers[1:])
+)
+
+
+@pytest.mark.parametrize(
+    ("tied", "plan"), [(False, None), (True, None), (True, HEADS_AND_LAYER_PLAN)], ids=["untied", "tied", "heads"]
+)
+def test_a_streamed_non_uniform_plan_writes_the_same_decilm_folder(tied, plan, tmp_path):
+    """Streaming writes what the in-memory run writes (and planning counted): the same DeciLM folder,
+    zero padding of heads and whole removed layers included."""
     from slicelm.decilm import load_decilm
     from slicelm.streaming import slice_streaming
 
-    overrides = dict(num_hidden_layers=4, intermediate_size=192, tie_word_embeddings=tied)
+    layers = 4 if plan is None else len(plan.layers)
+    overrides = dict(num_hidden_layers=layers, intermediate_size=192, tie_word_embeddings=tied)
     build_tiny_model("llama", **overrides).save_pretrained(tmp_path / "source")
     config = SliceConfig(target_params=0.8, schedule="mlp-global", layout="plain", round_to=1, batch_size=3)
     in_memory = build_tiny_model("llama", **overrides)
-    report = slice_model(in_memory, calibration(96), config, progress=False)
+    report = slice_model(in_memory, calibration(96), config, plan=plan, progress=False)
     memory = save_sliced(in_memory, tmp_path / "memory")
     streamed_report = slice_streaming(
-        tmp_path / "source", tmp_path / "streamed", calibration(96), config, max_memory=2048, progress=False
+        tmp_path / "source",
+        tmp_path / "streamed",
+        calibration(96),
+        config,
+        plan=plan,
+        max_memory=2048,
+        progress=False,
     )
     streamed = tmp_path / "streamed"
     assert streamed_report.plan == report.plan and streamed_report.params_after == report.params_after
@@ -359,7 +410,12 @@ def test_a_streamed_non_uniform_plan_writes_the_same_decilm_folder(tied, tmp_pat
     assert stored_parameters(streamed) == report.params_after
     ids, mask = padded_batch(96)
     assert relative_error(logits(in_memory, ids, mask), logits(load_decilm(streamed), ids, mask), mask) <= TOL
-    assert json.loads((streamed / "slicelm_report.json").read_text())["parameters"]["stored"] == report.params_after
+    parameters = json.loads((streamed / "slicelm_report.json").read_text())["parameters"]
+    assert parameters == json.loads((memory / "slicelm_report.json").read_text())["parameters"]
+    assert parameters["stored"] == report.params_after
+    if plan is not None:
+        assert parameters["zero_padding"] > 0
+        assert len(json.loads((streamed / "config.json").read_text())["block_configs"]) == layers - 1
 
 
 def test_the_default_allocators_per_layer_choice_is_written_as_decilm_and_counted_exactly(tmp_path, monkeypatch):

@@ -302,8 +302,11 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)
 
 
-def attention_tensors(attn: nn.Module, block: DeciBlock, served: ServedBlock, heads: int, head_dim: int):
-    """q/k/v/o weights and biases of one layer, zero-padded to ``heads`` query heads in ``served.kv_heads`` groups.
+def pad_attention_tensor(
+    part: str, tensor: torch.Tensor, block: DeciBlock, served: ServedBlock, heads: int, head_dim: int
+) -> torch.Tensor:
+    """One q/k/v/o tensor (``part``: ``q_proj.weight``, ``o_proj.bias``...) zero-padded to ``heads``
+    query heads in ``served.kv_heads`` groups; each tensor on its own (the streamed writer's shards).
 
     Real KV group j (0 <= j < kv) keeps its place; its r real query heads go to the first r slots
     of group j, which holds H / kv'' heads after padding. o_proj's columns follow the query heads.
@@ -313,18 +316,22 @@ def attention_tensors(attn: nn.Module, block: DeciBlock, served: ServedBlock, he
     q_rows = (slots[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)  # (q hd,)
     kv_rows = torch.arange(block.kv_heads * head_dim)
     q_out, kv_out = heads * head_dim, served.kv_heads * head_dim
-    out = {
-        "q_proj.weight": _pad_rows(attn.q_proj.weight.detach(), q_rows, q_out),
-        "k_proj.weight": _pad_rows(attn.k_proj.weight.detach(), kv_rows, kv_out),
-        "v_proj.weight": _pad_rows(attn.v_proj.weight.detach(), kv_rows, kv_out),
-        "o_proj.weight": _pad_rows(attn.o_proj.weight.detach().T, q_rows, q_out).T.contiguous(),
-    }
-    for name, rows, size in (("q_proj", q_rows, q_out), ("k_proj", kv_rows, kv_out), ("v_proj", kv_rows, kv_out)):
-        bias = _bias(getattr(attn, name))
-        if bias is not None:
-            out[f"{name}.bias"] = _pad_rows(bias.detach(), rows, size)
-    if _bias(attn.o_proj) is not None:
-        out["o_proj.bias"] = attn.o_proj.bias.detach()
+    module, _, kind = part.partition(".")
+    if module == "o_proj":
+        return tensor if kind == "bias" else _pad_rows(tensor.T, q_rows, q_out).T.contiguous()
+    rows, size = (q_rows, q_out) if module == "q_proj" else (kv_rows, kv_out)
+    return _pad_rows(tensor, rows, size)
+
+
+def attention_tensors(attn: nn.Module, block: DeciBlock, served: ServedBlock, heads: int, head_dim: int):
+    """q/k/v/o weights and biases of one layer, zero-padded (:func:`pad_attention_tensor`)."""
+    out = {}
+    for name in ATTENTION_PARTS:
+        for kind in ("weight", "bias"):
+            tensor = getattr(getattr(attn, name), kind, None)
+            if tensor is not None:
+                part = f"{name}.{kind}"
+                out[part] = pad_attention_tensor(part, tensor.detach(), block, served, heads, head_dim)
     return out
 
 

@@ -202,8 +202,8 @@ def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata:
 def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
     """Turn the one-basis shards written in ``folder`` into a DeciLM folder, shard by shard.
 
-    The widths come from the skeleton's shapes (its weights are back on the meta device). A layer
-    whose heads would need zero padding in a DeciLM folder is written by the in-memory writer only.
+    The widths come from the skeleton's shapes (its weights are back on the meta device); each
+    attention tensor is zero-padded on its own, as :func:`slicelm.decilm.save_decilm` pads it.
     """
     import dataclasses
 
@@ -211,20 +211,18 @@ def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata
     from slicelm.arch import Layout
     from slicelm.outputs import to_json
     from slicelm.plain import plain_config, stock_tensors
+    from slicelm.plain import stream_plan_of as plan_of_stream
 
     info = getattr(model.config, SLICELM_KEY)
     plan = SlicingPlan.from_dict(info["plan"])
-    blocks = decilm.deci_blocks(model)
-    heads = model.config.num_attention_heads
+    # Whole removed layers are left out, as the in-memory writer leaves them (stock_tensors renumbers).
+    every = decilm.deci_blocks(model)
+    biases = decilm.bias_flags(model, every)
+    blocks = [b for b, lw in zip(every, plan.layers, strict=True) if not lw.removed]
+    heads, head_dim = model.config.num_attention_heads, decilm.head_dim_of(model.config)
     served = [decilm.served_block(b, heads, index=i) for i, b in enumerate(blocks)]
-    padded = [i for i, b in enumerate(blocks) if b.attention and b.query_heads != heads]
-    if padded:
-        raise SlicelmError(
-            f"layer {padded[0]} keeps fewer query heads, which a DeciLM folder pads with zeros: slice it without "
-            "--stream (or with --format slicelm)"
-        )
-    stock = plain_config(model.config, Layout.from_dict(info["layout"]), plan.with_mlp([None] * len(plan.layers)))
-    config = decilm.decilm_config(stock, served, decilm.bias_flags(model, blocks))
+    stock = plain_config(model.config, Layout.from_dict(info["layout"]), plan_of_stream(plan))
+    config = decilm.decilm_config(stock, served, biases)
     problems = decilm.serving_problems(config.to_dict())
     if problems["vllm"]:
         raise SlicelmError(f"vLLM cannot run this plan ({problems['vllm'][0]}); keep that layer's attention")
@@ -234,12 +232,22 @@ def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata
             dropped.add(f"model.layers.{index}.input_layernorm.weight")
         if block.mlp is None:
             dropped.add(f"model.layers.{index}.post_attention_layernorm.weight")
-    stored = 0
+    counts = {"stored": 0, "kept": 0}
 
     def convert(tensors):
-        nonlocal stored
-        out = {k: v for k, v in stock_tensors(tensors, info, model.config).items() if k not in dropped}
-        stored += sum(t.numel() for t in out.values())
+        out = {}
+        for name, tensor in stock_tensors(tensors, info, model.config).items():
+            if name in dropped:
+                continue
+            counts["kept"] += tensor.numel()
+            parts = name.split(".")  # model.layers.{i}.self_attn.{q_proj}.{weight}
+            if parts[:2] == ["model", "layers"] and parts[3] == "self_attn":
+                index = int(parts[2])
+                tensor = decilm.pad_attention_tensor(
+                    ".".join(parts[4:]), tensor, blocks[index], served[index], heads, head_dim
+                )
+            counts["stored"] += tensor.numel()
+            out[name] = tensor
         return out
 
     _rewrite_shards(folder, convert)
@@ -254,7 +262,7 @@ def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata
         "provenance": metadata or {},
         "format": "decilm",
         "blocks": [dataclasses.asdict(b) for b in blocks],
-        "parameters": {"kept": stored, "stored": stored, "zero_padding": 0},
+        "parameters": {**counts, "zero_padding": counts["stored"] - counts["kept"]},
         "serving": problems,
     }
     (folder / decilm.PLAN_FILE).write_text(to_json(info["plan"]) + "\n")
