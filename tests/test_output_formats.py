@@ -235,6 +235,9 @@ def test_the_registry_picks_the_most_portable_format_that_holds_the_plan():
     assert choose_format(shortcuts, config).name == "slicelm"
     assert choose_format(per_layer, build_tiny_model("qwen3").config).name == "slicelm"  # q/k norms: no DeciLM
     assert choose_format(uniform, config, "decilm").name == "decilm"
+    no_first_attention = per_layer.with_heads([(0, 0), None, None])  # vLLM 0.32 cannot run it as DeciLM
+    assert choose_format(no_first_attention, config).name == "slicelm"
+    assert choose_format(no_first_attention.with_mlp([0, 40, None]), config).name == "decilm"  # layer left out
     for plan, fmt, fragment in (
         (per_layer, "stock", "one MLP width"),
         (shortcuts, "decilm", "shortcut matrices"),

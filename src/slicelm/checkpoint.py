@@ -167,6 +167,9 @@ def _decilm_refusal(plan: SlicingPlan, model_config: Any) -> str | None:
         return "the slicegpt layout has shortcut matrices, which a DeciLM folder cannot hold (use --layout plain)"
     if len(stream_widths(plan)) != 1:
         return "a DeciLM folder holds one stream width"
+    first = next((lw for lw in plan.layers if not lw.removed), None)  # whole removed layers are left out
+    if first is not None and first.attention_removed:
+        return "vLLM's DeciLM class needs attention in the first layer that computes anything"
     return family_refusal(model_config)
 
 
