@@ -230,7 +230,7 @@ def to_shaped_model(model: nn.Module) -> nn.Module:
 
     Like :func:`to_stock_model`, but each layer keeps its own shapes: MLP widths and head counts are
     read from the tensors (every module takes the shape of the tensor it holds), and a removed
-    sub-block stays a :class:`~slicelm.blocks.ZeroBranch` (its norm ``nn.Identity``). The stream has
+    sub-block stays a :class:`~slicelm.modeling_slicelm.ZeroBranch` (its norm ``nn.Identity``); whole removed layers are left out. The stream has
     one width (one basis), which the config holds; the config's ``intermediate_size`` is the
     original one and describes no layer: this model is for writers that describe each layer
     themselves (:func:`slicelm.decilm.save_decilm`), not for ``save_pretrained``.
