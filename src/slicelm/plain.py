@@ -229,11 +229,12 @@ def to_shaped_model(model: nn.Module) -> nn.Module:
     """The original architecture class holding a one-basis model whose layers differ, exactly.
 
     Like :func:`to_stock_model`, but each layer keeps its own shapes: MLP widths and head counts are
-    read from the tensors (every module takes the shape of the tensor it holds), and a removed
-    sub-block stays a :class:`~slicelm.modeling_slicelm.ZeroBranch` (its norm ``nn.Identity``); whole removed layers are left out. The stream has
-    one width (one basis), which the config holds; the config's ``intermediate_size`` is the
-    original one and describes no layer: this model is for writers that describe each layer
-    themselves (:func:`slicelm.decilm.save_decilm`), not for ``save_pretrained``.
+    read from the tensors (every module takes the shape of the tensor it holds), a removed sub-block
+    stays a :class:`~slicelm.modeling_slicelm.ZeroBranch` (its norm ``nn.Identity``), and whole
+    removed layers are left out. The stream has one width (one basis), which the config holds; the
+    config's ``intermediate_size`` is the original one and describes no layer: this model is for
+    writers that describe each layer themselves (:func:`slicelm.decilm.save_decilm`), not for
+    ``save_pretrained``.
     """
     from accelerate import init_empty_weights
 
