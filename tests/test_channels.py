@@ -144,10 +144,13 @@ def test_target_params_lands_within_one_percent(schedule, layout):
         from slicelm.plain import to_stock_model
 
         params = sum(p.numel() for p in to_stock_model(model).parameters())
+    elif model.config.slicelm.get("one_basis"):  # per-layer widths, one basis: written as a DeciLM folder
+        from slicelm.plain import to_shaped_model
+
+        assert not any("shortcut" in n for n, _ in model.named_parameters())
+        params = sum(p.numel() for p in to_shaped_model(model).parameters())  # no zero padding: MLP widths only
     else:
         params = sum(p.numel() for p in model.parameters())
-        if layout == "plain":  # one basis: never a shortcut matrix, whatever the widths
-            assert not any("shortcut" in n for n, _ in model.named_parameters())
     assert report.planning["planned_count"] == params
     if layout == "plain" and schedule == "uniform":  # the stream moves in steps of the 4 heads: 6% of 64
         assert params <= 0.8 * dense and "4 attention heads" in report.planning["note"]
@@ -168,9 +171,9 @@ def test_a_coarse_budget_says_why_it_missed():
     assert "round-to" in report.planning.get("note", "")
 
 
-def test_plain_basis_with_per_layer_widths_keeps_slicelm_format_without_shortcuts(tmp_path):
-    """One basis but per-layer MLP widths: no stock config holds it, so slicelm's format is written,
-    with no shortcut matrices (the stream has one basis), and it reloads exactly."""
+def test_plain_basis_with_per_layer_widths_in_slicelm_format_has_no_shortcuts(tmp_path):
+    """One basis but per-layer MLP widths, asked in slicelm's format (auto writes a DeciLM folder,
+    tests/test_output_formats.py): no shortcut matrices (the stream has one basis); reloads exactly."""
     import json
 
     from slicelm.checkpoint import load_sliced, save_sliced
@@ -178,7 +181,7 @@ def test_plain_basis_with_per_layer_widths_keeps_slicelm_format_without_shortcut
     model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=192)
     config = SliceConfig(target_params=0.8, schedule="mlp-global", layout="plain", round_to=1)
     slice_model(model, calibration(96), config, progress=False)
-    save_sliced(model, tmp_path / "out")
+    save_sliced(model, tmp_path / "out", format="slicelm")
     assert (tmp_path / "out" / "modeling_slicelm.py").is_file()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["slicelm"]["one_basis"] is True
     reloaded = load_sliced(tmp_path / "out")

@@ -34,7 +34,19 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "config",
     ),
     # 2. mechanisms on one model: norms, MLP channels, statistics, the plain layout, data, loading
-    2: ("memory", "heads", "blocks", "fuse", "channels", "statistics", "plain", "data", "perplexity", "evaluation"),
+    2: (
+        "memory",
+        "heads",
+        "blocks",
+        "fuse",
+        "channels",
+        "statistics",
+        "bases",
+        "plain",
+        "data",
+        "perplexity",
+        "evaluation",
+    ),
     # 3. folders and budgets
     3: ("checkpoint", "decilm", "budget"),
     # 4. loading any model (sliced folders included) and doing: the executor, the structure-local path

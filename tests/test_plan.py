@@ -37,6 +37,16 @@ def test_every_schedule_is_a_registered_allocator():
     assert set(SCHEDULES) == set(ALLOCATORS)
 
 
+def test_every_plan_basis_is_a_registered_basis():
+    from typing import get_args
+
+    from slicelm.bases import BASES
+    from slicelm.config import Basis
+    from slicelm.plan import BASES as PLAN_BASES
+
+    assert set(PLAN_BASES) == set(BASES) == set(get_args(Basis))
+
+
 def test_plan_round_trips_through_json():
     plan = SlicingPlan(
         64,
@@ -94,7 +104,9 @@ def _request(model, target: float = 0.8, layout: str = "slicegpt") -> PlanReques
     return PlanRequest(ctx, config, params, ParameterCounter(ctx), model=model, calibration=calibration(96))
 
 
-@pytest.mark.parametrize("favourite", ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1"])
+@pytest.mark.parametrize(
+    "favourite", ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1", "heads-2x1+mlp", "no-attn-1+mlp"]
+)
 def test_the_measured_allocator_keeps_the_best_scored_candidate(favourite):
     """With a deterministic scorer the chosen plan is the best scored, and the uniform plans are
     always among the candidates, so the choice never scores worse than any of them."""
@@ -108,6 +120,7 @@ def test_the_measured_allocator_keeps_the_best_scored_candidate(favourite):
     request = _request(model)
     plan, report = measured_allocator(request, scorer=scorer)
     assert {"uniform-mlp", "uniform-stream", "stream+mlp"} <= set(seen)
+    assert {"heads-2x1+mlp", "heads-1x2+mlp", "no-attn-1+mlp"} <= set(seen)  # heads and sub-blocks compete
     assert report["chosen"] == favourite
     assert min(c["score"] for c in report["candidates"]) == seen[favourite]
     for candidate in report["candidates"]:
@@ -123,6 +136,8 @@ def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
     assert report["chosen"] == min(scores, key=scores.get)
     assert all(s >= -1e-6 and s == s for s in scores.values())  # KL: finite, non-negative (float32 rounding)
     assert len(report["layer_sensitivity"]) == 4 and min(report["layer_sensitivity"]) > 0
+    assert len(report["attention_sensitivity"]) == 4 and min(report["attention_sensitivity"]) > 0
+    assert {"heads-2x1+mlp", "heads-1x2+mlp", "no-attn-1+mlp"} <= set(scores)
     dense = sum(p.numel() for p in model.parameters())
     assert 0.79 * dense <= report["planned_count"] <= 0.8 * dense
     # The held-out scoring windows are disjoint from the refit samples.
@@ -190,5 +205,6 @@ def test_auto_with_the_plain_layout_keeps_the_stock_architecture():
         model, calibration(96), SliceConfig(target_params=0.8, layout="plain", round_to=1), progress=False
     )
     names = {c["name"] for c in plan.planning["candidates"]}
-    assert names <= {"uniform-mlp", "uniform-stream", "stream+mlp"} and "uniform-mlp" in names
+    stock = {"uniform-mlp", "uniform-stream", "stream+mlp", "heads-2x1+mlp", "heads-1x2+mlp"}
+    assert names <= stock and "uniform-mlp" in names
     assert plan.is_stock_shaped

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
+import slicelm
 from slicelm.arch import REGISTRY, resolve
 from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import get_module, stream_weight
@@ -145,7 +148,10 @@ def test_tied_head_stays_tied_and_untie_is_exact():
     base = logits(build_tiny_model("llama", tie_word_embeddings=True), ids, mask)
     for untie in (False, True):
         model = build_tiny_model("llama", tie_word_embeddings=True)
-        report = slice_model(model, calibration(96), SliceConfig(sparsity=0.0, untie_head=untie), progress=False)
+        config = SliceConfig(sparsity=0.0, untie_head=untie)
+        # At full width a config plans the stock architecture; the slicegpt layout is followed as a plan.
+        plan = replace(slicelm.plan(model, calibration(96), config, progress=False), layout="slicegpt")
+        report = slice_model(model, calibration(96), config, plan=plan, progress=False)
         assert relative_error(base, logits(model, ids, mask), mask) <= 1e-4
         tied = model.lm_head.weight is model.model.embed_tokens.weight
         assert tied == (not untie)

@@ -14,15 +14,14 @@ by default from layer 0 — to place new tokens; an empty cache layer would rest
 
 To rebuild a saved model the loader calls :func:`remove_attention` / :func:`remove_mlp` on the
 freshly built layer (they need shapes only, no weights) before loading its tensors. ZeroBranch
-imports nothing but torch, so it can live in the modeling file shipped with checkpoints.
+lives in the modeling file shipped with checkpoints (:mod:`slicelm.modeling_slicelm`), which
+rebuilds removed branches from the plan when a folder loads.
 
 Whole layers of a one-basis model (no shortcuts) can also be deleted outright with
 :func:`drop_layers`, which is what a stock config with fewer ``num_hidden_layers`` describes.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,45 +30,17 @@ from slicelm.arch import Layout
 from slicelm.calibration import Batch
 from slicelm.errors import SlicelmError
 from slicelm.modeling_slicelm import (
+    ZeroBranch,
     attention_half,
     forget_parts,
     get_module,
     mlp_half,
+    remove_branch,
     set_module,
     stream_weight,
 )
 from slicelm.offload import ActivationStore
-
-_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # by transformers version/family
-
-
-class ZeroBranch(nn.Module):
-    """A removed branch: ``(..., d_in) -> zeros (..., width)`` in the input's dtype and device.
-
-    attention: return ``(zeros, None)`` as attention modules do, and keep the KV cache's length for
-    ``layer_idx`` (see the module docstring). No parameters, no buffers.
-    """
-
-    def __init__(self, width: int, attention: bool = False, layer_idx: int | None = None) -> None:
-        super().__init__()
-        self.width = int(width)
-        self.attention = bool(attention)
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
-        x = hidden_states if hidden_states is not None else args[0]
-        out = x.new_zeros(*x.shape[:-1], self.width)
-        if not self.attention:
-            return out
-        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
-        if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
-            # (B, 1, T, 1): the cache counts tokens along axis -2; one scalar per token keeps it cheap.
-            stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
-            cache.update(stub, stub, self.layer_idx)
-        return out, None
-
-    def extra_repr(self) -> str:
-        return f"width={self.width}, attention={self.attention}"
+from slicelm.plain import drop_config_layers
 
 
 def is_removed(module: nn.Module) -> bool:
@@ -91,15 +62,8 @@ def mlp_removed(layer: nn.Module, layout: Layout) -> bool:
 
 def remove_attention(layer: nn.Module, layout: Layout) -> None:
     """Replace the attention branch by zeros of its output width (in place, idempotent)."""
-    if attention_removed(layer, layout):
-        return
-    attn = get_module(layer, layout.attn)
-    width = _writer_width(layer, layout.attn_outputs)
-    layer_idx = getattr(attn, "layer_idx", None)
-    set_module(layer, layout.attn, ZeroBranch(width, attention=True, layer_idx=layer_idx))
-    if layout.mlp_norm is not None and layout.attn_norm != layout.mlp_norm:  # the norm fed attention only
-        set_module(layer, layout.attn_norm, nn.Identity())
-    forget_parts(layer)
+    if not attention_removed(layer, layout):
+        remove_branch(layer, layout.to_dict(), "attn", _writer_width(layer, layout.attn_outputs))
 
 
 def remove_mlp(layer: nn.Module, layout: Layout) -> None:
@@ -108,16 +72,8 @@ def remove_mlp(layer: nn.Module, layout: Layout) -> None:
     A chain MLP (OPT's fc1, activation, fc2 on the layer) keeps its chain: the first modules become
     ``nn.Identity`` and the last a :class:`ZeroBranch`.
     """
-    if mlp_removed(layer, layout):
-        return
-    width = _writer_width(layer, layout.mlp_outputs)
-    chain = (layout.mlp,) if isinstance(layout.mlp, str) else layout.mlp
-    for path in chain[:-1]:
-        set_module(layer, path, nn.Identity())
-    set_module(layer, chain[-1], ZeroBranch(width))
-    if layout.mlp_norm is not None and layout.attn_norm != layout.mlp_norm:
-        set_module(layer, layout.mlp_norm, nn.Identity())
-    forget_parts(layer)
+    if not mlp_removed(layer, layout):
+        remove_branch(layer, layout.to_dict(), "mlp", _writer_width(layer, layout.mlp_outputs))
 
 
 def remove_layer(layer: nn.Module, layout: Layout) -> None:
@@ -205,8 +161,4 @@ def drop_layers(model: nn.Module, layout: Layout, indices: list[int] | set[int])
         if hasattr(layer, "layer_idx"):
             layer.layer_idx = new_index
     set_module(model, layout.layers, nn.ModuleList(kept))
-    config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == len(layers):
-        config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
-    config.num_hidden_layers = len(kept)
+    drop_config_layers(model.config, drop)

@@ -34,7 +34,9 @@ import torch
 
 from slicelm.arch import Layout, resolve, spec_for
 from slicelm.channels import check_prunable, intermediate_width
+from slicelm.checkpoint import choose_format
 from slicelm.config import SliceConfig
+from slicelm.decilm import decilm_structure
 from slicelm.errors import SlicelmError
 from slicelm.meta import meta_model
 from slicelm.modeling_slicelm import apply_sliced_structure, get_module, stream_bias, stream_weight
@@ -114,6 +116,14 @@ def explicit_plan(ctx: PlanContext, config: SliceConfig) -> SlicingPlan:
 # --------------------------------------------------------------------------------------------------
 # Exact parameter counts
 # --------------------------------------------------------------------------------------------------
+def written_format(ctx: PlanContext, plan: SlicingPlan) -> str:
+    """The output format ``plan`` is written in, which is what is counted: ``stock``, ``decilm`` or
+    ``slicelm`` (checkpoint.OUTPUT_FORMATS, as ``auto`` picks it)."""
+    if ctx.kind != "plain":
+        return "slicelm"
+    return choose_format(replace(plan, layout="plain"), ctx.model_config).name
+
+
 class ParameterCounter:
     """True parameter counts of plans, from structures built on the meta device (no memory)."""
 
@@ -121,10 +131,9 @@ class ParameterCounter:
         self.ctx = ctx
         self._cache: dict[tuple, tuple[int, list[int]]] = {}
 
-    def _structure(self, plan: SlicingPlan, stock: bool | None = None):
+    def _structure(self, plan: SlicingPlan, written: str):
         ctx = self.ctx
-        stock = ctx.kind == "plain" and plan.is_uniform if stock is None else stock
-        if stock:  # written in the stock architecture
+        if written == "stock":  # the original architecture
             return meta_model(plain_config(ctx.model_config, ctx.layout, plan))
         model = meta_model(ctx.model_config)
         info = {"layout": ctx.layout.to_dict(), "plan": plan.to_dict(), "norm_eps": 1e-6}
@@ -133,23 +142,32 @@ class ParameterCounter:
         if ctx.tied:
             info["tied_head"] = {"bias": False}
         apply_sliced_structure(model, info)  # new tensors follow the meta ones (not init_empty_weights: it unties)
+        if written == "decilm":  # the folder save_decilm writes for it: per-layer blocks, zero-padded heads
+            stream = replace(plan, layers=tuple(LayerWidths(lw.mid, lw.out) for lw in plan.layers))
+            return decilm_structure(model, plain_config(ctx.model_config, ctx.layout, stream))
         return model
 
-    def stream_counts(self, plan: SlicingPlan, stock: bool | None = None) -> tuple[int, list[int]]:
+    def stream_counts(self, plan: SlicingPlan, written: str | None = None) -> tuple[int, list[int]]:
         """(parameters of ``plan`` with full MLPs, parameters per MLP channel of each layer).
 
-        stock: count in the stock architecture (plain layout, uniform widths) or in slicelm's own
-        (default: as ``plan`` itself would be written).
+        written: the output format to count in (default: the one ``plan`` itself is written in).
         """
-        stock = self.ctx.kind == "plain" and plan.is_uniform if stock is None else stock
-        key = (plan.embedding, tuple((lw.mid, lw.out) for lw in plan.layers), stock)
+        written = written_format(self.ctx, plan) if written is None else written
+        shape = tuple((lw.mid, lw.out, lw.heads, lw.mlp_removed) for lw in plan.layers)
+        key = (plan.embedding, shape, written)
         if key not in self._cache:
-            model = self._structure(plan.with_mlp([None] * len(plan.layers)), stock)
+            # MLP channels are counted per channel below; heads and removed sub-blocks in the structure.
+            model = self._structure(plan.with_mlp([0 if lw.mlp_removed else None for lw in plan.layers]), written)
             total = sum(p.numel() for p in model.parameters())
             per_channel = []
             layout = self.ctx.layout
-            for layer in get_module(model, layout.layers):
+            built = iter(get_module(model, layout.layers))  # a stock structure leaves removed layers out
+            for lw in plan.layers:
+                layer = None if written == "stock" and lw.removed else next(built)
                 cost = 0
+                if lw.mlp_removed:
+                    per_channel.append(0)
+                    continue
                 for path in layout.mlp_inputs:
                     reader = get_module(layer, path)
                     bias = stream_bias(reader)
@@ -160,8 +178,8 @@ class ParameterCounter:
         return self._cache[key]
 
     def count(self, plan: SlicingPlan) -> int:
-        total, per_channel = self.stream_counts(plan, self.ctx.kind == "plain" and plan.is_uniform)
-        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp is not None else 0 for lw in plan.layers]
+        total, per_channel = self.stream_counts(plan, written_format(self.ctx, plan))
+        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp else 0 for lw in plan.layers]
         return total - sum(r * c for r, c in zip(removed, per_channel, strict=True))
 
 
@@ -297,7 +315,7 @@ def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
                 candidates.append((plan, counter.count(plan), 0.0, width))
                 break  # the widest stream that fits: the paper's plan
             continue
-        candidate, cost = _spend_mlp(request, plan, uniform_mlp, mlp_cost)
+        candidate, cost = spend_mlp(request, plan, uniform_mlp, mlp_cost)
         if candidate is None:
             continue
         score = cost + (stream_cost[width] if stream_cost is not None else 0.0)
@@ -316,7 +334,7 @@ def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
     return plan, report
 
 
-def _spend_mlp(
+def spend_mlp(
     request: PlanRequest, plan: SlicingPlan, uniform: bool, mlp_cost: dict | None
 ) -> tuple[SlicingPlan | None, float]:
     """``plan`` with MLP channels removed until it meets the budget, counted as it will be written.

@@ -1,6 +1,13 @@
 """Saving and loading sliced models as ordinary Hugging Face folders.
 
-A sliced folder holds ``model.safetensors``, ``config.json`` (the original config plus a ``slicelm``
+What a folder holds is one of the output formats of :data:`OUTPUT_FORMATS`, a registry in order of
+portability: ``stock`` (the original architecture: a one-basis plan with one stream and one MLP
+width), ``decilm`` (a DeciLM / Nemotron-NAS folder: a one-basis plan whose layers differ, for
+Llama-style families; :mod:`slicelm.decilm`) and ``slicelm`` (slicelm's own remote-code format,
+which holds every plan, shortcut matrices included). Each entry says why it cannot hold a plan
+(``refusal``) and writes the folder; ``auto`` picks the first that holds the plan.
+
+A slicelm-format folder holds ``model.safetensors``, ``config.json`` (the original config plus a ``slicelm``
 section and an ``auto_map`` entry), ``modeling_slicelm.py`` (so plain transformers loads it with
 ``trust_remote_code=True``), the tokenizer, ``slicing_plan.json`` and ``slicelm_report.json``.
 Folders are written beside the target and renamed into place, so a failure never leaves a
@@ -11,6 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +27,8 @@ import torch
 from torch import nn
 
 from slicelm import modeling_slicelm
+from slicelm.decilm import OUTPUT_KIND as DECILM_KIND
+from slicelm.decilm import family_refusal, save_decilm
 from slicelm.errors import SlicelmError, first_line
 from slicelm.modeling_slicelm import (
     SLICELM_KEY,
@@ -28,7 +39,7 @@ from slicelm.modeling_slicelm import (
 )
 from slicelm.outputs import OutputClaim, finite_or_none, staged_output, to_json
 from slicelm.plain import OUTPUT_KIND as PLAIN_KIND
-from slicelm.plain import to_stock_model
+from slicelm.plain import stream_widths, to_shaped_model, to_stock_model
 from slicelm.plan import SlicingPlan
 from slicelm.streaming_io import ShardWriter, check_finite
 
@@ -72,25 +83,110 @@ def save_sliced(
     out: str | Path | OutputClaim,
     tokenizer: Any = None,
     *,
+    format: str = "auto",  # noqa: A002 - the CLI's --format
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
     report: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a sliced model (and tokenizer) to ``out`` atomically. Returns the folder.
+    """Write a sliced model (and tokenizer) to ``out`` atomically, in an output format. Returns the folder.
 
     out: a folder, or an :class:`~slicelm.outputs.OutputClaim` taken before the work started.
-    A model sliced with ``layout="plain"`` is written in its original architecture (no remote code).
-    metadata: recorded in ``config.json`` under ``slicelm`` (source model, calibration settings...).
+    format: a name in :data:`OUTPUT_FORMATS`, or ``auto`` (the most portable one that holds the
+    plan: a one-basis plan is written stock or as a DeciLM folder, with no remote code for stock
+    transformers, vLLM and llama.cpp). A format that cannot hold the plan is refused in one line.
+    metadata: provenance (source model, calibration settings...), recorded in the folder.
     report: written as ``slicelm_report.json``. Refuses (writing nothing) a model with non-finite
-    or missing weights. Weights keep their in-memory names on disk (no transformers renaming), so
-    the folder loads the same with any transformers release.
+    or missing weights.
     """
+    chosen = format_of(model, format)
+    return chosen.write(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
+
+
+def format_of(model: nn.Module, requested: str = "auto") -> OutputFormat:
+    """The output format a sliced model is written in (``requested`` checked against its plan)."""
     if not getattr(model, "_slicelm_model", False):
         raise SlicelmError("model is not sliced; call slicelm.slice_model first")
-    if getattr(model.config, SLICELM_KEY, {}).get("kind") == "local":  # MLP channels only: the stock class
-        return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
-    if is_stock_shaped(getattr(model.config, SLICELM_KEY, {})):  # the original architecture, stock
-        return save_plain(model, out, tokenizer, overwrite=overwrite, metadata=metadata, report=report)
+    info = getattr(model.config, SLICELM_KEY, {})
+    if info.get("kind") == "local":  # the structure-local steps: already the stock class, one width per kind
+        if requested not in ("auto", "stock"):
+            raise SlicelmError(f"--format {requested}: a model pruned by the structure-local steps is written stock")
+        return OUTPUT_FORMATS["stock"]
+    return choose_format(SlicingPlan.from_dict(info["plan"]), model.config, requested)
+
+
+# --------------------------------------------------------------------------------------------------
+# Output formats
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputFormat:
+    """One kind of output folder: which plans it holds and how it is written.
+
+    refusal(plan, model_config): why this format cannot hold ``plan`` for that family (one line), or
+    None. write(model, out, tokenizer, *, overwrite, metadata, report): the folder, atomically.
+    """
+
+    name: str
+    kind: str  # the manifest kind (slicelm.outputs.MODEL_KINDS)
+    what: str  # in words, for help texts
+    refusal: Callable[[SlicingPlan, Any], str | None]
+    write: Callable[..., Path]
+
+    def holds(self, plan: SlicingPlan, model_config: Any) -> bool:
+        return self.refusal(plan, model_config) is None
+
+
+OUTPUT_FORMATS: dict[str, OutputFormat] = {}  # in order of portability: auto takes the first that holds
+
+
+def register_format(fmt: OutputFormat) -> None:
+    OUTPUT_FORMATS[fmt.name] = fmt
+
+
+def choose_format(plan: SlicingPlan, model_config: Any, requested: str = "auto") -> OutputFormat:
+    """The format a plan is written in: ``requested``, or for ``auto`` the most portable that holds it."""
+    if requested == "auto":
+        return next(f for f in OUTPUT_FORMATS.values() if f.holds(plan, model_config))
+    if requested not in OUTPUT_FORMATS:
+        raise SlicelmError(f"unknown output format {requested!r}; use auto or one of {', '.join(OUTPUT_FORMATS)}")
+    reason = OUTPUT_FORMATS[requested].refusal(plan, model_config)
+    if reason is not None:
+        raise SlicelmError(f"--format {requested} cannot hold this plan: {reason}; use --format auto")
+    return OUTPUT_FORMATS[requested]
+
+
+def _stock_refusal(plan: SlicingPlan, model_config: Any) -> str | None:
+    if not plan.one_basis:
+        return "the slicegpt layout has shortcut matrices, which no stock architecture has (use --layout plain)"
+    if not plan.is_uniform:
+        return "its layers differ in width, and a stock config holds one stream width and one MLP width"
+    return None
+
+
+def _decilm_refusal(plan: SlicingPlan, model_config: Any) -> str | None:
+    if not plan.one_basis:
+        return "the slicegpt layout has shortcut matrices, which a DeciLM folder cannot hold (use --layout plain)"
+    if len(stream_widths(plan)) != 1:
+        return "a DeciLM folder holds one stream width"
+    first = next((lw for lw in plan.layers if not lw.removed), None)  # whole removed layers are left out
+    if first is not None and first.attention_removed:
+        return "vLLM's DeciLM class needs attention in the first layer that computes anything"
+    return family_refusal(model_config)
+
+
+def save_remote(
+    model: nn.Module,
+    out: str | Path | OutputClaim,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """slicelm's own format: the sliced class as it is in memory, loaded through ``modeling_slicelm.py``.
+
+    Weights keep their in-memory names on disk (no transformers renaming), so the folder loads the
+    same with any transformers release.
+    """
     tensors = unique_state_dict(model)  # checks for meta (never loaded) tensors
     for name, tensor in tensors.items():
         check_finite(name, tensor)
@@ -105,6 +201,22 @@ def save_sliced(
             generation.save_pretrained(tmp)
         write_companions(tmp, model.config, tokenizer, report)
     return out.out if isinstance(out, OutputClaim) else Path(out).expanduser()
+
+
+def save_deci(
+    model: nn.Module,
+    out: Any,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    metadata: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Path:
+    """A one-basis model as a DeciLM folder: each layer's widths read from its tensors (see decilm.py)."""
+    info = getattr(model.config, SLICELM_KEY)
+    full = {**(report or {}), "layout": "plain", "provenance": dict(metadata or {})}
+    shaped = to_shaped_model(model)
+    return save_decilm(shaped, out, tokenizer, overwrite=overwrite, plan=info["plan"], report=full)
 
 
 def save_plain(
@@ -133,11 +245,14 @@ def save_plain(
 
 
 def is_stock_shaped(info: dict[str, Any]) -> bool:
-    """A plain-layout model whose widths a stock config can hold (one stream width, one MLP width).
-
-    Other plain-layout models (per-layer MLP widths) keep slicelm's format, without shortcuts.
-    """
+    """A plain-layout model whose widths a stock config can hold (one stream width, one MLP width)."""
     return info.get("kind") == "plain" and SlicingPlan.from_dict(info["plan"]).is_uniform
+
+
+register_format(OutputFormat("stock", PLAIN_KIND, "the original architecture", _stock_refusal, save_plain))
+register_format(OutputFormat("decilm", DECILM_KIND, "a DeciLM / Nemotron-NAS folder", _decilm_refusal, save_deci))
+register_format(OutputFormat("slicelm", OUTPUT_KIND, "slicelm's remote-code format", lambda p, c: None, save_remote))
+FORMATS = ("auto", *OUTPUT_FORMATS)
 
 
 def save_stock(

@@ -18,8 +18,9 @@ Basis = Literal["pca", "random", "identity", "channels"]
 LayoutKind = Literal["slicegpt", "plain"]
 # auto: the measured allocator (candidates scored end to end on held-out calibration windows);
 # uniform: stream only (the paper); mlp: MLP channels, the same width in every layer; mlp-global and
-# proxy: per-layer allocations by a calibration proxy (kept as named options; see docs/results).
-SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy")
+# proxy: per-layer allocations by a calibration proxy (kept as named options; see docs/results);
+# heads / attn-blocks: one new removal step with the MLPs (the steps alone, as named options).
+SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy", "heads", "attn-blocks")
 DEFAULT_SCHEDULE = "auto"
 
 

@@ -4,7 +4,8 @@ The input is an in-memory stock model (Llama, Mistral or Qwen2 module names) in 
 layer may have been shrunk on its own: fewer MLP channels (gate/up rows, down columns), fewer query
 heads or KV heads (q/k/v rows, o columns, in whole heads of ``head_dim``), or a sub-block removed,
 represented by :class:`~slicelm.modeling_decilm.NoOpAttention` / :class:`~slicelm.modeling_decilm.NoOpMLP`
-(any module with ``no_op = True``) in place of ``self_attn`` / ``mlp``. The residual stream keeps one
+(any module with ``no_op = True``) or by the executor's :class:`~slicelm.modeling_slicelm.ZeroBranch` in place of
+``self_attn`` / ``mlp``. The residual stream keeps one
 width everywhere (no shortcut matrices). Widths are read from the weight shapes.
 
 The output is what vLLM's ``DeciLMForCausalLM`` and llama.cpp's ``deci`` converter read:
@@ -47,6 +48,7 @@ from torch import nn
 from slicelm import configuration_decilm, modeling_decilm
 from slicelm.configuration_decilm import DeciLMConfig
 from slicelm.errors import SlicelmError
+from slicelm.modeling_slicelm import ZeroBranch
 from slicelm.outputs import OutputClaim, staged_output, to_json
 from slicelm.streaming_io import ShardWriter, check_finite
 
@@ -107,7 +109,8 @@ class DeciBlock:
 
 
 def is_no_op(module: nn.Module | None) -> bool:
-    return module is None or bool(getattr(module, "no_op", False))
+    """A removed sub-block: absent, a module marked ``no_op`` (NoOpAttention / NoOpMLP) or a ZeroBranch."""
+    return module is None or bool(getattr(module, "no_op", False)) or isinstance(module, ZeroBranch)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -135,6 +138,15 @@ def check_family(config: Any) -> None:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise SlicelmError(f"a DeciLM folder needs SiLU MLPs; this model uses {config.hidden_act}")
+
+
+def family_refusal(config: Any) -> str | None:
+    """Why a DeciLM folder cannot hold this family (one line), or None when it can."""
+    try:
+        check_family(config)
+    except SlicelmError as exc:
+        return str(exc)
+    return None
 
 
 def deci_blocks(model: nn.Module) -> list[DeciBlock]:
@@ -290,8 +302,11 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return getattr(module, "bias", None)
 
 
-def attention_tensors(attn: nn.Module, block: DeciBlock, served: ServedBlock, heads: int, head_dim: int):
-    """q/k/v/o weights and biases of one layer, zero-padded to ``heads`` query heads in ``served.kv_heads`` groups.
+def pad_attention_tensor(
+    part: str, tensor: torch.Tensor, block: DeciBlock, served: ServedBlock, heads: int, head_dim: int
+) -> torch.Tensor:
+    """One q/k/v/o tensor (``part``: ``q_proj.weight``, ``o_proj.bias``...) zero-padded to ``heads``
+    query heads in ``served.kv_heads`` groups; each tensor on its own (the streamed writer's shards).
 
     Real KV group j (0 <= j < kv) keeps its place; its r real query heads go to the first r slots
     of group j, which holds H / kv'' heads after padding. o_proj's columns follow the query heads.
@@ -301,18 +316,22 @@ def attention_tensors(attn: nn.Module, block: DeciBlock, served: ServedBlock, he
     q_rows = (slots[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)  # (q hd,)
     kv_rows = torch.arange(block.kv_heads * head_dim)
     q_out, kv_out = heads * head_dim, served.kv_heads * head_dim
-    out = {
-        "q_proj.weight": _pad_rows(attn.q_proj.weight.detach(), q_rows, q_out),
-        "k_proj.weight": _pad_rows(attn.k_proj.weight.detach(), kv_rows, kv_out),
-        "v_proj.weight": _pad_rows(attn.v_proj.weight.detach(), kv_rows, kv_out),
-        "o_proj.weight": _pad_rows(attn.o_proj.weight.detach().T, q_rows, q_out).T.contiguous(),
-    }
-    for name, rows, size in (("q_proj", q_rows, q_out), ("k_proj", kv_rows, kv_out), ("v_proj", kv_rows, kv_out)):
-        bias = _bias(getattr(attn, name))
-        if bias is not None:
-            out[f"{name}.bias"] = _pad_rows(bias.detach(), rows, size)
-    if _bias(attn.o_proj) is not None:
-        out["o_proj.bias"] = attn.o_proj.bias.detach()
+    module, _, kind = part.partition(".")
+    if module == "o_proj":
+        return tensor if kind == "bias" else _pad_rows(tensor.T, q_rows, q_out).T.contiguous()
+    rows, size = (q_rows, q_out) if module == "q_proj" else (kv_rows, kv_out)
+    return _pad_rows(tensor, rows, size)
+
+
+def attention_tensors(attn: nn.Module, block: DeciBlock, served: ServedBlock, heads: int, head_dim: int):
+    """q/k/v/o weights and biases of one layer, zero-padded (:func:`pad_attention_tensor`)."""
+    out = {}
+    for name in ATTENTION_PARTS:
+        for kind in ("weight", "bias"):
+            tensor = getattr(getattr(attn, name), kind, None)
+            if tensor is not None:
+                part = f"{name}.{kind}"
+                out[part] = pad_attention_tensor(part, tensor.detach(), block, served, heads, head_dim)
     return out
 
 
@@ -340,7 +359,7 @@ def mlp_tensors(
     return out
 
 
-def _biases(model: nn.Module, blocks: Sequence[DeciBlock]) -> dict[str, bool]:
+def bias_flags(model: nn.Module, blocks: Sequence[DeciBlock]) -> dict[str, bool]:
     """Which biases the model has; one flag each for q/k/v, o and the MLP must hold for all layers."""
     found: dict[str, set[bool]] = {"qkv": set(), "o": set(), "mlp": set()}
     for layer, block in zip(_layers(model), blocks, strict=True):
@@ -390,6 +409,56 @@ def decilm_tensors(
     return {k: v.detach() for k, v in out.items()}
 
 
+def decilm_structure(model: nn.Module, source: Any) -> nn.Module:
+    """The DeciLM model :func:`save_decilm` writes for ``model``, on the meta device (for exact counts).
+
+    model: any Llama-named structure whose shapes give the widths (meta weights will do); source:
+    the stock config of its stream (one ``hidden_size``, explicit ``head_dim``). Zero padding of
+    query heads and KV groups is part of the structure, as it is of the folder.
+    """
+    blocks = deci_blocks(model)
+    heads = model.config.num_attention_heads
+    served = [served_block(b, heads, index=i) for i, b in enumerate(blocks)]
+    config = decilm_config(source, served, bias_flags(model, blocks))
+    with torch.device("meta"):
+        deci = modeling_decilm.DeciLMForCausalLM(config)
+    deci.tie_weights()
+    return deci
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def is_decilm_folder(folder: str | Path) -> bool:
+    """A DeciLM / Nemotron-NAS folder (``model_type: "nemotron-nas"`` in its config.json)."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == DeciLMConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_decilm_config(folder: str | Path) -> DeciLMConfig:
+    """The folder's config through slicelm's copy of ``configuration_decilm.py`` (no remote code run)."""
+    try:
+        return DeciLMConfig.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SlicelmError(f"cannot read the DeciLM config of {folder}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def load_decilm(folder: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """A DeciLM folder loaded with slicelm's copy of its modeling file (the folder's own code is not run)."""
+    from safetensors import SafetensorError
+
+    config = load_decilm_config(folder)
+    try:
+        model = modeling_decilm.DeciLMForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise SlicelmError(f"cannot load the DeciLM folder {folder}: {str(exc).strip().splitlines()[0]}") from None
+    return model.eval()
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------
@@ -419,7 +488,7 @@ def save_decilm(
         raise SlicelmError("the blocks given differ from the model's weight shapes; nothing was written")
     heads = model.config.num_attention_heads
     served = [served_block(b, heads, llama_cpp=llama_cpp, index=i) for i, b in enumerate(found)]
-    biases = _biases(model, found)
+    biases = bias_flags(model, found)
     config = decilm_config(model.config, served, biases)
     raw = config.to_dict()
     if raw["block_configs"] and serving_problems(raw)["vllm"]:

@@ -31,32 +31,37 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicelm.arch import Layout, resolve
+from slicelm.bases import BASES
+from slicelm.blocks import remove_attention, remove_mlp
 from slicelm.budget import ParameterCounter, PlanContext
 from slicelm.calibration import Batch, WeightAccess, capture_layer_inputs
 from slicelm.channels import check_prunable, intermediate_width, obs_prune, reconstruction_error, select_channels
 from slicelm.devices import DeviceAccess, move_buffers_outside
 from slicelm.errors import SlicelmError
 from slicelm.fuse import FusedNorms, fuse_final, fuse_layer, prepare_ends
+from slicelm.heads import head_geometry, prune_heads
 from slicelm.modeling_slicelm import (
     SLICELM_KEY,
     RMSNProject,
     attention_half,
     block_roles,
+    branch_removed,
     forget_parts,
     get_module,
     make_sliced_block,
     mlp_half,
+    remove_branch,
     set_module,
     sliced_model_class,
     stream_weight,
 )
 from slicelm.offload import ActivationStore
-from slicelm.pca import CovarianceAccumulator, pca, random_orthogonal
+from slicelm.pca import CovarianceAccumulator
 from slicelm.plain import check_plain, diagonalise_final_norm
-from slicelm.plan import SlicingPlan
+from slicelm.plan import LayerWidths, SlicingPlan
 from slicelm.resources import PeakMemory, count_parameters
 from slicelm.rotate import rotate_reader, rotate_writer
-from slicelm.statistics import ModelStatistics, channel_basis, collect_statistics, global_basis
+from slicelm.statistics import ModelStatistics, collect_statistics
 from slicelm.version import __version__
 
 # The MLP refit solves a least-squares problem per output with as many unknowns as kept channels:
@@ -79,6 +84,7 @@ class SliceReport:
     layout: str = "slicegpt"
     planning: dict[str, Any] = field(default_factory=dict)  # how a --target-params plan was chosen
     mlp_error: dict[str, float] = field(default_factory=dict)  # layer -> refit MLP error / MLP output energy
+    head_error: dict[str, float] = field(default_factory=dict)  # layer -> refit o_proj error / its output energy
     warnings: list[str] = field(default_factory=list)  # things the user should know (printed by the CLI)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,17 +125,7 @@ class _Bases:
                 f"the residual stream at {name} holds non-finite values (NaN/inf) on the calibration data; "
                 "the model overflows in its dtype: slice in float32 (--dtype float32)"
             )
-        if self.fixed is not None:
-            q = self.fixed
-        elif self.kind == "random":
-            q = random_orthogonal(self.dim, self.generator).to(cov.device)
-        elif self.kind == "identity":
-            q = torch.eye(self.dim, dtype=torch.float64, device=cov.device)
-        elif self.kind == "channels":  # keep the most energetic coordinates, no rotation
-            order = torch.argsort(torch.diagonal(cov), descending=True)
-            q = torch.eye(self.dim, dtype=torch.float64, device=cov.device)[:, order]
-        else:
-            q = pca(cov)[1]
+        q = self.fixed if self.fixed is not None else BASES[self.kind].at_point(cov, self.generator)
         # Share of the stream's energy kept by the chosen basis (for PCA: top eigenvalues / trace).
         kept = torch.einsum("ij,ik,kj->", q[:, :width], cov, q[:, :width]).item()
         self.explained[name] = kept / max(torch.trace(cov).item(), 1e-30)
@@ -223,18 +219,18 @@ def execute(
     ctx = PlanContext(layout, model.config, plan.layout, fused.keep_tie, _intermediate(model, layout))
     fixed = None
     if plain:
-        kind = plan.basis
-        if kind == "pca" and plan.keeps_stream:  # a whole stream: any basis gives the same function
-            kind = "identity"
+        basis = BASES[plan.basis]
+        if basis.full_width_identity and plan.keeps_stream:  # a whole stream: any such basis is the same function
+            basis = BASES["identity"]
         stats = None
-        if kind in ("pca", "channels"):
+        if basis.data:
             t_stats = time.perf_counter()
             stats = statistics
             if stats is None or not stats.has_moments:
                 stats = collect_statistics(model, layout, batches, store, access, device=device, progress=progress)
                 batches = capture_layer_inputs(model, layout, calibration, batch_size, pad_id, store, progress)
             timings["statistics"] = time.perf_counter() - t_stats
-        fixed = _global_basis(stats, kind, plan.seed, hidden)
+        fixed = basis.whole(stats, hidden, torch.Generator().manual_seed(plan.seed))
         if fused.keep_tie:  # the final norm must stay diagonal in the kept subspace (see plain.py)
             access.load(model, layout.final_norm)
             fixed = diagonalise_final_norm(fixed, plan.embedding, _final_scale(model, layout))
@@ -258,13 +254,13 @@ def execute(
         store[("x", i)] = _project(store[("x", i)].to(device), q_in)
 
     roles = block_roles(layout.to_dict()) | {"shortcuts": not plain}  # one basis: no shortcuts
-    mlp_error: dict[str, float] = {}
+    errors: dict[str, dict[str, float]] = {"mlp": {}, "heads": {}}
     t_layers = time.perf_counter()
     for index, layer in enumerate(tqdm(layers, desc="slice layers", disable=not progress)):
         layer_path = f"{layout.layers}.{index}"
         access.load(model, layer_path)
         fuse_layer(layer, layout, hidden, fused.eps)
-        q_in = _slice_layer(layer, index, layout, plan, roles, batches, store, bases, q_in, mlp_error)
+        q_in = _slice_layer(layer, index, layout, plan, roles, batches, store, bases, q_in, errors)
         access.done(model, layer_path)
         memory.sample()
     timings["layers"] = time.perf_counter() - t_layers
@@ -311,7 +307,8 @@ def execute(
         peak_memory=memory.as_dict(),
         layout=plan.layout,
         planning=dict(plan.planning),
-        mlp_error=mlp_error,
+        mlp_error=errors["mlp"],
+        head_error=errors["heads"],
         warnings=warnings,
     )
 
@@ -331,6 +328,15 @@ def check_model_for_plan(model: nn.Module, layout: Layout, plan: SlicingPlan) ->
         check_plain(layout.norm, layout.model_type)
     if plan.prunes_mlp:
         check_prunable(layout.mlp_chunks, layout.model_type)
+    if plan.prunes_heads:
+        geometry = head_geometry(get_module(model, layout.layers)[0], layout)  # refuses fused projections
+        for i, lw in enumerate(plan.layers):
+            if lw.heads is not None and not lw.attention_removed:
+                if lw.kv_heads > geometry.kv_heads or lw.q_per_kv > geometry.q_per_kv:
+                    raise SlicelmError(
+                        f"the plan keeps {lw.kv_heads} KV heads of {lw.q_per_kv} query heads in layer {i}; "
+                        f"this model has {geometry.kv_heads} of {geometry.q_per_kv}"
+                    )
     intermediate = _intermediate(model, layout)
     plan.check_model(
         {
@@ -367,17 +373,6 @@ def _final_scale(model: nn.Module, layout: Layout) -> torch.Tensor:
     return weight.detach().to(torch.float64).cpu() + layout.norm_offset
 
 
-def _global_basis(stats, kind: str, seed: int, hidden: int) -> torch.Tensor:
-    """The plain layout's one basis (D, D); pca and channels are chosen from every point's stream statistics."""
-    if kind == "pca":
-        return global_basis(stats)[1]
-    if kind == "channels":
-        return channel_basis(stats)
-    if kind == "identity":
-        return torch.eye(hidden, dtype=torch.float64)
-    return random_orthogonal(hidden, torch.Generator().manual_seed(seed))
-
-
 def _slice_layer(
     layer: nn.Module,
     index: int,
@@ -388,25 +383,32 @@ def _slice_layer(
     store: ActivationStore,
     bases: _Bases,
     q_in: torch.Tensor,
-    mlp_error: dict[str, float],
+    errors: dict[str, dict[str, float]],
 ) -> torch.Tensor:
     """Rotate and slice one (norm-fused) decoder layer whose input is in basis ``q_in``.
 
     Returns the basis of its output (D, d_out); the store then holds the layer's output signals.
-    When the plan narrows the MLP, its channels are pruned (and its output refit) on the inputs it
-    really receives here, before the branch's statistics are taken.
+    The structure-local steps act on the inputs the layer really receives here, before its
+    branches' statistics are taken: heads are removed (o_proj refit) or the attention sub-block
+    is; MLP channels are pruned (output refit) or the MLP sub-block is removed.
+    errors: each step's relative refit error by layer (``errors["mlp"]``, ``errors["heads"]``).
     """
     d_in, d_mid, d_out = plan.layer(index)
-    mlp = plan.layers[index].mlp
+    widths = plan.layers[index]
+    mlp = widths.mlp
     layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
     forget_parts(layer)
     for path in layout.attn_inputs:
         rotate_reader(get_module(layer, path), q_in)
+    _attention_step(layer, index, layout, widths, batches, store, q_in.device, errors)
     if layout.parallel:
-        for path in layout.mlp_inputs:
-            rotate_reader(get_module(layer, path), q_in)
-        if mlp is not None:
-            mlp_error[f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
+        if widths.mlp_removed:
+            remove_mlp(layer, layout)
+        else:
+            for path in layout.mlp_inputs:
+                rotate_reader(get_module(layer, path), q_in)
+        if mlp:
+            errors["mlp"][f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
         q_out = _slice_branch(layer, layout, batches, store, bases, f"layer{index}", q_in, d_out, both=True)
         make_sliced_block(layer, roles, d_in, None, d_out)
         _set_shortcut(layer, "attn_shortcut", q_in, q_out)
@@ -415,12 +417,14 @@ def _slice_layer(
     # Fused MoE experts write as wide as they read: while the MLP still writes original
     # coordinates it must read them too, so its readers are rotated after its branch.
     late = layout.mlp_same_width
-    mlp_readers = [get_module(layer, path) for path in layout.mlp_inputs]
+    if widths.mlp_removed:
+        remove_mlp(layer, layout)
+    mlp_readers = [] if widths.mlp_removed else [get_module(layer, path) for path in layout.mlp_inputs]
     if not late:
         for reader in mlp_readers:
             rotate_reader(reader, q_mid)
-    if mlp is not None:
-        mlp_error[f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
+    if mlp:
+        errors["mlp"][f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
     name = f"layer{index}.mlp"
     q_out = _slice_branch(layer, layout, batches, store, bases, name, q_mid, d_out, mlp=True, unrotated=late)
     if late:
@@ -430,6 +434,25 @@ def _slice_layer(
     _set_shortcut(layer, "attn_shortcut", q_in, q_mid)
     _set_shortcut(layer, "ffn_shortcut", q_mid, q_out)
     return q_out
+
+
+def _attention_step(
+    layer: nn.Module,
+    index: int,
+    layout: Layout,
+    widths: LayerWidths,
+    batches: list[Batch],
+    store: ActivationStore,
+    device: torch.device,
+    errors: dict[str, dict[str, float]],
+) -> None:
+    """Remove the attention sub-block, or keep ``(kv_heads, q_per_kv)`` heads (o_proj refit on the
+    inputs the block receives: ``store["x", i]`` in its readers' basis)."""
+    if widths.attention_removed:
+        remove_attention(layer, layout)
+    elif widths.heads is not None:
+        kv_heads, q_per_kv = widths.heads
+        errors["heads"][f"layer{index}"] = prune_heads(layer, layout, batches, store, kv_heads, q_per_kv, device)
 
 
 def _prune_mlp(
@@ -519,12 +542,15 @@ def _slice_branch(
         acc.add(z, b.mask.to(device))
         store[("z", i)] = z
     q_out = bases.choose(name, acc, width)
-    if both:
-        writers = layout.attn_outputs + layout.mlp_outputs
-    else:
-        writers = layout.mlp_outputs if mlp else layout.attn_outputs
-    for path in writers:
-        rotate_writer(get_module(layer, path), q_out)
+    branches = ("attn", "mlp") if both else ("mlp",) if mlp else ("attn",)
+    outputs = {"attn": layout.attn_outputs, "mlp": layout.mlp_outputs}
+    roles = layout.to_dict()
+    for branch in branches:
+        if branch_removed(layer, roles, branch):  # zeros of the new width: nothing to rotate
+            remove_branch(layer, roles, branch, width)
+            continue
+        for path in outputs[branch]:
+            rotate_writer(get_module(layer, path), q_out)
     for i in range(len(batches)):
         store[("x", i)] = _project(store[("z", i)].to(device), q_out)  # the store keeps it on the CPU
         del store[("z", i)]

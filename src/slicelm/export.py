@@ -7,6 +7,11 @@ folder ``benchmarks/llama_cpp_build.sh`` builds (it holds the converter's own ve
 
 Only folders in a stock architecture can be converted: a model sliced with ``--layout slicegpt``
 carries shortcut matrices that no llama.cpp architecture has (and that vLLM cannot run either).
+A DeciLM / Nemotron-NAS folder (``slicelm slice --format decilm``, per-layer widths) is converted
+to llama.cpp's ``deci`` architecture when its converter can read every layer: MLP widths in
+multiples of 256 (it reads only ``ffn_mult``), ``head_dim = hidden_size / num_attention_heads``,
+no MLP-free layer with attention; otherwise it is refused in one line. vLLM serves it as
+``DeciLMForCausalLM`` with ``--trust-remote-code`` (its config class ships in the folder).
 
 The GGUF file is published without ever replacing a file: the converter writes into a private
 temporary folder and the result is hard-linked to the ``--gguf`` path, which fails if anything
@@ -26,6 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from slicelm.decilm import serving_problems
 from slicelm.errors import SlicelmError
 
 LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
@@ -70,8 +76,9 @@ def find_llama_cpp(root: str | Path | None) -> LlamaCpp:
     return LlamaCpp(source / CONVERTER, python, bins)
 
 
-def check_exportable(folder: Path) -> None:
-    """Refuse, in one line, a folder that is not a stock Hugging Face architecture.
+def check_exportable(folder: Path) -> dict:
+    """Refuse, in one line, a folder that is not a stock Hugging Face architecture or a DeciLM
+    folder; returns its config.json.
 
     ``--layout slicegpt`` folders carry a ``slicelm`` config section and an ``auto_map`` to their
     own modeling file; neither llama.cpp nor vLLM has an architecture with shortcut matrices.
@@ -85,8 +92,16 @@ def check_exportable(folder: Path) -> None:
         raise SlicelmError(f"cannot read {config}: {exc}") from None
     if not isinstance(data, dict):
         raise SlicelmError(f"{config} is not a JSON object; give a Hugging Face model folder")
+    if is_decilm(data):
+        return data
     if "slicelm" in data or data.get("auto_map"):
         raise SlicelmError(f"{folder} {remote_code_kind(data)}")
+    return data
+
+
+def is_decilm(config: dict) -> bool:
+    """A DeciLM / Nemotron-NAS config.json (per-layer widths in ``block_configs``)."""
+    return config.get("model_type") == "nemotron-nas" and isinstance(config.get("block_configs"), list)
 
 
 def remote_code_kind(config: dict) -> str:
@@ -126,9 +141,10 @@ def vllm_command(folder: str | Path) -> str:
     may pick a half type on some platforms, which changes the greedy tokens.
     """
     folder = Path(folder).expanduser()
-    check_exportable(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = check_exportable(folder)
     command = ["vllm", "serve", os.path.abspath(folder)]
+    if is_decilm(config):  # vLLM reads a DeciLM config through the configuration_decilm.py in the folder
+        command.append("--trust-remote-code")
     dtype = config.get("dtype") or config.get("torch_dtype")
     if isinstance(dtype, str) and dtype in ("float32", "float16", "bfloat16"):
         command += ["--dtype", dtype]
@@ -171,7 +187,15 @@ def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16", llama
     outtype = outtype.lower()
     if outtype not in CONVERTER_TYPES + QUANTIZE_TYPES:
         raise SlicelmError(f"unknown --outtype {outtype}; use one of {', '.join(CONVERTER_TYPES + QUANTIZE_TYPES)}")
-    check_exportable(folder)
+    config = check_exportable(folder)
+    if is_decilm(config):
+        problems = serving_problems(config)["llama.cpp"]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise SlicelmError(
+                f"llama.cpp's deci converter cannot read this DeciLM folder: {problems[0]}{more}; vLLM serves it "
+                "(slicelm export FOLDER prints the command), or re-slice with MLP widths in multiples of 256"
+            )
     if out.exists():
         raise SlicelmError(f"{out} already exists; choose another --gguf path (slicelm does not replace files)")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):

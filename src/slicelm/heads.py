@@ -40,14 +40,17 @@ from slicelm.arch import Layout
 from slicelm.calibration import Batch
 from slicelm.channels import DAMP, reconstruction_error
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import attention_half, get_module, set_stream_weight, stream_bias, stream_weight
+from slicelm.modeling_slicelm import (
+    attention_half,
+    get_module,
+    set_stream_weight,
+    stream_bias,
+    stream_weight,
+)
+from slicelm.modeling_slicelm import resize_heads as resize_block_heads
+from slicelm.modeling_slicelm import set_head_counts as set_counts
 from slicelm.offload import ActivationStore
 from slicelm.pca import CovarianceAccumulator
-
-# Head-count attributes that attention modules of transformers 5.x read in their forward (names
-# vary by family and version); each present integer attribute is kept consistent after a removal.
-_QUERY_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
-_KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 
 
 @dataclass(frozen=True)
@@ -313,17 +316,9 @@ def _keep_rows(module: nn.Module, rows: torch.Tensor) -> None:
 
 
 def set_head_counts(attn: nn.Module, geometry: HeadGeometry) -> None:
-    """Make an attention module's head-count attributes match ``geometry`` (after removal or when
-    building a model with per-layer head counts). Forwards of transformers 5.x reshape by
-    ``head_dim`` and repeat KV heads ``num_key_value_groups`` times; older or other families read
-    ``num_heads`` and the like: every such integer attribute present is set."""
-    attn.num_key_value_groups = geometry.q_per_kv
-    for name in _QUERY_COUNT_ATTRS:
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, geometry.heads)
-    for name in _KV_COUNT_ATTRS:
-        if isinstance(getattr(attn, name, None), int):
-            setattr(attn, name, geometry.kv_heads)
+    """Make an attention module's head-count attributes match ``geometry`` (see
+    :func:`slicelm.modeling_slicelm.set_head_counts`)."""
+    set_counts(attn, geometry.kv_heads, geometry.q_per_kv)
 
 
 @torch.no_grad()
@@ -345,19 +340,8 @@ def apply_heads(layer: nn.Module, layout: Layout, choice: HeadChoice) -> None:
 def resize_heads(layer: nn.Module, layout: Layout, geometry: HeadGeometry) -> None:
     """Give a freshly built block the shapes of ``geometry`` (weights uninitialised), as a loader does
     before reading a checkpoint whose layers keep different numbers of heads."""
-    q_proj, k_proj, v_proj, o_proj = _projections(layer, layout)
-    hd = geometry.head_dim
-    for module, rows in (
-        (q_proj, geometry.heads * hd),
-        (k_proj, geometry.kv_heads * hd),
-        (v_proj, geometry.kv_heads * hd),
-    ):
-        _keep_rows(module, torch.arange(rows))
-    o_weight = stream_weight(o_proj, "writer")
-    set_stream_weight(
-        o_proj, "writer", o_weight.new_empty(geometry.heads * hd, o_weight.shape[-1]), stream_bias(o_proj)
-    )
-    set_head_counts(get_module(layer, layout.attn), geometry)
+    _projections(layer, layout)  # refuses fused projections in one line
+    resize_block_heads(layer, layout.to_dict(), geometry.kv_heads, geometry.q_per_kv)
 
 
 def prune_heads(

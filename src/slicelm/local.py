@@ -71,8 +71,9 @@ def serves_locally(layout: Layout, config: SliceConfig) -> bool:
     model without the rotation (one line, saying why).
 
     Served here: every run on a model whose rotation is refused (a budget there spends MLP channels
-    only), and MLP-only runs on mixtures of experts (experts are pruned per expert) and, for
-    ``--layout plain``, on LayerNorm families (a stock LayerNorm cannot hold a fused stream).
+    only), and MLP-only runs on mixtures of experts (experts are pruned per expert) and on
+    LayerNorm families (a stock LayerNorm cannot hold a fused stream; a stream that stays whole
+    needs no shortcuts, so the stock architecture is written whatever ``--layout`` says).
     """
     if layout.rotation is not None:
         if config.target_params is None and config.sparsity > 0:
@@ -83,7 +84,9 @@ def serves_locally(layout: Layout, config: SliceConfig) -> bool:
     removes_mlp = config.target_params is not None or config.mlp_sparsity > 0
     # Experts only when channels go (at zero removal the rotation path is exact too); a plain LayerNorm
     # model always (the rotation path cannot write one).
-    return (layout.experts is not None and removes_mlp) or (layout.norm == "layer" and config.layout == "plain")
+    return (layout.experts is not None and removes_mlp) or (
+        layout.norm == "layer" and (removes_mlp or config.layout == "plain")
+    )
 
 
 # --------------------------------------------------------------------------------------------------

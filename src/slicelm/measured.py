@@ -14,9 +14,13 @@ the model's own next-token distribution:
    refit sees the signals of the already-compressed layers before it) and scored by the same KL:
    the uniform MLP plan, the uniform stream plan (SliceGPT), their combination, and per-layer MLP
    widths shaped by the measured sensitivities (removal proportional to ``s_i ** -beta`` for each
-   beta in :data:`SHAPES`; beta = 0 would be the uniform plan).
-   With ``layout="plain"`` (the stock architecture, one MLP width) only the uniform candidates are
-   scored: a layout the user asked for is honoured.
+   beta in :data:`SHAPES`; beta = 0 would be the uniform plan); the mildest uniform head removals
+   (one query head fewer per KV group, one KV group fewer; o_proj refit) with the rest of the
+   budget from every MLP; and the attention sub-blocks of the least sensitive layers removed
+   (their sensitivity measured like the MLPs': one layer at a time, KL on the held-out windows),
+   the rest from every MLP.
+   With ``layout="plain"`` (the stock architecture, one MLP width) only the stock-shaped
+   candidates (uniform widths and heads) are scored: a layout the user asked for is honoured.
 4. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
    candidates, so the choice never scores worse than they do.
 
@@ -36,11 +40,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.budget import ALLOCATORS, ParameterCounter, PlanRequest, counter_for, register_allocator, stream_plan
+from slicelm.blocks import remove_attention
+from slicelm.budget import (
+    ALLOCATORS,
+    ParameterCounter,
+    PlanRequest,
+    counter_for,
+    register_allocator,
+    spend_mlp,
+    stream_plan,
+)
 from slicelm.calibration import capture_layer_inputs
 from slicelm.channels import obs_prune, select_channels
 from slicelm.errors import SlicelmError
 from slicelm.executor import execute
+from slicelm.heads import head_geometry
 from slicelm.modeling_slicelm import get_module, stream_weight
 from slicelm.offload import ActivationStore
 from slicelm.pca import CovarianceAccumulator
@@ -49,6 +63,7 @@ from slicelm.plan import SlicingPlan, round_width
 SCORE_TOKENS = 2048  # held-out calibration tokens every candidate is scored on
 SEARCH_TOKENS = 8192  # calibration tokens the candidates' refits use during the search
 SHAPES = (0.5, 1.0)  # exponents of the sensitivity-shaped MLP allocations tried
+ATTENTION_REMOVAL_SHARES = (16, 8, 4)  # attention sub-blocks removed: 1/16, 1/8, 1/4 of the layers
 
 Scorer = Callable[[str, SlicingPlan], float]  # (candidate name, plan) -> score, lower is better
 
@@ -83,6 +98,15 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
             shaped = shaped_plan(request, uniform_mlp, sensitivity, beta)
             if shaped is not None and all(shaped.layers != c.layers for c in candidates.values()):
                 candidates[f"mlp-shaped-{beta:g}"] = shaped
+    candidates |= head_candidates(request)
+    attention_sensitivity: list[float] | None = None
+    if uniform_mlp is not None and request.ctx.kind != "plain":  # sub-block removal is not stock-shaped
+        if measure is None:
+            attention_sensitivity = [1.0 + ((i * 7) % 5) for i in range(request.ctx.num_layers)]
+        elif isinstance(request.ctx.layout.attn, str):
+            attention_sensitivity = measure.attention_sensitivity()
+    if attention_sensitivity is not None:
+        candidates |= attention_removal_candidates(request, attention_sensitivity)
     if not candidates:
         raise SlicelmError(
             f"--target-params {request.config.target_params} cannot be met on this model by any candidate plan; "
@@ -99,10 +123,12 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
             for score, name, plan in scored
         ],
         "score": "KL(dense || candidate) per held-out token" if measure is not None else "injected scorer",
-        "evaluations": len(scored) + (len(sensitivity) if sensitivity is not None and measure is not None else 0),
+        "evaluations": len(scored)
+        + sum(len(v) for v in (sensitivity, attention_sensitivity) if v is not None and measure is not None),
         "score_tokens": sum(len(s) for s in held),
         "search_tokens": sum(len(s) for s in search),
         "layer_sensitivity": sensitivity,
+        "attention_sensitivity": attention_sensitivity,
         "search_seconds": time.perf_counter() - start,
         "stream_width": best.embedding if best.keeps_stream else min(lw.out for lw in best.layers),
     }
@@ -237,6 +263,69 @@ def shaped_plan(
     return plan_at(hi)
 
 
+def _mlp_filled(request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
+    """``base`` (its heads and sub-blocks as they are) with the rest of the budget taken from every
+    kept MLP alike, counted as written; None if the budget cannot be met that way."""
+    mlp_request = _mlp_only_request(request)
+    if base.layout != mlp_request.ctx.kind or request.ctx.layout.mlp_chunks is None:
+        return None
+    plan, _ = spend_mlp(mlp_request, base, uniform=True, mlp_cost=None)
+    if plan is None:
+        return None
+    # A removed MLP stays removed (the uniform spend names a width for every layer).
+    return plan.with_mlp([0 if b.mlp_removed else lw.mlp for b, lw in zip(base.layers, plan.layers, strict=True)])
+
+
+def _whole_stream(request: PlanRequest) -> SlicingPlan:
+    mlp_request = _mlp_only_request(request)
+    return stream_plan(mlp_request.ctx, mlp_request.ctx.hidden, mlp_request.config)
+
+
+def head_levels(request: PlanRequest) -> list[tuple[int, int]]:
+    """The mildest uniform head removals: one query head fewer per KV group, one KV group fewer.
+
+    Empty where the family's attention is fused or its model is not in memory."""
+    model, layout = request.model, request.ctx.layout
+    try:
+        geometry = head_geometry(get_module(model, layout.layers)[0], layout)
+    except (SlicelmError, AttributeError, TypeError):
+        return []
+    levels = []
+    if geometry.q_per_kv > 1:
+        levels.append((geometry.kv_heads, geometry.q_per_kv - 1))
+    if geometry.kv_heads > 1:
+        levels.append((geometry.kv_heads - 1, geometry.q_per_kv))
+    return levels
+
+
+def head_candidates(request: PlanRequest) -> dict[str, SlicingPlan]:
+    """Uniform head removal, the rest of the budget from every MLP alike (stock-shaped: any layout).
+
+    The heads go on the inputs each layer receives, chosen by grouped OBS with an o_proj refit."""
+    out: dict[str, SlicingPlan] = {}
+    base = _whole_stream(request)
+    for kv_heads, q_per_kv in head_levels(request):
+        plan = _mlp_filled(request, base.with_heads([(kv_heads, q_per_kv)] * len(base.layers)))
+        if plan is not None:
+            out[f"heads-{kv_heads}x{q_per_kv}+mlp"] = plan
+    return out
+
+
+def attention_removal_candidates(request: PlanRequest, sensitivity: Sequence[float]) -> dict[str, SlicingPlan]:
+    """The attention sub-blocks of the n least sensitive layers removed, the rest from every MLP
+    alike, for n of 1/16, 1/8 and 1/4 of the layers (rounded up; measured sensitivities)."""
+    layers = len(sensitivity)
+    order = sorted(range(layers), key=lambda i: sensitivity[i])
+    base = _whole_stream(request)
+    out: dict[str, SlicingPlan] = {}
+    for n in sorted({-(-layers // d) for d in ATTENTION_REMOVAL_SHARES}):
+        gone = set(order[:n])
+        plan = _mlp_filled(request, base.with_heads([(0, 0) if i in gone else None for i in range(layers)]))
+        if plan is not None:
+            out[f"no-attn-{n}+mlp"] = plan
+    return out
+
+
 def _can_measure_layers(request: PlanRequest) -> bool:
     """Layer sensitivities need an MLP that is one submodule and channels that can be pruned."""
     layout = request.ctx.layout
@@ -280,6 +369,49 @@ class KLScorer:
         return total / sum(len(ids) for ids in self.held)
 
     @torch.no_grad()
+    def attention_sensitivity(self) -> list[float]:
+        """For each layer alone: KL when its attention sub-block is removed (the residual passes)."""
+        layout = self.request.ctx.layout
+
+        def without_attention(layer: nn.Module) -> nn.Module:
+            removed = copy.deepcopy(layer)
+            remove_attention(removed, layout)
+            return removed
+
+        return self._one_layer_at_a_time(without_attention, "attention sensitivity")
+
+    @torch.no_grad()
+    def _one_layer_at_a_time(self, change: Callable[[nn.Module], nn.Module], desc: str) -> list[float]:
+        """KL of the model with ``change(layer)`` in place of each layer in turn (dense elsewhere)."""
+        model, layout = self.model, self.request.ctx.layout
+        held_store = ActivationStore()
+        held = capture_layer_inputs(model, layout, self.held, 1, self.pad_id, held_store, False)
+        layers = get_module(model, layout.layers)
+        tokens = sum(len(ids) for ids in self.held)
+        result = []
+        for index, layer in enumerate(tqdm(layers, desc=desc, disable=not self.request.progress)):
+            changed = change(layer)
+            result.append(self._held_kl(changed, index, held, held_store) / tokens)
+            for i, b in enumerate(held):
+                held_store[("x", i)] = _first(layer(held_store[("x", i)], **b.kwargs))
+            del changed
+        for i in range(len(held)):
+            del held_store[("x", i)]
+        return result
+
+    def _held_kl(self, changed: nn.Module, index: int, held, held_store: ActivationStore) -> float:
+        """Summed KL on the held-out windows with ``changed`` as layer ``index`` (its input: the
+        dense signals in ``held_store``), the dense layers after it."""
+        layers = get_module(self.model, self.request.ctx.layout.layers)
+        total = 0.0
+        for i, b in enumerate(held):
+            x = _first(changed(held_store[("x", i)], **b.kwargs))
+            for later in layers[index + 1 :]:
+                x = _first(later(x, **b.kwargs))
+            total += self._kl(self._head(x)[0], i)
+        return total
+
+    @torch.no_grad()
     def layer_sensitivity(self, width: int) -> list[float]:
         """For each layer alone: KL when its MLP keeps ``width`` channels (OBS + refit on the dense
         inputs it receives). One pass over the layers; the held-out signals run on from each layer."""
@@ -307,12 +439,8 @@ class KLScorer:
             if width < weight.shape[-2]:
                 obs = obs_prune(weight, acc.covariance(), width)
                 select_channels(pruned, layout, obs.keep, obs.weight)
-            total = 0.0
+            total = self._held_kl(pruned, index, held, held_store)
             for i, b in enumerate(held):
-                x = _first(pruned(held_store[("x", i)], **b.kwargs))
-                for later in layers[index + 1 :]:
-                    x = _first(later(x, **b.kwargs))
-                total += self._kl(self._head(x)[0], i)
                 held_store[("x", i)] = _first(layer(held_store[("x", i)], **b.kwargs))
             result.append(total / tokens)
             del pruned
@@ -339,4 +467,49 @@ register_allocator(
     measured_allocator,
     needs="model",
     help="the simple plans and per-layer allocations, scored end to end on held-out calibration windows",
+)
+
+
+def heads_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """``--schedule heads``: the head-removal step with the MLPs (one query head fewer per KV
+    group, else one KV group fewer, in every layer; the rest of the budget from every MLP alike)."""
+    candidates = head_candidates(request)
+    if not candidates:
+        raise SlicelmError(
+            f"--schedule heads: the attention of {request.ctx.layout.model_type} cannot lose heads here (fused "
+            "q/k/v projections, a single head, or no budget left for the MLPs); use --schedule mlp or auto"
+        )
+    name, plan = next(iter(candidates.items()))
+    return plan, {"chosen": name}
+
+
+def attention_blocks_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """``--schedule attn-blocks``: the sub-block step with the MLPs (the attention of the least
+    sensitive 1/16 of the layers removed, sensitivity measured as ``auto`` does; the rest from
+    every MLP alike)."""
+    model, calibration = request.model, request.calibration
+    if model is None or calibration is None or any(p.device.type == "meta" for p in model.parameters()):
+        raise SlicelmError("--schedule attn-blocks measures layers on the model in memory; it cannot stream")
+    if not isinstance(request.ctx.layout.attn, str):
+        raise SlicelmError(f"--schedule attn-blocks: {request.ctx.layout.model_type}'s attention is not one module")
+    held, search = split_calibration(calibration)
+    sensitivity = KLScorer(model, held, search, request).attention_sensitivity()
+    candidates = attention_removal_candidates(request, sensitivity)
+    if not candidates:
+        raise SlicelmError("--schedule attn-blocks cannot meet this budget with the MLPs left; raise it")
+    name, plan = next(iter(candidates.items()))
+    return plan, {"chosen": name, "attention_sensitivity": sensitivity}
+
+
+register_allocator(
+    "heads",
+    heads_allocator,
+    needs="model",
+    help="one attention head fewer per KV group in every layer (o_proj refit), the rest from every MLP",
+)
+register_allocator(
+    "attn-blocks",
+    attention_blocks_allocator,
+    needs="model",
+    help="the attention sub-blocks of the least sensitive 1/16 of the layers removed, the rest from every MLP",
 )

@@ -209,6 +209,125 @@ def resize_writer(target: StreamTarget, width: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Removed sub-blocks and removed heads
+# --------------------------------------------------------------------------------------------------
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # by transformers version/family
+# Head-count attributes that attention modules of transformers 5.x read in their forward (names
+# vary by family and version); each present integer attribute is kept consistent after a removal.
+_QUERY_COUNT_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
+_KV_COUNT_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+
+
+class ZeroBranch(nn.Module):
+    """A removed branch: ``(..., d_in) -> zeros (..., width)`` in the input's dtype and device.
+
+    attention: return ``(zeros, None)`` as attention modules do, and keep the KV cache's length for
+    ``layer_idx``: transformers reads the cached length from the cache's layers (by default layer
+    0) to place new tokens, and an empty cache layer would restart positions at 0, so one 1-wide
+    "head" per token is recorded. No parameters, no buffers.
+    """
+
+    no_op = True  # what the DeciLM writer looks for: the sub-block holds nothing
+
+    def __init__(self, width: int, attention: bool = False, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.width = int(width)
+        self.attention = bool(attention)
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        x = hidden_states if hidden_states is not None else args[0]
+        out = x.new_zeros(*x.shape[:-1], self.width)
+        if not self.attention:
+            return out
+        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
+            # (B, 1, T, 1): the cache counts tokens along axis -2; one scalar per token keeps it cheap.
+            stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+            cache.update(stub, stub, self.layer_idx)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, attention={self.attention}"
+
+
+def remove_branch(layer: nn.Module, layout: dict[str, Any], branch: Literal["attn", "mlp"], width: int) -> None:
+    """Replace a block's attention or MLP branch by :class:`ZeroBranch` of output ``width`` (in place).
+
+    layout: the layout's dict form (roles ``attn``, ``mlp``, ``attn_norm``, ``mlp_norm``). A chain
+    MLP (OPT's fc1, activation, fc2 on the layer) keeps its chain: the first modules become
+    ``nn.Identity`` and the last the ZeroBranch. A norm that fed only this branch becomes
+    ``nn.Identity`` (a norm shared by both branches of a parallel block stays).
+    """
+    if branch == "attn":
+        attn = get_module(layer, layout["attn"])
+        if not isinstance(attn, ZeroBranch):
+            zero = ZeroBranch(width, attention=True, layer_idx=getattr(attn, "layer_idx", None))
+            set_module(layer, layout["attn"], zero)
+        norm, other = layout["attn_norm"], layout["mlp_norm"]
+    else:
+        chain = (layout["mlp"],) if isinstance(layout["mlp"], str) else tuple(layout["mlp"])
+        for path in chain[:-1]:
+            set_module(layer, path, nn.Identity())
+        if not isinstance(get_module(layer, chain[-1]), ZeroBranch):
+            set_module(layer, chain[-1], ZeroBranch(width))
+        norm, other = layout["mlp_norm"], layout["attn_norm"]
+    if norm is not None and other is not None and norm != other:
+        set_module(layer, norm, nn.Identity())
+    get_module(layer, layout["attn"] if branch == "attn" else _last(layout["mlp"])).width = int(width)
+    forget_parts(layer)
+
+
+def _last(chain: str | list[str] | tuple[str, ...]) -> str:
+    return chain if isinstance(chain, str) else chain[-1]
+
+
+def branch_removed(layer: nn.Module, layout: dict[str, Any], branch: Literal["attn", "mlp"]) -> bool:
+    path = layout["attn"] if branch == "attn" else _last(layout["mlp"])
+    return isinstance(get_module(layer, path), ZeroBranch)
+
+
+def set_head_counts(attn: nn.Module, kv_heads: int, q_per_kv: int) -> None:
+    """Make an attention module's head-count attributes match ``kv_heads`` KV heads of ``q_per_kv``
+    query heads (after removal, or when building a layer with other head counts). Forwards of
+    transformers 5.x reshape by ``head_dim`` and repeat KV heads ``num_key_value_groups`` times;
+    older or other families read ``num_heads`` and the like: every such integer attribute present
+    is set."""
+    attn.num_key_value_groups = q_per_kv
+    for name in _QUERY_COUNT_ATTRS:
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, kv_heads * q_per_kv)
+    for name in _KV_COUNT_ATTRS:
+        if isinstance(getattr(attn, name, None), int):
+            setattr(attn, name, kv_heads)
+
+
+def resize_heads(layer: nn.Module, layout: dict[str, Any], kv_heads: int, q_per_kv: int) -> None:
+    """Give a freshly built block's attention ``kv_heads`` KV heads of ``q_per_kv`` query heads
+    (weights uninitialised; q/k/v rows and o_proj's inputs in whole heads of ``head_dim``)."""
+    attn = get_module(layer, layout["attn"])
+    head_dim = int(attn.head_dim)
+    q, k, v = (get_module(layer, path) for path in layout["attn_inputs"])
+    resize_channels(q, "reader", kv_heads * q_per_kv * head_dim)
+    for module in (k, v):
+        resize_channels(module, "reader", kv_heads * head_dim)
+    resize_channels(get_module(layer, layout["attn_outputs"][0]), "writer", kv_heads * q_per_kv * head_dim)
+    set_head_counts(attn, kv_heads, q_per_kv)
+
+
+def apply_block_removals(layer: nn.Module, layout: dict[str, Any], entry: dict[str, Any], widths: tuple) -> None:
+    """Reshape one freshly built block as its plan ``entry`` says: fewer heads, removed sub-blocks.
+    widths: (attention's output width, MLP's output width)."""
+    kv_heads, q_per_kv = entry.get("kv_heads"), entry.get("q_per_kv")
+    if kv_heads == 0:
+        remove_branch(layer, layout, "attn", widths[0])
+    elif kv_heads is not None:
+        resize_heads(layer, layout, int(kv_heads), int(q_per_kv))
+    if entry.get("mlp") == 0:
+        remove_branch(layer, layout, "mlp", widths[1])
+
+
+# --------------------------------------------------------------------------------------------------
 # The sliced decoder block
 # --------------------------------------------------------------------------------------------------
 def _first(output: Any) -> torch.Tensor:
@@ -342,16 +461,17 @@ def make_sliced_block(layer: nn.Module, roles: dict[str, Any], d_in: int, d_mid:
     The MLP's shortcut is ``ffn_shortcut``, not ``mlp_shortcut``: transformers' checkpoint key
     renamings are regexes with unescaped dots (Mixtral's ``.mlp.``) that would rewrite ``.mlp_shortcut``.
     """
-    ref = next(layer.parameters())
+    ref = next(layer.parameters(), None)  # None: both sub-blocks of a one-basis layer were removed
+    factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     layer.__class__ = sliced_block_class(type(layer))
     layer.slicelm_roles = dict(roles)
     forget_parts(layer)
     if not roles.get("shortcuts", True):  # one basis for the whole stream: identity shortcuts, omitted
         return
     d_first = d_out if roles["parallel"] else d_mid
-    layer.attn_shortcut = nn.Linear(d_in, d_first, bias=False, device=ref.device, dtype=ref.dtype)
+    layer.attn_shortcut = nn.Linear(d_in, d_first, bias=False, **factory)
     if not roles["parallel"]:
-        layer.ffn_shortcut = nn.Linear(d_mid, d_out, bias=False, device=ref.device, dtype=ref.dtype)
+        layer.ffn_shortcut = nn.Linear(d_mid, d_out, bias=False, **factory)
     layer.attn_shortcut.requires_grad_(False)
 
 
@@ -401,11 +521,12 @@ def apply_sliced_structure(model: nn.Module, info: dict[str, Any]) -> None:
         for path in layout["mlp_outputs"]:
             resize_writer(get_module(layer, path), d_out)
         channels = plan["layers"][index].get("mlp")
-        if channels is not None:  # MLP channels were pruned
+        if channels:  # MLP channels were pruned (0: the MLP is removed below)
             for path in layout["mlp_inputs"]:
                 resize_channels(get_module(layer, path), "reader", channels * (layout.get("mlp_chunks") or 1))
             for path in layout["mlp_outputs"]:
                 resize_channels(get_module(layer, path), "writer", channels)
+        apply_block_removals(layer, layout, plan["layers"][index], (branch_width, d_out))
         make_sliced_block(layer, roles, d_in, d_mid, d_out)
     head = get_module(model, layout["head"])
     tied = info.get("tied_head")

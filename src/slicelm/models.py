@@ -120,6 +120,11 @@ def load_config(source: ModelSource):
     """The model's config alone (cheap): lets callers refuse unsupported models before loading weights."""
     from transformers import AutoConfig
 
+    from slicelm.decilm import is_decilm_folder, load_decilm_config
+
+    if not source.gguf_file and is_decilm_folder(source.path):  # slicelm's own copy of its config class
+        return load_decilm_config(source.path)
+
     try:
         return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
     except (OSError, ValueError) as exc:
@@ -129,8 +134,13 @@ def load_config(source: ModelSource):
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    from slicelm.decilm import is_decilm_folder, load_decilm_config
+
+    extra = {}
+    if not source.gguf_file and is_decilm_folder(source.path):  # else transformers asks to run the folder's code
+        extra["config"] = load_decilm_config(source.path)
     try:
-        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, **extra)
     except (OSError, ValueError) as exc:
         raise SlicelmError(f"cannot load the tokenizer of {source.description}: {first_line(exc)}") from None
     if tok.pad_token is None:
@@ -141,7 +151,8 @@ def load_tokenizer(source: ModelSource):
 def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32):
     """Load ``(model, tokenizer)`` in eval mode on the CPU.
 
-    Sliced folders written by slicelm are loaded with slicelm's own classes (no remote code needed).
+    Sliced folders written by slicelm, and DeciLM / Nemotron-NAS folders, are loaded with slicelm's own
+    classes (no remote code is run).
     GGUF checkpoints are dequantised by transformers; their quantization config is dropped so that
     the model can be modified and saved like any float model.
     """
@@ -154,6 +165,13 @@ def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str
         from slicelm.checkpoint import load_sliced
 
         return load_sliced(source.path, dtype=dtype), tokenizer
+    from slicelm.decilm import is_decilm_folder, load_decilm
+
+    if not source.gguf_file and is_decilm_folder(source.path):
+        model = load_decilm(source.path, dtype=dtype)
+        check_finite_parameters(model, source.description)
+        model.config.name_or_path = source.description
+        return model, tokenizer
     from safetensors import SafetensorError
 
     from slicelm.modeling_slicelm import loading_problems

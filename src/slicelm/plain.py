@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,8 +37,9 @@ from torch import nn
 
 from slicelm.arch import Layout, spec_for
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import SLICELM_KEY
-from slicelm.plan import SlicingPlan
+from slicelm.heads import head_geometry, set_head_counts
+from slicelm.modeling_slicelm import SLICELM_KEY, ZeroBranch, get_module, set_module
+from slicelm.plan import LayerWidths, SlicingPlan
 
 OUTPUT_KIND = "plain-model"
 
@@ -62,9 +64,16 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     new.hidden_size = width
     new.head_dim = head_dim
-    mlp = plan.layers[0].mlp
+    if plan.removed_layers:  # whole layers removed: the stock architecture with fewer layers
+        drop_config_layers(new, plan.removed_layers)
+    kept = next(lw for lw in plan.layers if not lw.removed)
+    mlp = kept.mlp
     if mlp is not None:
         setattr(new, spec.intermediate_field, mlp)
+    heads = kept.heads
+    if heads is not None:  # the same heads removed in every layer: stock head counts, head_dim as before
+        new.num_key_value_heads = heads[0]
+        new.num_attention_heads = heads[0] * heads[1]
     if not hasattr(new, "rms_norm_eps"):
         raise SlicelmError(f"{layout.model_type} has no rms_norm_eps in its config; the plain layout cannot adjust it")
     new.rms_norm_eps = float(config.rms_norm_eps) * hidden / width
@@ -82,6 +91,16 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
                 f"{reason}; change --sparsity/--round-to or use --layout slicegpt"
             ) from None
     return new
+
+
+def drop_config_layers(config: Any, drop: Any) -> None:
+    """``config`` (in place) without decoder layers ``drop``: ``num_hidden_layers`` and, when
+    present, the per-layer ``layer_types`` (sliding or full attention)."""
+    drop = {int(i) for i in drop}
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
+        config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
+    config.num_hidden_layers -= len(drop)
 
 
 def diagonalise_final_norm(q: torch.Tensor, width: int, scale: torch.Tensor) -> torch.Tensor:
@@ -123,7 +142,13 @@ def stock_tensors(tensors: dict[str, torch.Tensor], info: dict[str, Any], model_
     out: dict[str, torch.Tensor] = {}
     layers_seen: set[int] = set()
     final = None
+    # Whole removed layers hold no tensors and are left out: the kept ones are renumbered.
+    renumber = {old: new for new, old in enumerate(i for i in range(len(plan.layers)) if not plan.layers[i].removed)}
+    prefix = f"{layout.layers}."
     for name, tensor in tensors.items():
+        if name.startswith(prefix) and plan.removed_layers:
+            index, rest = name[len(prefix) :].split(".", 1)
+            name = f"{prefix}{renumber[int(index)]}.{rest}"
         if name.endswith(("attn_shortcut.weight", "ffn_shortcut.weight")):
             if not torch.allclose(tensor.double().cpu(), eye, atol=1e-6):
                 raise SlicelmError(f"{name} is not the identity: the model does not have one basis")
@@ -184,3 +209,96 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     if getattr(model, "generation_config", None) is not None:
         stock.generation_config = copy.deepcopy(model.generation_config)
     return stock.eval()
+
+
+def stream_plan_of(plan: SlicingPlan) -> SlicingPlan:
+    """``plan`` with its stream widths and whole removed layers only (what one stock config holds)."""
+    layers = tuple(
+        LayerWidths(lw.mid, lw.out, 0, 0, 0) if lw.removed else LayerWidths(lw.mid, lw.out) for lw in plan.layers
+    )
+    return replace(plan, layers=layers)
+
+
+def stream_widths(plan: SlicingPlan) -> set[int]:
+    """Every width the residual stream has in ``plan`` (one, in a plan a stock-named model can hold)."""
+    return {plan.embedding} | {w for lw in plan.layers for w in (lw.mid, lw.out) if w is not None}
+
+
+@torch.no_grad()
+def to_shaped_model(model: nn.Module) -> nn.Module:
+    """The original architecture class holding a one-basis model whose layers differ, exactly.
+
+    Like :func:`to_stock_model`, but each layer keeps its own shapes: MLP widths and head counts are
+    read from the tensors (every module takes the shape of the tensor it holds), a removed sub-block
+    stays a :class:`~slicelm.modeling_slicelm.ZeroBranch` (its norm ``nn.Identity``), and whole
+    removed layers are left out. The stream has one width (one basis), which the config holds; the
+    config's ``intermediate_size`` is the original one and describes no layer: this model is for
+    writers that describe each layer themselves (:func:`slicelm.decilm.save_decilm`), not for
+    ``save_pretrained``.
+    """
+    from accelerate import init_empty_weights
+
+    info = getattr(model.config, SLICELM_KEY, None)
+    if not isinstance(info, dict) or info.get("kind") != "plain":
+        raise SlicelmError("this model was not sliced with one basis (--layout plain)")
+    layout = Layout.from_dict(info["layout"])
+    plan = SlicingPlan.from_dict(info["plan"])
+    if len(stream_widths(plan)) != 1:
+        raise SlicelmError(f"the plan gives the stream several widths {sorted(stream_widths(plan))}; one is needed")
+    state = stock_tensors(dict(model.state_dict()), info, model.config)  # whole removed layers left out
+    config = plain_config(model.config, layout, stream_plan_of(plan))
+    config.architectures = [model._slicelm_base.__name__]
+    with init_empty_weights(include_buffers=False):
+        stock = model._slicelm_base(config)
+    kept = [layer for layer, lw in zip(get_module(model, layout.layers), plan.layers, strict=True) if not lw.removed]
+    pairs = list(zip(kept, get_module(stock, layout.layers), strict=True))
+    mlp_path = layout.mlp if isinstance(layout.mlp, str) else layout.mlp[-1]
+    for source, target in pairs:
+        cache_index = getattr(get_module(target, layout.attn), "layer_idx", None)  # kept layers are renumbered
+        for path in (layout.attn, mlp_path, *layout.norms):  # removed branches and the norms that fed them
+            module = get_module(source, path)
+            if isinstance(module, (ZeroBranch, nn.Identity)):
+                set_module(target, path, copy.deepcopy(module))
+        if isinstance(get_module(target, layout.attn), ZeroBranch):
+            get_module(target, layout.attn).layer_idx = cache_index
+    unexpected = [n for n, t in state.items() if not _assign(stock, n, t) and not _feeds_nothing(stock, n)]
+    tied = bool(info.get("tied_head"))
+    missing = [n for n, p in stock.named_parameters(remove_duplicate=False) if p.device.type == "meta"]
+    missing = [k for k in missing if not (tied and k == f"{layout.head}.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"the model does not fit its own architecture: missing {missing}, unexpected {unexpected}")
+    if len(layout.attn_inputs) == 3:  # separate q/k/v: the attention reads its head counts from the shapes
+        for source, target in pairs:
+            if not isinstance(get_module(source, layout.attn), ZeroBranch):
+                set_head_counts(get_module(target, layout.attn), head_geometry(source, layout))
+    if tied:
+        stock.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        stock.generation_config = copy.deepcopy(model.generation_config)
+    return stock.eval()
+
+
+def _feeds_nothing(root: nn.Module, name: str) -> bool:
+    """``name`` belongs to a norm that fed only a removed branch (now ``nn.Identity``)."""
+    try:
+        return isinstance(get_module(root, name.rpartition(".")[0]), nn.Identity)
+    except AttributeError:
+        return False
+
+
+def _assign(root: nn.Module, name: str, tensor: torch.Tensor) -> bool:
+    """Put ``tensor`` at ``name`` in ``root``, giving a linear layer the tensor's shape. False: no such slot."""
+    path, _, attr = name.rpartition(".")
+    try:
+        module = get_module(root, path)
+    except AttributeError:
+        return False
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        return False
+    if isinstance(module, nn.Linear) and attr == "weight":
+        module.out_features, module.in_features = tensor.shape
+    return True

@@ -23,12 +23,40 @@ from slicelm.errors import SlicelmError
 
 @dataclass(frozen=True)
 class LayerWidths:
-    """Widths of one decoder layer. ``mid`` (the stream after attention) is None for parallel blocks;
-    ``mlp`` is the MLP's intermediate width after channel pruning (None: unchanged)."""
+    """Widths of one decoder layer.
+
+    mid: the stream after attention (None for parallel blocks). mlp: the MLP's intermediate width
+    after channel pruning (None: unchanged; 0: the MLP sub-block is removed). kv_heads / q_per_kv:
+    the attention's KV heads and query heads per KV head after head removal (None: unchanged;
+    ``kv_heads=0``: the attention sub-block is removed). A layer with both sub-blocks removed
+    computes its residual alone.
+    """
 
     mid: int | None
     out: int
     mlp: int | None = None
+    kv_heads: int | None = None
+    q_per_kv: int | None = None
+
+    @property
+    def attention_removed(self) -> bool:
+        return self.kv_heads == 0
+
+    @property
+    def mlp_removed(self) -> bool:
+        return self.mlp == 0
+
+    @property
+    def removed(self) -> bool:
+        """Both sub-blocks are gone: the layer is the identity (a stock config drops it)."""
+        return self.attention_removed and self.mlp_removed
+
+    @property
+    def heads(self) -> tuple[int, int] | None:
+        """(kv_heads, q_per_kv) after head removal, None when the attention keeps its heads."""
+        if self.kv_heads is None and self.q_per_kv is None:
+            return None
+        return (self.kv_heads, self.q_per_kv)
 
 
 LAYOUTS = ("slicegpt", "plain")
@@ -67,13 +95,25 @@ class SlicingPlan:
         bad = [w for w in widths if not 0 < w <= self.hidden_size]
         if bad:
             raise SlicelmError(f"slicing plan has widths outside 1..{self.hidden_size}: {bad[:5]}")
-        if any(lw.mlp is not None and lw.mlp < 1 for lw in self.layers):
-            raise SlicelmError("slicing plan has an MLP width below 1")
+        if any(lw.mlp is not None and lw.mlp < 0 for lw in self.layers):
+            raise SlicelmError("slicing plan has a negative MLP width (0 removes the MLP)")
+        for i, lw in enumerate(self.layers):
+            if lw.heads is None or lw.attention_removed:
+                continue
+            if lw.kv_heads is None or lw.q_per_kv is None or lw.kv_heads < 1 or lw.q_per_kv < 1:
+                raise SlicelmError(
+                    f"slicing plan layer {i}: give kv_heads and q_per_kv together, each at least 1 "
+                    "(kv_heads 0 removes the attention)"
+                )
 
     @property
     def is_uniform(self) -> bool:
-        """One stream width everywhere and one MLP width in every layer (what a stock config can hold)."""
-        return len(self._stream_widths()) == 1 and len({lw.mlp for lw in self.layers}) == 1
+        """One stream width everywhere, and every kept layer has the same MLP width and head counts
+        and both its sub-blocks (what a stock config can hold: whole removed layers are left out)."""
+        kept = [lw for lw in self.layers if not lw.removed]
+        shapes = {(lw.mlp, lw.heads) for lw in kept}
+        partial = any(lw.attention_removed or lw.mlp_removed for lw in kept)
+        return len(self._stream_widths()) == 1 and len(shapes) == 1 and not partial
 
     @property
     def keeps_stream(self) -> bool:
@@ -97,9 +137,32 @@ class SlicingPlan:
     def prunes_mlp(self) -> bool:
         return any(lw.mlp is not None for lw in self.layers)
 
+    @property
+    def prunes_heads(self) -> bool:
+        """Some layer loses attention heads (not the whole sub-block)."""
+        return any(lw.heads is not None and not lw.attention_removed for lw in self.layers)
+
+    @property
+    def removes_blocks(self) -> bool:
+        """Some layer loses a sub-block (attention or MLP) or both."""
+        return any(lw.attention_removed or lw.mlp_removed for lw in self.layers)
+
+    @property
+    def removed_layers(self) -> list[int]:
+        return [i for i, lw in enumerate(self.layers) if lw.removed]
+
     def with_mlp(self, widths: list[int | None]) -> SlicingPlan:
         """The same plan with these MLP intermediate widths, one per layer."""
-        layers = tuple(LayerWidths(lw.mid, lw.out, m) for lw, m in zip(self.layers, widths, strict=True))
+        layers = tuple(replace(lw, mlp=m) for lw, m in zip(self.layers, widths, strict=True))
+        return replace(self, layers=layers)
+
+    def with_heads(self, heads: list[tuple[int, int] | None]) -> SlicingPlan:
+        """The same plan with these ``(kv_heads, q_per_kv)`` per layer (None: unchanged, ``(0, 0)``:
+        attention removed)."""
+        layers = tuple(
+            replace(lw, kv_heads=h[0] if h else None, q_per_kv=h[1] if h else None)
+            for lw, h in zip(self.layers, heads, strict=True)
+        )
         return replace(self, layers=layers)
 
     @classmethod
@@ -135,7 +198,8 @@ class SlicingPlan:
         return self.layers[-1].out
 
     def to_dict(self) -> dict[str, Any]:
-        layers = [{k: v for k, v in asdict(w).items() if k != "mlp" or v is not None} for w in self.layers]
+        optional = ("mlp", "kv_heads", "q_per_kv")
+        layers = [{k: v for k, v in asdict(w).items() if k not in optional or v is not None} for w in self.layers]
         out: dict[str, Any] = {"hidden_size": self.hidden_size, "embedding": self.embedding, "layers": layers}
         out |= {"layout": self.layout, "basis": self.basis, "tied": self.tied, "seed": self.seed}
         if self.model:
@@ -149,7 +213,14 @@ class SlicingPlan:
         """A plan from its JSON form (plans saved before layout/basis were recorded read as slicegpt/pca)."""
         try:
             layers = tuple(
-                LayerWidths(_width(w.get("mid")), _width(w["out"]), _width(w.get("mlp"))) for w in data["layers"]
+                LayerWidths(
+                    _width(w.get("mid")),
+                    _width(w["out"]),
+                    _width(w.get("mlp")),
+                    _width(w.get("kv_heads")),
+                    _width(w.get("q_per_kv")),
+                )
+                for w in data["layers"]
             )
             tied = data.get("tied")
             return cls(

@@ -25,6 +25,7 @@ from slicelm.devices import DeviceAccess, move_buffers_outside
 from slicelm.errors import SlicelmError
 from slicelm.executor import resolve_pad_id
 from slicelm.fuse import is_tied
+from slicelm.local import keeps_stream
 from slicelm.measured import measured_allocator  # noqa: F401  (registers the auto schedule)
 from slicelm.modeling_slicelm import get_module
 from slicelm.offload import ActivationStore
@@ -61,6 +62,10 @@ def plan_with_statistics(
     if getattr(model, "_slicelm_model", False):
         raise SlicelmError("this model is already sliced; load the original model to slice it again")
     layout = resolve(model)
+    # A stream that stays whole needs no shortcuts: the stock architecture, whatever --layout says.
+    whole_stream = config.layout == "slicegpt" and layout.norm == "rms" and keeps_stream(config)
+    if whole_stream:
+        config = replace(config, layout="plain")
     if config.layout == "plain":
         check_plain(layout.norm, layout.model_type)
     if config.prunes_mlp:
@@ -95,6 +100,8 @@ def plan_with_statistics(
         device=device,
     )
     chosen, report = explicit_or_budget(request)
+    if whole_stream:
+        report = report | {"layout_note": "the stream stays whole: written in the stock architecture (no shortcuts)"}
     chosen = replace(
         chosen,
         basis=config.basis,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slicelm.arch import resolve
+from slicelm.bases import needs_moments
 from slicelm.calibration import WeightAccess
 from slicelm.config import BASES, LAYOUTS, SCHEDULES, Basis, LayoutKind, SliceConfig
 from slicelm.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport, execute, merge_report, resolve_pad_id
@@ -73,8 +74,15 @@ def slice_model(
         # Structure-local steps only (MLP channels, the stream untouched): families without the
         # rotation, mixtures of experts, unregistered families recognised by their roles.
         return slice_locally(
-            model, layout, calibration, config, pad_token_id=pad_token_id, progress=progress, access=access,
-            store=store, device=device,
+            model,
+            layout,
+            calibration,
+            config,
+            pad_token_id=pad_token_id,
+            progress=progress,
+            access=access,
+            store=store,
+            device=device,
         )
     if plan is None:
         plan, statistics = plan_with_statistics(
@@ -118,4 +126,4 @@ def slice_model(
 
 
 def _needs_moments(plan: SlicingPlan) -> bool:
-    return plan.one_basis and plan.basis in ("pca", "channels") and not (plan.basis == "pca" and plan.keeps_stream)
+    return needs_moments(plan.basis, plan.one_basis, plan.keeps_stream)

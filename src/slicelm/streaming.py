@@ -23,7 +23,7 @@ from torch import nn
 
 from slicelm.arch import resolve
 from slicelm.calibration import WeightAccess
-from slicelm.checkpoint import OUTPUT_KIND, is_stock_shaped, sliced_config, write_companions
+from slicelm.checkpoint import OUTPUT_KIND, choose_format, is_stock_shaped, sliced_config, write_companions
 from slicelm.config import SliceConfig
 from slicelm.errors import SlicelmError
 from slicelm.executor import SliceReport, merge_report
@@ -119,7 +119,8 @@ def slice_streaming(
             f"streaming does not support {model.config.model_type}: its experts are stored per expert on disk and "
             "fused in memory; slice it without --stream"
         )
-    with staged_output(out, overwrite, kind=OUTPUT_KIND, protect=[source]) as tmp:
+    manifest: dict[str, Any] = {}  # its kind is the format, known once the plan is
+    with staged_output(out, overwrite, kind=OUTPUT_KIND, protect=[source], manifest=manifest) as tmp:
         writer = ShardWriter(tmp)
         store = ActivationStore(max_memory, offload_dir)
         try:
@@ -141,8 +142,12 @@ def slice_streaming(
         if (source / "generation_config.json").is_file():
             shutil.copyfile(source / "generation_config.json", tmp / "generation_config.json")
         full_report = merge_report(report.to_dict() | {"streamed": True}, report_extra or {})
+        written = choose_format(SlicingPlan.from_dict(getattr(model.config, SLICELM_KEY)["plan"]), model.config)
+        manifest["kind"] = written.kind
         if is_stock_shaped(getattr(model.config, SLICELM_KEY)):
             write_plain_folder(tmp, model, tokenizer, metadata, full_report)
+        elif written.name == "decilm":  # the same format an in-memory run writes (and planning counted)
+            write_decilm_folder(tmp, model, tokenizer, metadata, full_report)
         else:
             sliced_config(model.config, model._slicelm_base.__name__, metadata)
             model.config.architectures = [type(model).__name__]
@@ -151,24 +156,18 @@ def slice_streaming(
     return report
 
 
-def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
-    """Turn the sliced shards written in ``folder`` into the stock architecture, shard by shard."""
+def _rewrite_shards(folder: Path, convert) -> None:
+    """Replace each safetensors shard in ``folder`` by ``convert(tensors)``, and its index to match."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from slicelm.arch import Layout
-    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE
-    from slicelm.modeling_slicelm import SLICELM_KEY
-    from slicelm.outputs import to_json
-    from slicelm.plain import plain_config, stock_tensors
     from slicelm.streaming_io import INDEX, SINGLE
 
-    info = getattr(model.config, SLICELM_KEY)
     shards = sorted(folder.glob("model*.safetensors"))
     weight_map = {}
     for shard in shards:
-        tensors = stock_tensors(load_file(shard), info, model.config)
+        tensors = convert(load_file(shard))
         save_file(tensors, shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard.name))
     if (folder / INDEX).is_file():
@@ -180,6 +179,17 @@ def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata:
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     elif shards and shards[0].name != SINGLE:
         raise RuntimeError(f"unexpected shard layout in {folder}")
+
+
+def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
+    """Turn the sliced shards written in ``folder`` into the stock architecture, shard by shard."""
+    from slicelm.arch import Layout
+    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE
+    from slicelm.outputs import to_json
+    from slicelm.plain import plain_config, stock_tensors
+
+    info = getattr(model.config, SLICELM_KEY)
+    _rewrite_shards(folder, lambda tensors: stock_tensors(tensors, info, model.config))
     config = plain_config(model.config, Layout.from_dict(info["layout"]), SlicingPlan.from_dict(info["plan"]))
     config.architectures = [model._slicelm_base.__name__]
     config.save_pretrained(folder)
@@ -187,3 +197,73 @@ def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata:
         tokenizer.save_pretrained(folder)
     (folder / PLAN_FILE).write_text(to_json(info["plan"]) + "\n")
     (folder / REPORT_FILE).write_text(to_json({**report, "layout": "plain", "provenance": metadata or {}}) + "\n")
+
+
+def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
+    """Turn the one-basis shards written in ``folder`` into a DeciLM folder, shard by shard.
+
+    The widths come from the skeleton's shapes (its weights are back on the meta device); each
+    attention tensor is zero-padded on its own, as :func:`slicelm.decilm.save_decilm` pads it.
+    """
+    import dataclasses
+
+    from slicelm import decilm
+    from slicelm.arch import Layout
+    from slicelm.outputs import to_json
+    from slicelm.plain import plain_config, stock_tensors
+    from slicelm.plain import stream_plan_of as plan_of_stream
+
+    info = getattr(model.config, SLICELM_KEY)
+    plan = SlicingPlan.from_dict(info["plan"])
+    # Whole removed layers are left out, as the in-memory writer leaves them (stock_tensors renumbers).
+    every = decilm.deci_blocks(model)
+    biases = decilm.bias_flags(model, every)
+    blocks = [b for b, lw in zip(every, plan.layers, strict=True) if not lw.removed]
+    heads, head_dim = model.config.num_attention_heads, decilm.head_dim_of(model.config)
+    served = [decilm.served_block(b, heads, index=i) for i, b in enumerate(blocks)]
+    stock = plain_config(model.config, Layout.from_dict(info["layout"]), plan_of_stream(plan))
+    config = decilm.decilm_config(stock, served, biases)
+    problems = decilm.serving_problems(config.to_dict())
+    if problems["vllm"]:
+        raise SlicelmError(f"vLLM cannot run this plan ({problems['vllm'][0]}); keep that layer's attention")
+    dropped = set()  # the norms of removed sub-blocks: nothing reads them
+    for index, block in enumerate(blocks):
+        if not block.attention:
+            dropped.add(f"model.layers.{index}.input_layernorm.weight")
+        if block.mlp is None:
+            dropped.add(f"model.layers.{index}.post_attention_layernorm.weight")
+    counts = {"stored": 0, "kept": 0}
+
+    def convert(tensors):
+        out = {}
+        for name, tensor in stock_tensors(tensors, info, model.config).items():
+            if name in dropped:
+                continue
+            counts["kept"] += tensor.numel()
+            parts = name.split(".")  # model.layers.{i}.self_attn.{q_proj}.{weight}
+            if parts[:2] == ["model", "layers"] and parts[3] == "self_attn":
+                index = int(parts[2])
+                tensor = decilm.pad_attention_tensor(
+                    ".".join(parts[4:]), tensor, blocks[index], served[index], heads, head_dim
+                )
+            counts["stored"] += tensor.numel()
+            out[name] = tensor
+        return out
+
+    _rewrite_shards(folder, convert)
+    config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    shutil.copyfile(decilm.configuration_decilm.__file__, folder / decilm.CONFIG_FILE)
+    shutil.copyfile(decilm.modeling_decilm.__file__, folder / decilm.MODELING_FILE)
+    full = {
+        **report,
+        "layout": "plain",
+        "provenance": metadata or {},
+        "format": "decilm",
+        "blocks": [dataclasses.asdict(b) for b in blocks],
+        "parameters": {**counts, "zero_padding": counts["stored"] - counts["kept"]},
+        "serving": problems,
+    }
+    (folder / decilm.PLAN_FILE).write_text(to_json(info["plan"]) + "\n")
+    (folder / decilm.REPORT_FILE).write_text(to_json(full) + "\n")

@@ -113,6 +113,13 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
     source = resolve_source(args.model)
+    from slicelm.decilm import is_decilm_folder
+
+    if not source.gguf_file and is_decilm_folder(source.path):
+        raise SlicelmError(
+            f"{args.model} is a DeciLM folder, which fine-tuning does not write back yet; fine-tune the model "
+            "sliced with --format slicelm instead"
+        )
     work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
     from slicelm.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
 

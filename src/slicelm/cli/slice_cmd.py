@@ -21,6 +21,7 @@ DEFAULT_SEQLEN = 2048
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slicelm.checkpoint import FORMATS
     from slicelm.models import DEFAULT_MODEL
 
     p = sub.add_parser(
@@ -58,6 +59,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out if it is an earlier slicelm output (nothing else)"
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="what --out holds: stock (the original architecture; one-basis plans of one width), decilm (a "
+        "DeciLM / Nemotron-NAS folder: one-basis plans whose layers differ, Llama/Mistral/Qwen2), slicelm "
+        "(remote code; every plan). Default auto: the first of these that holds the plan",
     )
     add_device_argument(p, "compute (the model stays in CPU memory; each layer visits the device)")
     p.add_argument(
@@ -119,7 +128,9 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
             help="how --target-params is spent: auto (candidate plans — the uniform ones among them — scored end "
             "to end on held-out calibration windows; the best is kept), uniform (stream width only, the paper), "
             "mlp (MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
-            f"calibration proxy; measured to lose, kept for comparison). Default {DEFAULT_SCHEDULE}",
+            "calibration proxy; measured to lose, kept for comparison), heads and attn-blocks (one attention head "
+            "fewer per KV group, or the attention of the least sensitive 1/16 of the layers removed, the rest "
+            f"from every MLP: the new steps alone, for comparison). Default {DEFAULT_SCHEDULE}",
         )
     parser.add_argument(
         "--layout",
@@ -244,6 +255,7 @@ def validate(args: argparse.Namespace) -> None:
 def _validate_run_flags(args: argparse.Namespace) -> None:
     if args.plan_only and (args.ppl_windows or args.stream):
         raise SlicelmError("--plan-only writes a plan and slices nothing; drop --ppl-windows/--stream")
+    _validate_format(args)
     if args.ppl_seqlen is not None and args.ppl_seqlen < 2:
         raise SlicelmError("--ppl-seqlen must be at least 2")
     if args.ppl_windows < 0:
@@ -281,6 +293,27 @@ def check_offload_dir(folder: Path) -> None:
         raise SlicelmError(f"--offload-dir {folder}: cannot write to {probe} ({reason}); give another folder") from None
 
 
+def _validate_format(args: argparse.Namespace) -> None:
+    """Refuse a --format that the flags alone show cannot hold the plan (the model's family is
+    checked with its config, a followed plan in full, see check_model_config)."""
+    fmt = getattr(args, "format", "auto")
+    if fmt == "auto":
+        return
+    if args.plan_only:
+        raise SlicelmError("--format chooses the folder written; --plan-only writes a plan (give --format later)")
+    if args.stream:
+        raise SlicelmError("--stream writes the format auto picks (stock, decilm or slicelm); drop --format")
+    if fmt not in ("stock", "decilm") or args.followed_plan is not None:
+        return
+    if args.layout == "slicegpt" and args.sparsity > 0:
+        raise SlicelmError(f"--format {fmt} cannot hold the slicegpt layout's shortcut matrices; add --layout plain")
+    if fmt == "stock" and args.target_params is not None and args.schedule == "mlp-global":
+        raise SlicelmError(
+            "--format stock holds one MLP width and --schedule mlp-global gives every layer its own; use "
+            "--format decilm or another --schedule"
+        )
+
+
 def fit_seqlens(model_config: Any, args: argparse.Namespace, flags: tuple[str, ...]) -> None:
     """Default sequence lengths to min(2048, the model's positions); refuse explicit ones beyond them."""
     positions = getattr(model_config, "max_position_embeddings", None)
@@ -298,19 +331,24 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
     built on the meta device)."""
     from slicelm.budget import check_against_config, check_plan_against_config
+    from slicelm.checkpoint import choose_format
+    from slicelm.decilm import family_refusal
     from slicelm.local import check_local_config
 
     if config.untie_head and not getattr(model_config, "tie_word_embeddings", False):
         raise SlicelmError(
             f"--untie-head: {args.model} has no tied head (its head has its own weight already); drop --untie-head"
         )
+    fmt = getattr(args, "format", "auto")
+    local = False
     following = getattr(args, "followed_plan", None) is not None
     if not following and config.target_params is None:
         check_stream_width(model_config, config.sparsity, config.round_to)
     if following:
         check_plan_against_config(model_config, args.followed_plan)
+        choose_format(args.followed_plan, model_config, fmt)
     elif check_local_config(model_config, config):  # structure-local steps check their own plan
-        pass
+        local = True
     else:
         try:
             check_against_config(model_config, config)
@@ -319,6 +357,10 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
             if cause is None or config.target_params is None:
                 raise
             raise SlicelmError(f"{exc}. The cause: {cause[0]}") from None
+    if local and fmt not in ("auto", "stock"):
+        raise SlicelmError(f"--format {fmt}: {model_config.model_type} is pruned by the structure-local steps (stock)")
+    if fmt == "decilm" and family_refusal(model_config) is not None:
+        raise SlicelmError(f"--format decilm: {family_refusal(model_config)}")
     fit_seqlens(model_config, args, ("calib_seqlen", "ppl_seqlen"))
 
 
@@ -365,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     quiet_libraries(progress=not args.quiet)
     from slicelm.checkpoint import OUTPUT_KIND
+    from slicelm.decilm import is_decilm_folder
     from slicelm.devices import resolve_device
     from slicelm.models import resolve_source
     from slicelm.outputs import OutputClaim
@@ -374,6 +417,8 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_source(args.model)
     if source.is_sliced:
         raise SlicelmError(f"{args.model} is already sliced; slice the original model instead")
+    if not source.gguf_file and is_decilm_folder(source.path):
+        raise SlicelmError(f"{args.model} is a DeciLM folder (per-layer widths); slice the original model instead")
     if args.plan_only:
         return _plan_only(args, source)
     # Claimed before any work: a refused or busy --out costs nothing, and no other run can take it.
@@ -386,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, source, claim) -> int:
     import torch
 
-    from slicelm.checkpoint import save_sliced
+    from slicelm.checkpoint import format_of, save_sliced
     from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
     from slicelm.models import load_config, load_model, load_tokenizer
     from slicelm.outputs import to_json
@@ -471,10 +516,12 @@ def _run(args: argparse.Namespace, source, claim) -> int:
     note = rounding_note(full_report, args.round_to)
     if note:  # recorded in the report (in memory; a streamed report is already written) and printed
         full_report["warnings"] = [*full_report.get("warnings", []), note]
+    if not args.stream:  # refused here, before anything is written, if --format cannot hold the plan
+        full_report["format"] = format_of(model, args.format).name
     if args.stream:  # already written, report included, by slice_streaming
         out = claim.out
     else:
-        out = save_sliced(model, claim, tokenizer, metadata=metadata, report=full_report)
+        out = save_sliced(model, claim, tokenizer, format=args.format, metadata=metadata, report=full_report)
     for warning in full_report.get("warnings", []):
         print(f"slicelm: warning: {warning}", file=sys.stderr)
     untie = forced_untie(model_config, config)
@@ -658,7 +705,8 @@ def summary(report: dict[str, Any], out: Path, untie: str | None = None) -> str:
     else:
         what = f"sparsity {report['sparsity']:.2f}" if report.get("sparsity") is not None else "a given plan"
     lines = [
-        f"sliced {report['model']} at {what}, {report.get('layout', 'slicegpt')} layout ({how}) -> {out}",
+        f"sliced {report['model']} at {what}, {report.get('layout', 'slicegpt')} layout ({how}) -> {out}"
+        + (f" ({report['format']} format)" if report.get("format") else ""),
         f"  parameters      {before / 1e6:9.2f}M -> {after / 1e6:9.2f}M  ({after / before:.1%})",
     ]
     if planning.get("note"):
