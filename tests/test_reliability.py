@@ -445,7 +445,8 @@ def test_10_published_folders_get_normal_permissions(sliced_folder):
 # Rough edges
 # --------------------------------------------------------------------------------------------------
 def test_quiet_means_quiet_and_growth_is_reported(tiny_source, tmp_path, capfd, data_dir):
-    code = main([str(a) for a in ["slice", tiny_source, "--sparsity", 0, *CALIB, "--out", tmp_path / "o"]])
+    # A thin slice of the stream: the shortcut matrices outweigh what it removes.
+    code = main([str(a) for a in ["slice", tiny_source, "--sparsity", 0.125, *CALIB, "--out", tmp_path / "o"]])
     err = capfd.readouterr().err
     assert code == 0
     assert "it/s" not in err and "Loading weights" not in err and "%|" not in err, err
