@@ -548,6 +548,12 @@ def train(
     if config.loss == "kd" and teacher is None:
         raise SlicelmError("--loss kd needs a teacher model")
     processes = processes or Processes()
+    if not (processes.kind in ("single", "no") or processes.kind.startswith("multi_")):
+        raise SlicelmError(
+            f"accelerate's {processes.kind} mode is not supported by finetune yet (the blocked losses read the "
+            "head's weight outside the model's forward, which sharding splits); launch data-parallel (DDP): "
+            "accelerate launch --multi_gpu ..."
+        )
     device = processes.device or device
     world, rank = processes.world, processes.rank
     if config.batch_size % world:
