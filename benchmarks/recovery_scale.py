@@ -5,8 +5,13 @@ process's own peak resident set) with the slicelm sources of a git revision (``-
 with ``git archive``) or of this checkout, and records the peak, the wall-clock and the run's
 settings under a label:
 
+    slicelm slice smollm2-135m --sparsity 0.25 --calib-samples 16 --calib-seqlen 512 --out runs/recovery/base-25
     python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label before --rev 77969e6
-    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after --rev cd6a84b
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-checkpointing --rev cd6a84b \
+        --extra --gradient-checkpointing on
+
+(``OMP_NUM_THREADS=1``; ``--note`` says what a label measures.)
 
 Writes docs/results/recovery_scale.{json,md} (entries are merged by label).
 """
@@ -61,6 +66,7 @@ def measure(args: argparse.Namespace) -> dict:
         finetune = json.loads((out / "slicelm_report.json").read_text())["finetune"]
     return {
         "label": args.label,
+        "note": args.note,
         "rev": args.rev or "working tree",
         "command": "slicelm " + " ".join(str(c) for c in cmd[3:]),
         "peak_rss_bytes": peak,
@@ -86,16 +92,27 @@ def write_markdown(data: dict) -> None:
         "process (`ru_maxrss`, via `benchmarks/peak_rss.py`). The peak does not grow with the number of steps "
         "(every step allocates the same), so a short run measures it.",
         "",
-        "| label | sources | peak RSS (GiB) | steps | tokens | held-out windows | gradient checkpointing | wall (s) |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| label | what | sources | peak RSS (GiB) | steps | tokens | held-out windows | gradient checkpointing "
+        "| wall (s) |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for entry in data["runs"]:
         lines.append(
-            f"| {entry['label']} | {entry['rev']} | {entry['peak_rss_gib']:.2f} | {entry['steps']} "
+            f"| {entry['label']} | {entry.get('note', '')} | {entry['rev']} | {entry['peak_rss_gib']:.2f} "
+            f"| {entry['steps']} "
             f"| {entry['tokens']:,} | {entry['eval_windows']} | {entry['gradient_checkpointing']} "
             f"| {entry['wall_seconds']:.0f} |"
         )
-    lines += ["", "Commands:", ""]
+    lines += [
+        "",
+        "Wall-clock is of a shared 2-core machine (other jobs ran alongside), so it compares runs only roughly. "
+        "The base folders differ between `before` (made earlier; how it was calibrated was not recorded) and the rest "
+        "(`slicelm slice smollm2-135m --sparsity 0.25 --calib-samples 16 --calib-seqlen 512`); memory does not "
+        "depend on the calibration, the held-out losses do.",
+        "",
+        "Commands:",
+        "",
+    ]
     lines += [f"- {e['label']}: `{e['command']}`" for e in data["runs"]]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
@@ -104,6 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="a sliced SmolLM2 folder (slicelm slice smollm2-135m ...)")
     p.add_argument("--label", required=True)
+    p.add_argument("--note", default="", help="what this label measures (for the table)")
     p.add_argument("--rev", default=None, help="git revision whose src/ to measure (default: this checkout)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=512)
