@@ -11,7 +11,11 @@ settings under a label:
     python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-checkpointing --rev cd6a84b \
         --extra --gradient-checkpointing on
 
-(``OMP_NUM_THREADS=1``; ``--note`` says what a label measures.)
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-2-processes --rev cd6a84b \
+        --extra --num-processes 2
+
+(``OMP_NUM_THREADS=1``; ``--note`` says what a label measures. With several processes the peak is the
+largest process's: ``ru_maxrss`` of the children.)
 
 Writes docs/results/recovery_scale.{json,md} (entries are merged by label).
 """
@@ -77,6 +81,8 @@ def measure(args: argparse.Namespace) -> dict:
         "batch": f"{args.batch_size} x {args.seqlen}",
         "eval_windows": args.eval_windows,
         "gradient_checkpointing": finetune.get("gradient_checkpointing"),
+        "processes": finetune.get("processes", 1),
+        "tokens_per_process": finetune.get("tokens_per_process"),
         "curve": finetune["curve"],
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
         "machine": platform.processor() or platform.machine(),
@@ -89,26 +95,30 @@ def write_markdown(data: dict) -> None:
         "",
         "Produced by `benchmarks/recovery_scale.py`: `slicelm finetune BASE --loss kd` (LoRA rank 32, teacher the "
         "recorded dense SmolLM2-135M, float32, CPU) for a few steps at batch 4 x 512, peak resident memory of the "
-        "process (`ru_maxrss`, via `benchmarks/peak_rss.py`). The peak does not grow with the number of steps "
-        "(every step allocates the same), so a short run measures it.",
+        "process (`ru_maxrss`, via `benchmarks/peak_rss.py`). Every step allocates the same; before training fixed "
+        "glibc's mmap threshold the resident set still grew from step to step (freed activations stayed in the "
+        "heap), so two steps show the difference; after it, a short run measures the peak.",
         "",
-        "| label | what | sources | peak RSS (GiB) | steps | tokens | held-out windows | gradient checkpointing "
-        "| wall (s) |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|",
+        "| label | what | sources | processes | peak RSS (GiB) | steps | tokens | held-out windows "
+        "| gradient checkpointing | wall (s) | train loss | held-out KD before -> after |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for entry in data["runs"]:
         lines.append(
-            f"| {entry['label']} | {entry.get('note', '')} | {entry['rev']} | {entry['peak_rss_gib']:.2f} "
-            f"| {entry['steps']} "
+            f"| {entry['label']} | {entry.get('note', '')} | {entry['rev']} | {entry.get('processes', 1)} "
+            f"| {entry['peak_rss_gib']:.2f} | {entry['steps']} "
             f"| {entry['tokens']:,} | {entry['eval_windows']} | {entry['gradient_checkpointing']} "
-            f"| {entry['wall_seconds']:.0f} |"
+            f"| {entry['wall_seconds']:.0f} | {entry['curve'][-1].get('train_loss', float('nan')):.6f} "
+            f"| {entry['curve'][0].get('heldout_kd', float('nan')):.6f} -> "
+            f"{entry['curve'][-1].get('heldout_kd', float('nan')):.6f} |"
         )
     lines += [
         "",
         "Wall-clock is of a shared 2-core machine (other jobs ran alongside), so it compares runs only roughly. "
         "The base folders differ between `before` (made earlier; how it was calibrated was not recorded) and the rest "
         "(`slicelm slice smollm2-135m --sparsity 0.25 --calib-samples 16 --calib-seqlen 512`); memory does not "
-        "depend on the calibration, the held-out losses do.",
+        "depend on the calibration, the held-out losses do. With `--num-processes 2` the peak is the largest "
+        "process's (each holds the student, the teacher and half the batch's activations).",
         "",
         "Commands:",
         "",
