@@ -543,8 +543,6 @@ def train(
     from slicelm.resources import PeakMemory
     from slicelm.streaming_io import map_large_allocations
 
-    map_large_allocations()  # freed activations go back to the OS between steps (see there)
-
     if config.loss == "kd" and teacher is None:
         raise SlicelmError("--loss kd needs a teacher model")
     processes = processes or Processes()
@@ -585,9 +583,10 @@ def train(
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
         checkpointing = needs_checkpointing(model, config)
-    if checkpointing:
+    if checkpointing:  # memory before speed: also give freed blocks back to the OS (see there; CPU time)
         base = student.get_base_model() if hasattr(student, "get_base_model") else student
         enable_checkpointing(base)
+        map_large_allocations()
     run = processes.prepare(student)  # what the training forward goes through (DDP under accelerate)
     if teacher is not None:
         teacher.eval().to(device)
