@@ -157,10 +157,12 @@ class FinetuneReport:
 # --------------------------------------------------------------------------------------------------
 # Losses, in bounded memory
 # --------------------------------------------------------------------------------------------------
-# One (rows, vocab) float32 block of logits is at most this many elements (16 MiB): a block's
+# One (rows, vocab) float32 block of logits is at most this many elements (64 MiB): a block's
 # softmaxes and gradient (about six such blocks) are the only vocabulary-wide tensors a loss ever
-# holds, whatever the batch. 2**24 was no faster on SmolLM2 (85 rows of 49,152 against 341).
-LOGIT_BLOCK = 2**22
+# holds, whatever the batch. Above glibc's largest mmap threshold (32 MiB) on purpose: smaller blocks
+# come from its heap once one was freed, and fragment it (measured: 16 MiB blocks raised a KD step's
+# peak from 5.9 to 8.8 GiB on SmolLM2 at 4 x 512).
+LOGIT_BLOCK = 2**24
 
 
 @dataclass(frozen=True)
