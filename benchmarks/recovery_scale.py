@@ -7,8 +7,8 @@ settings under a label:
 
     slicelm slice smollm2-135m --sparsity 0.25 --calib-samples 16 --calib-seqlen 512 --out runs/recovery/base-25
     python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label before --rev 77969e6
-    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after --rev cd6a84b
-    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-checkpointing --rev cd6a84b \
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-chunking --rev bb6a328
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label final-checkpointing --rev 6713c35 \
         --extra --gradient-checkpointing on
 
     python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-2-processes --rev cd6a84b \
