@@ -5,8 +5,17 @@ process's own peak resident set) with the slicelm sources of a git revision (``-
 with ``git archive``) or of this checkout, and records the peak, the wall-clock and the run's
 settings under a label:
 
+    slicelm slice smollm2-135m --sparsity 0.25 --calib-samples 16 --calib-seqlen 512 --out runs/recovery/base-25
     python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label before --rev 77969e6
-    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-chunking --rev bb6a328
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label final-checkpointing --rev 6713c35 \
+        --extra --gradient-checkpointing on
+
+    python benchmarks/recovery_scale.py --base runs/recovery/base-25 --label after-2-processes --rev cd6a84b \
+        --extra --num-processes 2
+
+(``OMP_NUM_THREADS=1``; ``--note`` says what a label measures. With several processes the peak is the
+largest process's: ``ru_maxrss`` of the children.)
 
 Writes docs/results/recovery_scale.{json,md} (entries are merged by label).
 """
@@ -61,6 +70,7 @@ def measure(args: argparse.Namespace) -> dict:
         finetune = json.loads((out / "slicelm_report.json").read_text())["finetune"]
     return {
         "label": args.label,
+        "note": args.note,
         "rev": args.rev or "working tree",
         "command": "slicelm " + " ".join(str(c) for c in cmd[3:]),
         "peak_rss_bytes": peak,
@@ -71,6 +81,8 @@ def measure(args: argparse.Namespace) -> dict:
         "batch": f"{args.batch_size} x {args.seqlen}",
         "eval_windows": args.eval_windows,
         "gradient_checkpointing": finetune.get("gradient_checkpointing"),
+        "processes": finetune.get("processes", 1),
+        "tokens_per_process": finetune.get("tokens_per_process"),
         "curve": finetune["curve"],
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
         "machine": platform.processor() or platform.machine(),
@@ -83,19 +95,34 @@ def write_markdown(data: dict) -> None:
         "",
         "Produced by `benchmarks/recovery_scale.py`: `slicelm finetune BASE --loss kd` (LoRA rank 32, teacher the "
         "recorded dense SmolLM2-135M, float32, CPU) for a few steps at batch 4 x 512, peak resident memory of the "
-        "process (`ru_maxrss`, via `benchmarks/peak_rss.py`). The peak does not grow with the number of steps "
-        "(every step allocates the same), so a short run measures it.",
+        "process (`ru_maxrss`, via `benchmarks/peak_rss.py`). Every step allocates the same; before training fixed "
+        "glibc's mmap threshold the resident set still grew from step to step (freed activations stayed in the "
+        "heap), so two steps show the difference; after it, a short run measures the peak.",
         "",
-        "| label | sources | peak RSS (GiB) | steps | tokens | held-out windows | gradient checkpointing | wall (s) |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| label | what | sources | processes | peak RSS (GiB) | steps | tokens | held-out windows "
+        "| gradient checkpointing | wall (s) | train loss | held-out KD before -> after |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for entry in data["runs"]:
         lines.append(
-            f"| {entry['label']} | {entry['rev']} | {entry['peak_rss_gib']:.2f} | {entry['steps']} "
+            f"| {entry['label']} | {entry.get('note', '')} | {entry['rev']} | {entry.get('processes', 1)} "
+            f"| {entry['peak_rss_gib']:.2f} | {entry['steps']} "
             f"| {entry['tokens']:,} | {entry['eval_windows']} | {entry['gradient_checkpointing']} "
-            f"| {entry['wall_seconds']:.0f} |"
+            f"| {entry['wall_seconds']:.0f} | {entry['curve'][-1].get('train_loss', float('nan')):.6f} "
+            f"| {entry['curve'][0].get('heldout_kd', float('nan')):.6f} -> "
+            f"{entry['curve'][-1].get('heldout_kd', float('nan')):.6f} |"
         )
-    lines += ["", "Commands:", ""]
+    lines += [
+        "",
+        "Wall-clock is of a shared 2-core machine (other jobs ran alongside), so it compares runs only roughly. "
+        "The base folders differ between `before` (made earlier; how it was calibrated was not recorded) and the rest "
+        "(`slicelm slice smollm2-135m --sparsity 0.25 --calib-samples 16 --calib-seqlen 512`); memory does not "
+        "depend on the calibration, the held-out losses do. With `--num-processes 2` the peak is the largest "
+        "process's (each holds the student, the teacher and half the batch's activations).",
+        "",
+        "Commands:",
+        "",
+    ]
     lines += [f"- {e['label']}: `{e['command']}`" for e in data["runs"]]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
 
@@ -104,6 +131,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="a sliced SmolLM2 folder (slicelm slice smollm2-135m ...)")
     p.add_argument("--label", required=True)
+    p.add_argument("--note", default="", help="what this label measures (for the table)")
     p.add_argument("--rev", default=None, help="git revision whose src/ to measure (default: this checkout)")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=512)

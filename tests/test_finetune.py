@@ -347,3 +347,108 @@ def test_gradient_checkpointing_gives_the_same_training(full):
         results.append(model.state_dict())
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-parallel processes (accelerate, gloo on the CPU)
+# --------------------------------------------------------------------------------------------------
+def ragged(n: int, seed: int) -> list[torch.Tensor]:
+    """Windows of unequal lengths: padded batches, so the processes' shares hold unequal token counts."""
+    return [w[: 24 - (i % 5) * 3] for i, w in enumerate(windows(n, seed=seed))]
+
+
+DDP = dict(tokens=None, steps=3, seqlen=24, batch_size=4, grad_accum=2, eval_windows=6, lr=5e-3, checkpoint_every=1)
+
+
+def _interrupted_then_resumed(student, teacher, data, heldout, work, out):
+    """In each of two processes: train one step, interrupted, then resume to the end; rank 0 saves the result."""
+    import copy
+
+    from slicelm.parallel import Processes
+
+    processes = Processes.from_environment("cpu")
+    assert processes.world == 2 and processes.kind == "multi_cpu"
+    config = FinetuneConfig(loss="kd", lora_rank=4, **DDP)
+    common = dict(teacher=teacher, work_dir=work, progress=False, processes=processes)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(student), data, heldout, config, stop_after=1, **common)
+    processes.barrier()  # rank 0's checkpoint is written
+    model, report = train(copy.deepcopy(student), data, heldout, config, resume=True, **common)
+    if processes.main:
+        torch.save({"state": model.state_dict(), "report": report.to_dict()}, out)
+
+
+def test_two_processes_interrupted_and_resumed_train_the_one_process_run(tmp_path):
+    """2 gloo processes at the same global batch, with unequal token shares and gradient accumulation,
+    interrupted after a step and resumed, give the weights and losses of one uninterrupted process."""
+    import copy
+
+    from accelerate import debug_launcher
+
+    student = sliced_tiny().double()  # float64: the processes' other order of sums is invisible at 1e-9
+    teacher = build_tiny_model("llama", seed=3, tie_word_embeddings=True).double()
+    data, heldout = ragged(24, seed=1), ragged(6, seed=2)
+    config = FinetuneConfig(loss="kd", lora_rank=4, **DDP)
+    expected, one = train(copy.deepcopy(student), data, heldout, config, teacher=teacher, progress=False)
+    out = tmp_path / "two.pt"
+    debug_launcher(_interrupted_then_resumed, (student, teacher, data, heldout, tmp_path / "work", out), 2)
+    two = torch.load(out)
+    report = two["report"]
+    assert report["processes"] == 2 and report["resumed_from"] == 1 and report["global_batch"] == 4
+    per = report["tokens_per_process"]
+    assert len(per) == 2 and per[0] != per[1] and sum(per) == report["tokens"] == one.tokens
+    for a, b in zip(one.curve, report["curve"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-9 * max(abs(a[key]), 1), (key, a, b)
+    got = two["state"]
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_finetune_cli_on_two_processes_writes_the_one_process_result(tiny_sliced_folder, tmp_path, data_dir):
+    """--num-processes 2 (accelerate's launcher, gloo) at the same global batch: the same merged weights
+    (float32, up to the order of sums) and held-out losses; the report says how the batch was split."""
+    from safetensors.torch import load_file
+
+    _, sliced = tiny_sliced_folder
+    argv = ["finetune", str(sliced), "--data-dir", str(data_dir), "--steps", "2", "--seqlen", "32"]
+    argv += ["--batch-size", "2", "--eval-windows", "2", "--quiet", "--lr", "1e-3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*argv, "--out", str(one)]) == 0
+    assert main([*argv, "--out", str(two), "--num-processes", "2"]) == 0
+    reports = [json.loads((out / "slicelm_report.json").read_text())["finetune"] for out in (one, two)]
+    assert [r["processes"] for r in reports] == [1, 2] and [r["global_batch"] for r in reports] == [2, 2]
+    assert reports[1]["tokens_per_process"] == [64, 64] and reports[0]["tokens_per_process"] == [128]
+    assert reports[0]["tokens"] == reports[1]["tokens"] == 128 and reports[1]["distributed"] == "multi_cpu"
+    for a, b in zip(reports[0]["curve"], reports[1]["curve"], strict=True):
+        for key in ("train_loss", "heldout_lm", "heldout_kd"):
+            if key in a:  # a KL is a difference of cross-entropies (~10 nats here): float32 rounds at that scale
+                assert abs(a[key] - b[key]) <= 1e-5 * max(abs(a[key]), 1), (key, a, b)
+    expected, got = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert not (tmp_path / "two.slicelm-work").exists()
+
+
+def test_resume_with_another_number_of_processes_is_refused(
+    tiny_sliced_folder, tmp_path, data_dir, capsys, monkeypatch
+):
+    from slicelm import recovery
+
+    _, sliced = tiny_sliced_folder
+    out = tmp_path / "recovered"
+    argv = ["finetune", str(sliced), "--out", str(out), "--data-dir", str(data_dir), "--loss", "lm", *FT]
+    original = recovery.train
+    monkeypatch.setattr(recovery, "train", lambda *a, **k: original(*a, **k, stop_after=1))
+    assert main(argv) == 130
+    capsys.readouterr()
+    state = tmp_path / "recovered.slicelm-work" / "checkpoint" / "state.json"
+    before = state.read_text()
+    assert json.loads(before)["processes"] == 1
+    code = main([*argv, "--resume", "--num-processes", "2"])  # refused before any process starts
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("slicelm: error: --resume: the checkpoint was taken with 1 process(es)")
+    assert not out.exists() and state.read_text() == before

@@ -32,6 +32,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "streaming_io",
         "calibration",
         "config",
+        "parallel",
     ),
     # 2. mechanisms on one model: norms, MLP channels, statistics, the plain layout, data, loading
     2: (

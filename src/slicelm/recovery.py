@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicelm.errors import SlicelmError, first_line
+from slicelm.parallel import Processes
 
 Loss = Literal["lm", "kd"]
 CHECKPOINT = "checkpoint"  # folder in the work dir: state.safetensors + state.json
@@ -145,6 +146,10 @@ class FinetuneReport:
     peak_memory: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
     gradient_checkpointing: bool = False
+    processes: int = 1  # data-parallel processes (accelerate); the batch is split across them
+    global_batch: int = 0  # windows per micro-batch, all processes together (--batch-size)
+    tokens_per_process: list[int] = field(default_factory=list)  # real tokens each process trained on
+    distributed: str = "single"  # accelerate's distributed type (multi_cpu, multi_gpu, fsdp ...)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +159,10 @@ class FinetuneReport:
 # Losses, in bounded memory
 # --------------------------------------------------------------------------------------------------
 # One (rows, vocab) float32 block of logits is at most this many elements (64 MiB): a block's
-# softmaxes and gradient are the only vocabulary-wide tensors a loss ever holds, whatever the batch.
+# softmaxes and gradient (about six such blocks) are the only vocabulary-wide tensors a loss ever
+# holds, whatever the batch. Above glibc's largest mmap threshold (32 MiB) on purpose: smaller blocks
+# come from its heap once one was freed, and fragment it (measured: 16 MiB blocks raised a KD step's
+# peak from 5.9 to 8.8 GiB on SmolLM2 at 4 x 512).
 LOGIT_BLOCK = 2**24
 
 
@@ -359,15 +367,17 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Head]:
+def forward_hidden(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, owner: nn.Module | None = None
+) -> tuple[torch.Tensor, Head]:
     """The model's final hidden states (B, T, H) and its :class:`Head`, without computing the logits.
 
     The head's forward is swapped for the identity during the call, so the model returns what its
     head would have read (the (B, T, V) logits are what fills memory at a large vocabulary; the
     losses project block by block). A model without a bypassable head returns its logits and
-    :data:`LOGITS`.
+    :data:`LOGITS`. owner: the model whose head it is when ``model`` wraps it (DDP).
     """
-    head = output_head(model)
+    head = output_head(owner if owner is not None else model)
     if head is None:
         return model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits, LOGITS
     head.forward = _identity
@@ -438,15 +448,25 @@ class TeacherTargets:
     head: Head
 
 
+def _own_batches(windows, pad_id: int, config: FinetuneConfig, processes: Processes):
+    """The held-out batches this process scores: every ``world``-th, from its rank on."""
+    for index, batch in enumerate(_batches(windows, pad_id, config.batch_size)):
+        if index % processes.world == processes.rank:
+            yield batch
+
+
 @torch.no_grad()
-def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, device) -> TeacherTargets:
-    """The teacher's held-out outputs, computed once per run (the teacher never changes).
+def teacher_targets(
+    teacher, windows, config: FinetuneConfig, pad_id: int, device, processes: Processes | None = None
+) -> TeacherTargets:
+    """The teacher's held-out outputs, computed once per run (the teacher never changes), on this
+    process's share of the held-out batches.
 
     Its final hidden states are kept rather than its logits: H numbers per token instead of V (576
     against 49,152 on SmolLM2), exact, and the KD loss projects them block by block.
     """
     out, head = [], LOGITS
-    for ids, mask in _batches(windows, pad_id, config.batch_size):
+    for ids, mask in _own_batches(windows, pad_id, config, processes or Processes()):
         ids, mask = ids.to(device), mask.to(device)
         hidden, head = forward_hidden(teacher, ids, mask)
         out.append(hidden[:, :-1][mask[:, 1:].bool()].cpu())
@@ -455,15 +475,22 @@ def teacher_targets(teacher, windows, config: FinetuneConfig, pad_id: int, devic
 
 @torch.no_grad()
 def evaluate(
-    model, windows, config: FinetuneConfig, pad_id: int, device, targets: TeacherTargets | None = None
+    model,
+    windows,
+    config: FinetuneConfig,
+    pad_id: int,
+    device,
+    targets: TeacherTargets | None = None,
+    processes: Processes | None = None,
 ) -> dict[str, float]:
     """Held-out next-token loss (and KD loss against ``targets``, the teacher's cached
-    :func:`teacher_targets`), mean over the windows' real tokens."""
+    :func:`teacher_targets`), mean over the windows' real tokens (of all processes together)."""
+    processes = processes or Processes()
     was = model.training
     model.eval()
     totals = {"heldout_lm": 0.0, "heldout_kd": 0.0}
     count = 0
-    for index, (ids, mask) in enumerate(_batches(windows, pad_id, config.batch_size)):
+    for index, (ids, mask) in enumerate(_own_batches(windows, pad_id, config, processes)):
         ids, mask = ids.to(device), mask.to(device)
         hidden, head = forward_hidden(model, ids, mask)
         n = int(mask[:, 1:].sum())
@@ -475,6 +502,7 @@ def evaluate(
             totals["heldout_kd"] += kd.item() * n
         count += n
     model.train(was)
+    totals["heldout_lm"], totals["heldout_kd"], count = processes.sum([*totals.values(), count])
     out = {"heldout_lm": totals["heldout_lm"] / max(count, 1)}
     if targets is not None:
         out["heldout_kd"] = totals["heldout_kd"] / max(count, 1)
@@ -497,9 +525,14 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     monitor: Callable[[nn.Module], dict[str, float]] | None = None,
     data: dict[str, Any] | None = None,
+    processes: Processes | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` (in place) and return ``(merged model, report)``.
 
+    processes: data-parallel processes (:class:`slicelm.parallel.Accelerated`, under accelerate's
+    launcher); ``config.batch_size`` is the global micro-batch, split evenly across them, and each
+    process's loss is weighted by its share of the batch's real tokens, so N processes train the
+    same run as one (up to the order of float sums). Only rank 0 writes checkpoints.
     work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
     stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
     monitor: extra measurements added to each evaluation point (e.g. test perplexity); for curves
@@ -511,9 +544,24 @@ def train(
     from transformers import get_cosine_schedule_with_warmup
 
     from slicelm.resources import PeakMemory
+    from slicelm.streaming_io import map_large_allocations
 
     if config.loss == "kd" and teacher is None:
         raise SlicelmError("--loss kd needs a teacher model")
+    processes = processes or Processes()
+    if not (processes.kind in ("single", "no") or processes.kind.startswith("multi_")):
+        raise SlicelmError(
+            f"accelerate's {processes.kind} mode is not supported by finetune yet (the blocked losses read the "
+            "head's weight outside the model's forward, which sharding splits); launch data-parallel (DDP): "
+            "accelerate launch --multi_gpu ..."
+        )
+    device = processes.device or device
+    world, rank = processes.world, processes.rank
+    if config.batch_size % world:
+        raise SlicelmError(
+            f"--batch-size {config.batch_size} is the global batch; it must split evenly across {world} processes"
+        )
+    local_batch = config.batch_size // world
     total = config.total_steps()
     per_step = config.windows_per_step
     if total * per_step > len(train_windows):
@@ -537,10 +585,12 @@ def train(
     student.train()
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = needs_checkpointing(model, config, teacher is not None)
-    if checkpointing:
+        checkpointing = needs_checkpointing(model, config)
+    if checkpointing:  # memory before speed: also give freed blocks back to the OS (see there; CPU time)
         base = student.get_base_model() if hasattr(student, "get_base_model") else student
         enable_checkpointing(base)
+        map_large_allocations()
+    run = processes.prepare(student)  # what the training forward goes through (DDP under accelerate)
     if teacher is not None:
         teacher.eval().to(device)
         for param in teacher.parameters():
@@ -557,6 +607,10 @@ def train(
         tokens=0,
         trainable_params=sum(p.numel() for p in params),
         gradient_checkpointing=bool(checkpointing),
+        processes=world,
+        global_batch=config.batch_size,
+        tokens_per_process=[0] * world,
+        distributed=processes.kind,
     )
     start_step = 0
     if resume:
@@ -568,31 +622,43 @@ def train(
     targets = None
     if teacher is not None and heldout_windows:
         t_start = time.perf_counter()
-        targets = teacher_targets(teacher, heldout_windows, config, pad_id, device)
+        with processes.autocast():
+            targets = teacher_targets(teacher, heldout_windows, config, pad_id, device, processes)
         report.teacher_seconds += time.perf_counter() - t_start
 
     def held_out() -> dict[str, float]:
-        return evaluate(student, heldout_windows, config, pad_id, device, targets) if heldout_windows else {}
+        if not heldout_windows:
+            return {}
+        with processes.autocast():
+            return evaluate(student, heldout_windows, config, pad_id, device, targets, processes)
+
+    def measured() -> dict[str, float]:  # the monitor runs on rank 0, whose report is written
+        return monitor(student) if monitor is not None and processes.main else {}
+
+    def checkpoint() -> None:
+        report.seconds = time.perf_counter() - t0
+        if processes.main:
+            _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
 
     step = start_step
     bar = tqdm(total=total, initial=start_step, desc=f"finetune ({config.loss})", disable=not progress)
     try:
         if start_step == 0 and heldout_windows:
             point = {"step": 0, "tokens": 0, **held_out()}
-            report.curve.append(point | (monitor(student) if monitor else {}))
+            report.curve.append(point | measured())
         while step < total:
             if stop_after is not None and step - start_step >= stop_after:
                 raise KeyboardInterrupt
             loss_value = 0.0
             for micro in range(config.grad_accum):
-                first = (step * config.grad_accum + micro) * config.batch_size
-                chunk = [train_windows[i] for i in order[first : first + config.batch_size]]
+                first = (step * config.grad_accum + micro) * config.batch_size + rank * local_batch
+                chunk = [train_windows[i] for i in order[first : first + local_batch]]
                 ids, mask = next(_batches(chunk, pad_id, len(chunk)))
                 ids, mask = ids.to(device), mask.to(device)
-                hidden, head = forward_hidden(student, ids, mask)  # the logits exist one block at a time
+                hidden, head = forward_hidden(run, ids, mask, student)  # the logits exist one block at a time
                 if config.loss == "kd":
                     t_start = time.perf_counter()
-                    with torch.no_grad():
+                    with torch.no_grad(), processes.autocast():
                         t_hidden, t_head = forward_hidden(teacher, ids, mask)
                     report.teacher_seconds += time.perf_counter() - t_start
                     loss = kd_loss(
@@ -605,15 +671,30 @@ def train(
                     )
                 else:
                     loss = lm_loss(hidden, ids, mask, head)
-                if not torch.isfinite(loss):
+                value, tokens = loss.item(), int(mask.sum())
+                if world > 1:  # the batch's mean over all processes' tokens; DDP averages the gradients
+                    n = int(mask[:, 1:].sum())
+                    mine = [0.0] * world
+                    mine[rank] = tokens
+                    loss_sum, count, *tokens_each = processes.sum([value * n, n, *mine])
+                    value = loss_sum / count
+                    loss = loss * (n * world / count)
+                if not math.isfinite(value):
                     if step == 0:  # no update yet: not the learning rate
                         raise SlicelmError("the training loss is non-finite before any update: check the data")
                     raise Diverged(step)
-                (loss / config.grad_accum).backward()
-                loss_value += loss.item() / config.grad_accum
-                report.tokens += int(mask.sum())
+                with processes.sync(run, last=micro == config.grad_accum - 1):
+                    (loss / config.grad_accum).backward()
+                loss_value += value / config.grad_accum
+                if world > 1:
+                    report.tokens += int(sum(tokens_each))
+                    seen = zip(report.tokens_per_process, tokens_each, strict=True)
+                    report.tokens_per_process = [a + int(b) for a, b in seen]
+                else:
+                    report.tokens += tokens
+                    report.tokens_per_process = [report.tokens]
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                processes.clip(params, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -626,14 +707,12 @@ def train(
             if step % eval_every == 0 or step == total:
                 point = {"step": step, "tokens": report.tokens, "train_loss": loss_value}
                 point |= held_out()
-                report.curve.append(point | (monitor(student) if monitor else {}))
+                report.curve.append(point | measured())
             if work is not None and (step % checkpoint_every == 0) and step < total:
-                report.seconds = time.perf_counter() - t0
-                _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
+                checkpoint()
     except KeyboardInterrupt:
         if work is not None:
-            report.seconds = time.perf_counter() - t0
-            _save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
+            checkpoint()
         raise
     finally:
         bar.close()
@@ -651,7 +730,7 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def needs_checkpointing(model: nn.Module, config: FinetuneConfig, distilling: bool) -> bool:
+def needs_checkpointing(model: nn.Module, config: FinetuneConfig) -> bool:
     """Whether one micro-batch's activations (a rough upper estimate) exceed half the free memory."""
     from slicelm.resources import available_memory_bytes
 
@@ -661,8 +740,8 @@ def needs_checkpointing(model: nn.Module, config: FinetuneConfig, distilling: bo
     c = model.config
     intermediate = getattr(c, "intermediate_size", None) or 4 * c.hidden_size
     per_token = c.num_hidden_layers * (16 * c.hidden_size + 4 * intermediate) * 4
-    per_token += c.vocab_size * 4 * (3 if distilling else 2)  # logits, their softmax (and the teacher's)
-    return config.batch_size * config.seqlen * per_token > available / 2
+    losses = 8 * LOGIT_BLOCK * 4  # the losses' blocks of logits (teacher and student), whatever the batch
+    return config.batch_size * config.seqlen * per_token + losses > available / 2
 
 
 def _save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int, identity) -> None:
@@ -683,6 +762,7 @@ def _save_checkpoint(work: Path, student, optimizer, scheduler, report: Finetune
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
     meta = {
         "step": step,
+        "processes": report.processes,  # a checkpoint resumes with as many processes as took it
         "identity": identity,
         "param_groups": optim["param_groups"],
         "scheduler": scheduler.state_dict(),
@@ -712,6 +792,16 @@ class Diverged(SlicelmError):
     def __init__(self, step: int):
         self.step = step
         super().__init__(f"the training loss became non-finite at step {step}; lower --lr")
+
+
+def check_processes(recorded: Any, processes: int) -> None:
+    """A checkpoint resumes with the number of processes that took it (their data shares and the
+    order of their float sums are part of the run)."""
+    if recorded != processes:
+        raise SlicelmError(
+            f"--resume: the checkpoint was taken with {recorded} process(es), this run has {processes}; resume "
+            f"with --num-processes {recorded} (or accelerate launch --num_processes {recorded}), or --restart"
+        )
 
 
 class DamagedCheckpoint(SlicelmError):
@@ -759,6 +849,7 @@ def _load_checkpoint(
     scheduled = meta.get("scheduler", {}).get("last_epoch") if isinstance(meta.get("scheduler"), dict) else None
     if scheduled != step:  # the schedule advances once per step: a step edited by hand disagrees with it
         raise damaged(f"step {step} but its learning-rate schedule is at step {scheduled!r}")
+    check_processes(meta.get("processes", 1), report.processes)
     wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
     if saved != wanted:
         changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
@@ -796,6 +887,7 @@ def _load_checkpoint(
         scheduler.load_state_dict(meta["scheduler"])
         for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
             setattr(report, key, meta["report"][key])
+        report.tokens_per_process = meta["report"].get("tokens_per_process") or [report.tokens]
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise damaged(f"{type(exc).__name__}: {first_line(exc)}") from None
     report.resumed_from = step
@@ -816,6 +908,7 @@ def finetune(
     device: torch.device | str = "cpu",
     windows: tuple[list[torch.Tensor], list[torch.Tensor], dict[str, Any]] | None = None,
     monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+    processes: Processes | None = None,
 ) -> tuple[nn.Module, FinetuneReport]:
     """Fine-tune ``model`` on ``data`` (c4, alpaca, ptb or a file) and return ``(merged model, report)``.
 
@@ -824,7 +917,7 @@ def finetune(
     ``save_pretrained`` (plain and dense ones).
 
     windows: :func:`training_windows`' result when already made (the command reads the data before
-    it loads the models, so that bad data is refused first). monitor: see :func:`train`.
+    it loads the models, so that bad data is refused first). monitor, processes: see :func:`train`.
     """
     config = config or FinetuneConfig()
     train_windows, heldout, description = windows or training_windows(data, tokenizer, config, data_dir)
@@ -841,6 +934,7 @@ def finetune(
         device=device,
         monitor=monitor,
         data=description,
+        processes=processes,
     )
     report.data = description
     return model, report

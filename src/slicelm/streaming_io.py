@@ -113,16 +113,40 @@ def release(module: nn.Module) -> None:
     trim_heap()
 
 
-def trim_heap() -> None:
-    """Return free heap memory to the OS where the C library supports it (glibc); else nothing."""
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else False
         except OSError:
             _LIBC = False
-    if _LIBC and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    return _LIBC
+
+
+def trim_heap() -> None:
+    """Return free heap memory to the OS where the C library supports it (glibc); else nothing."""
+    libc = _libc()
+    if libc and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Make glibc map every allocation of ``threshold`` bytes or more on its own, so that freeing it
+    gives it back to the OS (where the C library supports it; else nothing).
+
+    glibc raises its threshold to the size of each large block freed (up to 32 MiB), after which
+    blocks of that size come from the heap, whose freed middle is kept: a training step's activations
+    then stay resident after the backward pass and the next step adds to them (measured on a KD LoRA
+    step of SmolLM2-135M at 4 x 512, checkpointed: 4.0 GiB peak instead of 2.0). A fixed threshold
+    stops that, at the price of the kernel's page faults for every large block: about a quarter more
+    CPU time per step there (system time 5 s -> 25 s over two steps). The setting lasts for the process.
+    """
+    libc = _libc()
+    if libc and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 _LIBC = None

@@ -74,7 +74,9 @@ def glue_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(glue_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    raw = glue_negative_values(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(raw)
+    args.argv = raw  # the command line as given (finetune --num-processes hands it to accelerate's launcher)
     try:
         return int(args.run(args) or 0)
     except SlicelmError as exc:

@@ -3,11 +3,17 @@
 Order of work: flags; the output folder and the work folder (claimed); the training data (the
 WikiText-2 test text is refused); the teacher (its vocabulary must be the student's); then
 training, with checkpoints in the work folder; the merged model is written like ``slice`` writes.
+
+Data-parallel: under ``accelerate launch`` every process runs this command; rank 0 claims the
+folders (and tells the others what it refused), all train on their share of each batch, rank 0
+writes. ``--num-processes N`` checks the flags and folders here, then runs accelerate's own
+launcher on the same command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -74,6 +80,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="discard the work folder's checkpoint (an interrupted or diverged run) and start again",
     )
     add_device_argument(p, "train")
+    p.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="data-parallel processes through accelerate's launcher (DDP; --batch-size stays the global batch). "
+        "Or start the command with accelerate launch -m slicelm finetune ... (multi-node, FSDP, mixed precision)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -106,9 +119,12 @@ def run(args: argparse.Namespace) -> int:
     from slicelm.devices import resolve_device
     from slicelm.models import resolve_source
     from slicelm.outputs import OutputClaim
+    from slicelm.parallel import Processes, launched
 
     check_flags_have_effect(args)
     config = config_from(args)
+    if args.num_processes is not None and args.num_processes < 1:
+        raise SlicelmError("--num-processes must be a positive integer")
     device = resolve_device(args.device)
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
@@ -123,9 +139,45 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
     from slicelm.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
 
-    with OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path]) as claim:
-        _check_work_dir(work, args.resume, args.restart)
-        return _run(args, config, source, claim, work, device)
+    def claim_folders(processes: int) -> OutputClaim:
+        if config.batch_size % processes:
+            raise SlicelmError(
+                f"--batch-size {config.batch_size} is the global batch; it must split evenly across {processes} "
+                "processes"
+            )
+        claim = OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path])
+        try:
+            _check_work_dir(work, args.resume, args.restart, processes)
+        except SlicelmError:
+            claim.release()
+            raise
+        return claim
+
+    if not launched() and (args.num_processes or 1) > 1:
+        with claim_folders(args.num_processes):  # refused here, in one line, before any process starts
+            pass
+        return launch(args, args.num_processes)
+    processes = Processes.from_environment(device)
+    if args.num_processes is not None and args.num_processes != processes.world:
+        raise SlicelmError(f"--num-processes {args.num_processes}, but the launcher started {processes.world}")
+    claim = problem = None
+    if processes.main:
+        try:
+            claim = claim_folders(processes.world)
+        except SlicelmError as exc:
+            problem = str(exc)
+    problem = processes.broadcast(problem)  # the other ranks stop with rank 0, which says why
+    if problem is not None:
+        if processes.main:
+            raise SlicelmError(problem)
+        return 2
+    try:
+        with claim or contextlib.nullcontext():
+            return _run(args, config, source, claim, work, device, processes)
+    except SlicelmError:
+        if processes.main:
+            raise
+        return 2  # every rank meets the same error; rank 0 prints it
 
 
 def check_flags_have_effect(args: argparse.Namespace) -> None:
@@ -142,11 +194,35 @@ def check_flags_have_effect(args: argparse.Namespace) -> None:
                 raise SlicelmError(f"{flag} configures LoRA adapters, and --full trains every weight; drop one of them")
 
 
-def _check_work_dir(work: Path, resume: bool, restart: bool = False) -> None:
+def launch(args: argparse.Namespace, processes: int) -> int:
+    """This command on ``processes`` data-parallel processes, through accelerate's own launcher (torchrun
+    underneath: gloo on CPUs, NCCL on GPUs)."""
+    import socket
+    import subprocess
+
+    argv, skip = [], False
+    for arg in getattr(args, "argv", None) or sys.argv[1:]:
+        if skip or arg == "--num-processes" or arg.startswith("--num-processes="):
+            skip = arg == "--num-processes" and not skip
+            continue
+        argv.append(arg)
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
+    cmd += ["--dynamo_backend", "no", "--quiet", "-m", "slicelm", *argv]
+    return subprocess.run(cmd).returncode
+
+
+def _check_work_dir(work: Path, resume: bool, restart: bool = False, processes: int = 1) -> None:
     """A work folder is slicelm's own (created with the first checkpoint); resuming needs one, and
-    without --resume or --restart an existing one is never silently reused or discarded."""
+    without --resume or --restart an existing one is never silently reused or discarded. A
+    checkpoint resumes with the number of processes that took it."""
+    import json
+
     from slicelm.outputs import read_manifest
-    from slicelm.recovery import WORK_KIND
+    from slicelm.recovery import CHECKPOINT, WORK_KIND, check_processes
 
     if work.exists():
         manifest = read_manifest(work) if work.is_dir() else None
@@ -157,11 +233,15 @@ def _check_work_dir(work: Path, resume: bool, restart: bool = False) -> None:
                 f"{work} holds an interrupted run's checkpoint; pass --resume to continue it, or --restart to "
                 "discard it and start again"
             )
+        if resume:
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # a damaged one is told later
+                meta = json.loads((work / CHECKPOINT / "state.json").read_text())
+                check_processes(meta.get("processes", 1), processes)
     elif resume:
         raise SlicelmError(f"--resume: {work} does not exist; run without --resume to start")
 
 
-def _run(args, config, source, claim, work: Path, device) -> int:
+def _run(args, config, source, claim, work: Path, device, processes) -> int:
     from slicelm import recovery
     from slicelm.data import resolve_data_dir
     from slicelm.models import DTYPES, load_model, load_tokenizer
@@ -181,8 +261,9 @@ def _run(args, config, source, claim, work: Path, device) -> int:
             f"teacher {teacher_name} has another vocabulary than the student ({teacher.config.vocab_size} vs "
             f"{model.config.vocab_size} tokens); distil from the model it was sliced from"
         )
-    if args.restart and work.exists():  # checked to be slicelm's own work folder when claimed
+    if args.restart and work.exists() and processes.main:  # checked to be slicelm's own work folder when claimed
         shutil.rmtree(work)
+    processes.barrier()
     try:
         model, report = _disk_checked(work, recovery.finetune)(  # a full disk: one line, the checkpoint kept
             model,
@@ -192,10 +273,11 @@ def _run(args, config, source, claim, work: Path, device) -> int:
             teacher=teacher,
             work_dir=work,
             resume=args.resume,
-            progress=not args.quiet,
+            progress=not args.quiet and processes.main,
             device=device,
             windows=windows,
             monitor=monitor,
+            processes=processes,
         )
     except KeyboardInterrupt:
         print(f"slicelm: interrupted; the last checkpoint is in {work}: continue with --resume", file=sys.stderr)
@@ -206,6 +288,8 @@ def _run(args, config, source, claim, work: Path, device) -> int:
             f"and --restart (it discards the checkpoint in {work})"
         ) from None
     report.teacher = teacher_name
+    if not processes.main:
+        return 0  # rank 0 writes
     from slicelm.checkpoint import save_finetuned
 
     out = _disk_checked(work, save_finetuned)(model, claim, tokenizer, source.path, report.to_dict())
