@@ -409,6 +409,9 @@ def default_against_uniform(by_name: dict, targets: list[float], protocol: str) 
         best = min(uniform, key=lambda r: r["ppl"]) if uniform else None
         auto_cell = f"{auto['ppl']:.2f} ({auto['params_ratio']:.3f})" if auto and "ppl" in auto else "not run"
         best_cell = f"{best['method']}, {best['ppl']:.2f} ({best['params_ratio']:.3f})" if best else "not run"
+        missing = [m for m in UNIFORM if not by_name.get(point_name(m, t))]
+        if best and missing:
+            best_cell += f"; {', '.join(missing)} not run"
         verdict = "yes" if auto and best and auto["ppl"] <= best["ppl"] else ("no" if auto and best else "")
         out.append(f"| {t:g} | {auto_cell} | {best_cell} | {verdict} |")
     return [*out, ""]
