@@ -15,6 +15,15 @@ everything else that is stored are counted — and measures WikiText-2 test perp
   auto              the default command: the measured allocator (candidates scored end to end)
   auto-plain        the measured allocator with --layout plain
 
+Peers (benchmark code, not slicelm): MLP channels only, the same number in every layer as ``mlp`` at
+the same target, no refit of the output projection:
+
+  activation        channels ranked by mean |activation| of the MLP intermediate (the writer's
+                    input, act(gate) * up) over the calibration tokens, as Minitron ranks neurons
+  torch-pruning     torch-pruning 1.6.1 (registry package ``torch-pruning==1.6.1``):
+                    ``MetaPruner`` with its default ``MagnitudeImportance`` (group L2 norm of the
+                    gate/up rows and down columns), every module but gate_proj/up_proj ignored
+
 Each point runs in its own process (clean peak memory) and is stored under --work as soon as it is
 measured, so an interrupted benchmark resumes; the statistics pass of the dense model is computed
 once per calibration set and shared. Writes docs/results/compression_smollm2.{json,md,png}.
@@ -27,6 +36,7 @@ once per calibration set and shared. Writes docs/results/compression_smollm2.{js
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import resource
@@ -50,7 +60,11 @@ METHODS: dict[str, dict] = {
     "auto": {"schedule": "auto", "layout": "slicegpt"},
     "auto-plain": {"schedule": "auto", "layout": "plain"},
 }
+# Peers: uniform MLP-channel removal at the width `mlp` plans for the target, no refit.
+PEERS = ("activation", "torch-pruning")
+ORDER = (*METHODS, *PEERS)
 TARGETS = (0.95, 0.90, 0.85, 0.80, 0.75, 0.70)
+UNIFORM = ("slicegpt", "mlp")  # the uniform plans the default must not lose to
 
 
 def point_name(method: str, target: float) -> str:
@@ -79,6 +93,12 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
     if method == "dense":
         params, report = dense, None
         seconds = 0.0
+    elif method in PEERS:
+        report = None
+        start = time.perf_counter()
+        result |= run_peer(model, calibration, method, target, args.round_to)
+        seconds = result["slice_seconds"] = time.perf_counter() - start
+        params = sum(p.numel() for p in model.parameters())
     else:
         config = SliceConfig(target_params=target, round_to=args.round_to, **METHODS[method])
         cache = Path(args.work) / f"stats-{config.layout}-{args.calib_samples}x{args.calib_seqlen}"
@@ -107,12 +127,97 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
         "ppl_seconds": time.perf_counter() - t,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    if args.save_model and method != "dense":  # for zero-shot or recovery runs on this point
+    if args.save_model and report is not None:  # for zero-shot or recovery runs on this point
         out = Path(args.work) / "models" / point_name(method, target)
         metadata = {"source_model": "smollm2-135m", "method": method, "target": target}
         slicelm.save_sliced(model, out, tokenizer, overwrite=True, metadata=metadata, report=report.to_dict())
         result["saved"] = str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
     return result
+
+
+def uniform_mlp_width(model, target: float, round_to: int) -> int:
+    """The intermediate width slicelm's ``--schedule mlp`` plans for ``target`` (the peers' width)."""
+    from slicelm.budget import build_plan, context_from_config
+    from slicelm.config import SliceConfig
+
+    config = SliceConfig(target_params=target, schedule="mlp", layout="plain", round_to=round_to)
+    ctx, dense = context_from_config(model.config, config)
+    plan, _ = build_plan(ctx, config, dense)
+    widths = {w.mlp for w in plan.layers}
+    assert len(widths) == 1, widths
+    return widths.pop()
+
+
+def run_peer(model, calibration: list, method: str, target: float, round_to: int) -> dict:
+    """Remove MLP channels uniformly (``mlp``'s width) by a peer's importance, without refit."""
+    from slicelm.arch import resolve
+    from slicelm.channels import intermediate_width
+    from slicelm.modeling_slicelm import get_module
+
+    layout = resolve(model)
+    layers = list(get_module(model, layout.layers))
+    width = uniform_mlp_width(model, target, round_to)
+    intermediate = intermediate_width(layers[0], layout)
+    before = sum(p.numel() for p in model.parameters())
+    peer = _peer_importance(model, calibration, method, layout, layers, width, intermediate)
+    # Only MLP channels went (gate and up rows, down columns; no biases): the stream and attention are whole.
+    per_channel = (len(layout.mlp_inputs) + 1) * model.config.hidden_size
+    after = sum(p.numel() for p in model.parameters())
+    if after != before - len(layers) * (intermediate - width) * per_channel:
+        raise RuntimeError(f"{method} removed {before - after:,} parameters, not only {intermediate - width} channels")
+    return {"peer": peer | {"width": width}}
+
+
+def _peer_importance(model, calibration, method, layout, layers, width, intermediate) -> dict:
+    import torch
+
+    from slicelm.channels import intermediate_width, select_channels
+    from slicelm.modeling_slicelm import get_module
+
+    if method == "activation":
+        sums = [torch.zeros(intermediate, dtype=torch.float64) for _ in layers]
+        count = [0]
+
+        def hook(i):
+            def pre(module, inputs):  # the writer's input: the MLP intermediate, (B, T, I)
+                sums[i].add_(inputs[0].detach().abs().to(torch.float64).sum(dim=(0, 1)))
+
+            return pre
+
+        handles = [
+            get_module(layer, layout.mlp_outputs[0]).register_forward_pre_hook(hook(i))
+            for i, layer in enumerate(layers)
+        ]
+        with torch.no_grad():
+            for ids in calibration:  # full windows, no padding: every token counts
+                model(ids.unsqueeze(0), use_cache=False)
+                count[0] += ids.numel()
+        for h in handles:
+            h.remove()
+        for i, layer in enumerate(layers):
+            keep = torch.topk(sums[i] / count[0], width).indices.sort().values
+            select_channels(layer, layout, keep, None)
+        return {"importance": "mean |MLP intermediate| over the calibration tokens"}
+    import torch_pruning as tp
+
+    keep_modules = {id(get_module(layer, path)) for layer in layers for path in layout.mlp_inputs}
+    ignored = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in keep_modules]
+    ignored += [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    example = calibration[0][:64].unsqueeze(0)
+    pruner = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(),  # the default: p=2, mean group reduction
+        pruning_ratio=(intermediate - width - 0.5) / intermediate,  # int(I * (1 - ratio)) = width exactly
+        ignored_layers=ignored,
+        forward_fn=lambda m, x: m(x, use_cache=False).logits,
+    )
+    pruner.step()
+    widths = sorted({intermediate_width(layer, layout) for layer in layers})
+    if widths != [width]:
+        raise RuntimeError(f"torch-pruning left MLP widths {widths}, expected {width} in every layer")
+    version = importlib.metadata.version("torch-pruning")  # its __version__ string says 1.6.0 in 1.6.1
+    return {"importance": f"torch-pruning {version} MagnitudeImportance() (p=2, group mean)"}
 
 
 def main() -> None:
@@ -202,11 +307,16 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
         "Parameter counts are of the saved model (shortcuts, tied or untied head included).",
         "",
     ]
+    protocol = (
+        f"calibration C4 {args.calib_samples} x {args.calib_seqlen} tokens; perplexity WikiText-2 test, first "
+        f"{args.windows} windows of 2048 tokens ({args.windows * 2047:,} predicted tokens)"
+    )
     if dense:
-        lines.append(f"Dense: {dense['params'] / 1e6:.1f}M parameters, ppl {dense['ppl']:.2f}.")
+        lines.append(f"Dense: {dense['params'] / 1e6:.1f}M parameters, ppl {dense['ppl']:.2f} ({protocol}).")
         lines.append("")
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in ORDER if any(r["method"] == m for r in rows)]
     targets = sorted({r["target"] for r in rows if r["method"] != "dense"}, reverse=True)
+    lines += [f"Every cell of this table: {protocol}.", ""]
     lines.append("| method | " + " | ".join(f"target {t:g}" for t in targets) + " |")
     lines.append("|---|" + "---:|" * len(targets))
     for m in methods:
@@ -220,7 +330,18 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
             else:
                 cells.append(f"{r['ppl']:.1f} ({r['params_ratio']:.3f})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: perplexity (parameters / dense).", ""]
+    lines += [
+        "",
+        "Cells: perplexity (true parameters / dense). The peers `activation` and `torch-pruning` remove MLP "
+        "channels only, the same number in every layer as `mlp` at that target, without refitting the output "
+        "projection: `activation` ranks channels by the mean |activation| of the MLP intermediate (act(gate) * up, "
+        "the input of down_proj) over the calibration tokens, as Minitron ranks neurons; `torch-pruning` is "
+        "torch-pruning 1.6.1's `MetaPruner` with its default `MagnitudeImportance()` (group L2 norm of the gate "
+        "and up rows and the down columns of a channel), every module except gate_proj and up_proj ignored, so "
+        "that only the MLP channel groups are pruned, with one pruning ratio for every layer.",
+        "",
+    ]
+    lines += default_against_uniform(by_name, targets, protocol)
     measured = [r for r in rows if r["method"] in ("auto", "auto-plain") and r.get("candidates")]
     for r in measured:
         planning = r["planning"]
@@ -253,6 +374,7 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
             name = point_name(r["method"], r["target"])
             lines.append(f"| {name} | {r['params_ratio']:.3f} | {r['ppl']:.2f} ({r['ppl_windows']} windows) |")
         lines.append("")
+    lines += auto_cost(by_name, targets)
     timing = [r for r in rows if r.get("slice_seconds") and r["target"] == 0.85]
     if timing:
         lines += ["Compression time and peak memory at target 0.85 (each point in its own process):", ""]
@@ -272,8 +394,56 @@ def write_report(args: argparse.Namespace, work: Path) -> None:
     plot(rows, dense)
 
 
+def default_against_uniform(by_name: dict, targets: list[float], protocol: str) -> list[str]:
+    """For each target: the default (auto) against the best uniform plan measured there."""
+    out = [
+        "The default (`auto`) against the best uniform plan (uniform SliceGPT `slicegpt`, uniform MLP `mlp`) at "
+        f"each target; every number: {protocol}.",
+        "",
+        "| target | auto: ppl (params / dense) | best uniform: method, ppl (params / dense) | auto ≤ best uniform |",
+        "|---:|---:|---:|:---:|",
+    ]
+    for t in targets:
+        auto = by_name.get(point_name("auto", t))
+        uniform = [r for m in UNIFORM if (r := by_name.get(point_name(m, t))) and "ppl" in r]
+        best = min(uniform, key=lambda r: r["ppl"]) if uniform else None
+        auto_cell = f"{auto['ppl']:.2f} ({auto['params_ratio']:.3f})" if auto and "ppl" in auto else "not run"
+        best_cell = f"{best['method']}, {best['ppl']:.2f} ({best['params_ratio']:.3f})" if best else "not run"
+        missing = [m for m in UNIFORM if not by_name.get(point_name(m, t))]
+        if best and missing:
+            best_cell += f"; {', '.join(missing)} not run"
+        verdict = "yes" if auto and best and auto["ppl"] <= best["ppl"] else ("no" if auto and best else "")
+        out.append(f"| {t:g} | {auto_cell} | {best_cell} | {verdict} |")
+    return [*out, ""]
+
+
+def auto_cost(by_name: dict, targets: list[float]) -> list[str]:
+    """The default's compression time and peak memory beside uniform MLP's, per target."""
+    out = [
+        "Compression cost of the default beside uniform MLP's (each point in its own process, "
+        "`--threads 2` on a 2-core machine shared with other jobs, so seconds are upper bounds):",
+        "",
+        "| target | auto slicing s | auto end-to-end evaluations | auto peak RSS GiB | mlp slicing s "
+        "(of which statistics s) | mlp peak RSS GiB | auto / mlp time |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    shown = False
+    for t in targets:
+        auto, mlp = by_name.get(point_name("auto", t)), by_name.get(point_name("mlp", t))
+        if not auto or "slice_seconds" not in auto:
+            continue
+        shown = True
+        ratio = f"{auto['slice_seconds'] / mlp['slice_seconds']:.1f}x" if mlp else ""
+        mlp_cells = f"{mlp['slice_seconds']:.0f} ({statistics_cell(mlp)}) | {mlp['peak_rss_gib']:.2f}" if mlp else " | "
+        out.append(
+            f"| {t:g} | {auto['slice_seconds']:.0f} | {auto['planning'].get('evaluations')} | "
+            f"{auto['peak_rss_gib']:.2f} | {mlp_cells} | {ratio} |"
+        )
+    return [*out, ""] if shown else []
+
+
 def statistics_cell(row: dict) -> str:
-    seconds = row["timings"].get("statistics")
+    seconds = row.get("timings", {}).get("statistics")
     if seconds is None:
         return "none"
     return "cached" if seconds < 5 else f"{seconds:.0f}"
@@ -286,7 +456,7 @@ def plot(rows: list[dict], dense: dict | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    for method in METHODS:
+    for method in ORDER:
         pts = sorted(
             (r["params_ratio"], r["ppl"])
             for r in rows
