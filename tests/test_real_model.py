@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import cores_per_worker
 from helpers import relative_error
 
+import slicelm
 from slicelm.arch import resolve
 from slicelm.checkpoint import load_sliced, save_sliced
 from slicelm.fuse import fuse_norms
@@ -71,9 +73,12 @@ def test_fused_smollm2_is_exact(smollm2, batch, reference):
 
 @pytest.fixture(scope="module")
 def rotated(smollm2, calibration):
-    """SmolLM2 PCA-rotated at sparsity 0 (head kept tied)."""
+    """SmolLM2 PCA-rotated at sparsity 0 (head kept tied), in the slicegpt layout (a basis per point,
+    shortcuts): at full width a config plans the stock architecture, so the layout is followed as a plan."""
     model = copy.deepcopy(smollm2[0])
-    slice_model(model, calibration, SliceConfig(sparsity=0.0, batch_size=4), progress=False)
+    config = SliceConfig(sparsity=0.0, batch_size=4)
+    plan = replace(slicelm.plan(model, calibration, config, progress=False), layout="slicegpt")
+    slice_model(model, calibration, config, plan=plan, progress=False)
     return model
 
 

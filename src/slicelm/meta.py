@@ -10,12 +10,19 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM
 
+from slicelm.configuration_decilm import DeciLMConfig
+from slicelm.modeling_decilm import DeciLMForCausalLM
+
 
 def meta_model(config, dtype: torch.dtype | None = None):
     """The model ``config`` describes with every parameter on the meta device (no weight memory;
     buffers such as rotary tables are real). A tied head shares its embedding's parameter."""
+    options = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+        if isinstance(config, DeciLMConfig):  # slicelm's own class: no remote code to run for a shape
+            model = DeciLMForCausalLM._from_config(config, **options)
+        else:
+            model = AutoModelForCausalLM.from_config(config, **options)
     # Meta initialisation leaves a tied head with its own (meta) parameter: tie it, so parameter
     # counts and a tied checkpoint's single stored matrix are right.
     model.tie_weights()
