@@ -263,11 +263,11 @@ def shaped_plan(
     return plan_at(hi)
 
 
-def _mlp_filled(request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
+def _mlp_filled(mlp_request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
     """``base`` (its heads and sub-blocks as they are) with the rest of the budget taken from every
-    kept MLP alike, counted as written; None if the budget cannot be met that way."""
-    mlp_request = _mlp_only_request(request)
-    if base.layout != mlp_request.ctx.kind or request.ctx.layout.mlp_chunks is None:
+    kept MLP alike, counted as written; None if the budget cannot be met that way. mlp_request: the
+    request as :func:`_mlp_only_request` plans it (one counter, its cache shared by every candidate)."""
+    if base.layout != mlp_request.ctx.kind or mlp_request.ctx.layout.mlp_chunks is None:
         return None
     plan, _ = spend_mlp(mlp_request, base, uniform=True, mlp_cost=None)
     if plan is None:
@@ -276,8 +276,7 @@ def _mlp_filled(request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
     return plan.with_mlp([0 if b.mlp_removed else lw.mlp for b, lw in zip(base.layers, plan.layers, strict=True)])
 
 
-def _whole_stream(request: PlanRequest) -> SlicingPlan:
-    mlp_request = _mlp_only_request(request)
+def _whole_stream(mlp_request: PlanRequest) -> SlicingPlan:
     return stream_plan(mlp_request.ctx, mlp_request.ctx.hidden, mlp_request.config)
 
 
@@ -303,9 +302,10 @@ def head_candidates(request: PlanRequest) -> dict[str, SlicingPlan]:
 
     The heads go on the inputs each layer receives, chosen by grouped OBS with an o_proj refit."""
     out: dict[str, SlicingPlan] = {}
-    base = _whole_stream(request)
+    mlp_request = _mlp_only_request(request)
+    base = _whole_stream(mlp_request)
     for kv_heads, q_per_kv in head_levels(request):
-        plan = _mlp_filled(request, base.with_heads([(kv_heads, q_per_kv)] * len(base.layers)))
+        plan = _mlp_filled(mlp_request, base.with_heads([(kv_heads, q_per_kv)] * len(base.layers)))
         if plan is not None:
             out[f"heads-{kv_heads}x{q_per_kv}+mlp"] = plan
     return out
@@ -316,11 +316,12 @@ def attention_removal_candidates(request: PlanRequest, sensitivity: Sequence[flo
     alike, for n of 1/16, 1/8 and 1/4 of the layers (rounded up; measured sensitivities)."""
     layers = len(sensitivity)
     order = sorted(range(layers), key=lambda i: sensitivity[i])
-    base = _whole_stream(request)
+    mlp_request = _mlp_only_request(request)
+    base = _whole_stream(mlp_request)
     out: dict[str, SlicingPlan] = {}
     for n in sorted({-(-layers // d) for d in ATTENTION_REMOVAL_SHARES}):
         gone = set(order[:n])
-        plan = _mlp_filled(request, base.with_heads([(0, 0) if i in gone else None for i in range(layers)]))
+        plan = _mlp_filled(mlp_request, base.with_heads([(0, 0) if i in gone else None for i in range(layers)]))
         if plan is not None:
             out[f"no-attn-{n}+mlp"] = plan
     return out
