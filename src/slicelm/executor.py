@@ -22,7 +22,7 @@ Each branch is computed once per calibration batch; covariances accumulate in fl
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from slicelm.bases import BASES
 from slicelm.blocks import remove_attention, remove_mlp
 from slicelm.budget import ParameterCounter, PlanContext
 from slicelm.calibration import Batch, WeightAccess, capture_layer_inputs
-from slicelm.channels import check_prunable, intermediate_width, obs_prune, reconstruction_error, select_channels
+from slicelm.channels import DAMP, check_prunable, intermediate_width, obs_prune, reconstruction_error, select_channels
 from slicelm.devices import DeviceAccess, move_buffers_outside
 from slicelm.errors import SlicelmError
 from slicelm.fuse import FusedNorms, fuse_final, fuse_layer, prepare_ends
@@ -53,6 +53,7 @@ from slicelm.modeling_slicelm import (
     remove_branch,
     set_module,
     sliced_model_class,
+    stream_bias,
     stream_weight,
 )
 from slicelm.offload import ActivationStore
@@ -251,6 +252,8 @@ def execute(
         access.done(model, path)
     q_embedding = q_in
     for i in range(len(batches)):
+        if plan.refit == "dense":  # the dense model's stream, advanced beside the sliced one (original basis)
+            store[("d", i)] = store[("x", i)]
         store[("x", i)] = _project(store[("x", i)].to(device), q_in)
 
     roles = block_roles(layout.to_dict()) | {"shortcuts": not plain}  # one basis: no shortcuts
@@ -282,6 +285,8 @@ def execute(
         access.done(model, layout.head)
     for i in range(len(batches)):
         del store[("x", i)]
+        if plan.refit == "dense":
+            del store[("d", i)]
 
     if device is not None and torch.device(device) != home:
         move_buffers_outside(model, layout.layers, home)
@@ -326,7 +331,7 @@ def check_model_for_plan(model: nn.Module, layout: Layout, plan: SlicingPlan) ->
     family does not admit."""
     if plan.one_basis:
         check_plain(layout.norm, layout.model_type)
-    if plan.prunes_mlp:
+    if plan.prunes_mlp or plan.refit == "dense":
         check_prunable(layout.mlp_chunks, layout.model_type)
     if plan.prunes_heads:
         geometry = head_geometry(get_module(model, layout.layers)[0], layout)  # refuses fused projections
@@ -398,6 +403,9 @@ def _slice_layer(
     mlp = widths.mlp
     layer.slicelm_roles = roles  # lets attention_half/mlp_half find the branches
     forget_parts(layer)
+    dense = plan.refit == "dense" and not widths.mlp_removed
+    if plan.refit == "dense":
+        _advance_dense(layer, layout, batches, store, q_in.device)
     for path in layout.attn_inputs:
         rotate_reader(get_module(layer, path), q_in)
     _attention_step(layer, index, layout, widths, batches, store, q_in.device, errors)
@@ -407,8 +415,13 @@ def _slice_layer(
         else:
             for path in layout.mlp_inputs:
                 rotate_reader(get_module(layer, path), q_in)
-        if mlp:
-            errors["mlp"][f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
+        if mlp or dense:
+
+            def rest(x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:  # the stream after attention
+                return _project(x, q_in.T) + attention_half(layer, x, **kwargs)
+
+            error = _prune_mlp(layer, layout, batches, store, mlp, q_in.device, rest if dense else None)
+            errors["mlp"][f"layer{index}"] = error
         q_out = _slice_branch(layer, layout, batches, store, bases, f"layer{index}", q_in, d_out, both=True)
         make_sliced_block(layer, roles, d_in, None, d_out)
         _set_shortcut(layer, "attn_shortcut", q_in, q_out)
@@ -423,8 +436,13 @@ def _slice_layer(
     if not late:
         for reader in mlp_readers:
             rotate_reader(reader, q_mid)
-    if mlp:
-        errors["mlp"][f"layer{index}"] = _prune_mlp(layer, layout, batches, store, mlp, q_in.device)
+    if mlp or dense:
+
+        def after_attention(x: torch.Tensor, _kwargs: dict[str, Any]) -> torch.Tensor:
+            return _project(x, q_mid.T)
+
+        error = _prune_mlp(layer, layout, batches, store, mlp, q_in.device, after_attention if dense else None)
+        errors["mlp"][f"layer{index}"] = error
     name = f"layer{index}.mlp"
     q_out = _slice_branch(layer, layout, batches, store, bases, name, q_mid, d_out, mlp=True, unrotated=late)
     if late:
@@ -455,35 +473,90 @@ def _attention_step(
         errors["heads"][f"layer{index}"] = prune_heads(layer, layout, batches, store, kv_heads, q_per_kv, device)
 
 
+def _advance_dense(layer: nn.Module, layout: Layout, batches: list[Batch], store: ActivationStore, device) -> None:
+    """Replace the dense stream ``store["d", i]`` (original coordinates) by the dense model's stream
+    after this block. The layer is fused (the function is the model's) and not yet rotated or pruned."""
+    for i, b in enumerate(batches):
+        x = store[("d", i)].to(device)
+        h = x + attention_half(layer, x, **b.kwargs)
+        store[("d", i)] = h + mlp_half(layer, x if layout.parallel else h)
+
+
 def _prune_mlp(
-    layer: nn.Module, layout: Layout, batches: list[Batch], store: ActivationStore, width: int, device: torch.device
+    layer: nn.Module,
+    layout: Layout,
+    batches: list[Batch],
+    store: ActivationStore,
+    width: int | None,
+    device: torch.device,
+    rest: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None = None,
 ) -> float:
-    """Keep ``width`` intermediate channels of the layer's MLP (structured OBS + refit).
+    """Keep ``width`` intermediate channels of the layer's MLP (structured OBS + refit); None: all.
 
     The MLP reads ``store["x", i]`` (the stream it receives in this layer, already in its readers'
-    basis). Returns the refit's output error relative to the MLP's output energy.
+    basis). The branch refit (``rest`` None) matches the MLP's own output on those inputs, and
+    returns its error relative to the MLP's output energy. The dense refit matches what the dense
+    model's block writes, ``store["d", i]`` (the dense stream after it) minus ``rest(x, kwargs)``
+    (what the sliced block adds besides the MLP, original coordinates): with ``C = A^T A / N`` and
+    ``X = A^T T / N`` on the writer's input ``A``, the unpruned minimiser is ``W0 = C^-1 X``
+    (computed with a small ridge towards the writer as it is) and, as
+    ``|T - A W|^2 = |T - A W0|^2 + |A (W0 - W)|^2``, the same OBS pruning of ``W0`` minimises it
+    with fewer channels. Returns the residual relative to the target's energy.
     """
     writer = get_module(layer, layout.mlp_outputs[0])
     weight = stream_weight(writer, "writer")  # (I, D_out)
-    if width >= weight.shape[-2]:
+    channels = weight.shape[-2]
+    width = channels if width is None else width
+    if width >= channels and rest is None:
         return 0.0
-    acc = CovarianceAccumulator(weight.shape[-2], device=device)
+    acc = CovarianceAccumulator(channels, device=device)
     current: dict[str, torch.Tensor] = {}
-    handle = writer.register_forward_pre_hook(lambda _m, args: acc.add(args[0], current["mask"]))
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        acc.add(args[0], current["mask"])
+        current["a"] = args[0]
+
+    handle = writer.register_forward_pre_hook(hook)
+    cross = torch.zeros(channels, weight.shape[-1], dtype=torch.float64, device=device)  # A^T T
+    energy = torch.zeros((), dtype=torch.float64, device=device)  # |T|^2
+    bias = stream_bias(writer)
     try:
         for i, b in enumerate(batches):
             current["mask"] = b.mask.to(device)
-            mlp_half(layer, store[("x", i)].to(device))
+            x = store[("x", i)].to(device)
+            mlp_half(layer, x)
+            if rest is not None:
+                target = store[("d", i)].to(device) - rest(x, b.kwargs)
+                if bias is not None:
+                    target = target - bias
+                keep = current["mask"].reshape(-1).bool()
+                a = current["a"].reshape(-1, channels)[keep].to(torch.float64)
+                t = target.reshape(-1, target.shape[-1])[keep].to(torch.float64)
+                cross += a.T @ t
+                energy += (t * t).sum()
     finally:
         handle.remove()
     cov = acc.covariance()
-    if not bool(torch.isfinite(cov).all()):
+    if not bool(torch.isfinite(cov).all() and torch.isfinite(cross).all()):
         raise SlicelmError("the MLP's intermediate activations hold non-finite values on the calibration data")
-    result = obs_prune(weight, cov, width)
-    energy = torch.einsum("id,ij,jd->", weight.double(), cov, weight.double()).item()
-    error = reconstruction_error(weight, cov, result.keep, result.weight)
+    if rest is None:
+        result = obs_prune(weight, cov, width)
+        error = reconstruction_error(weight, cov, result.keep, result.weight)
+        select_channels(layer, layout, result.keep, result.weight)
+        return error / max(torch.einsum("id,ij,jd->", weight.double(), cov, weight.double()).item(), 1e-30)
+    cross /= acc.count
+    damp = DAMP * torch.diagonal(cov).mean().clamp_min(1e-12)
+    eye = torch.eye(channels, dtype=torch.float64, device=device)
+    # The ridge pulls towards the writer as it is, not towards zero: W0 = W + (C + damp I)^-1 (X - C W).
+    # Where the target is what the writer already writes (nothing changed upstream), X = C W and W0 = W.
+    current = weight.to(torch.float64)
+    best = current + torch.linalg.solve(cov + damp * eye, cross - cov @ current)  # (I, D)
+    result = obs_prune(best, cov, width)
+    c_kk = cov[result.keep][:, result.keep]
+    residual = energy / acc.count - 2 * (result.weight * cross[result.keep]).sum()
+    residual = residual + torch.einsum("id,ij,jd->", result.weight, c_kk, result.weight)
     select_channels(layer, layout, result.keep, result.weight)
-    return error / max(energy, 1e-30)
+    return residual.item() / max(energy.item() / acc.count, 1e-30)
 
 
 def _keep_tie(model: nn.Module, layout: Layout, fused: FusedNorms, q_last: torch.Tensor, q_emb: torch.Tensor) -> dict:

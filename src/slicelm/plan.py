@@ -61,6 +61,10 @@ class LayerWidths:
 
 LAYOUTS = ("slicegpt", "plain")
 BASES = ("pca", "random", "identity", "channels")
+# What a refit writer matches. ``branch``: its own branch's output on the inputs it receives
+# (structured OBS, the error of this step alone). ``dense``: the dense model's stream after the
+# block, so each refit also takes back what the compressed layers upstream changed.
+REFITS = ("branch", "dense")
 # What a plan records of the model it was made for; following it on another model is refused.
 IDENTITY_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")
 
@@ -70,7 +74,8 @@ class SlicingPlan:
     """Every width of a slicing run, and how the executor must produce it.
 
     layout: ``slicegpt`` (a basis per point, shortcut matrices) or ``plain`` (one basis for the whole
-    stream, no shortcuts). basis: where the bases come from (:data:`BASES`). tied: the head stays
+    stream, no shortcuts). basis: where the bases come from (:data:`BASES`). refit: what the MLP
+    writers' refits match (:data:`REFITS`). tied: the head stays
     tied to the embedding (None: as the model is; an RMSNorm family's tie is kept by default).
     seed: for the random basis. model: what the plan was made for (:data:`IDENTITY_KEYS` and the
     dense parameter count). planning: how it was chosen (informational; the executor ignores it).
@@ -83,6 +88,7 @@ class SlicingPlan:
     basis: str = "pca"
     tied: bool | None = None
     seed: int = 0
+    refit: str = "branch"
     model: dict[str, Any] = field(default_factory=dict, compare=False)
     planning: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -91,6 +97,8 @@ class SlicingPlan:
             raise SlicelmError(f"slicing plan: layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.basis not in BASES:
             raise SlicelmError(f"slicing plan: basis must be one of {', '.join(BASES)}, got {self.basis!r}")
+        if self.refit not in REFITS:
+            raise SlicelmError(f"slicing plan: refit must be one of {', '.join(REFITS)}, got {self.refit!r}")
         widths = [self.embedding] + [w for lw in self.layers for w in (lw.mid, lw.out) if w is not None]
         bad = [w for w in widths if not 0 < w <= self.hidden_size]
         if bad:
@@ -202,6 +210,8 @@ class SlicingPlan:
         layers = [{k: v for k, v in asdict(w).items() if k not in optional or v is not None} for w in self.layers]
         out: dict[str, Any] = {"hidden_size": self.hidden_size, "embedding": self.embedding, "layers": layers}
         out |= {"layout": self.layout, "basis": self.basis, "tied": self.tied, "seed": self.seed}
+        if self.refit != "branch":  # plans saved before refits were chosen read as ``branch``
+            out["refit"] = self.refit
         if self.model:
             out["model"] = dict(self.model)
         if self.planning:
@@ -231,6 +241,7 @@ class SlicingPlan:
                 basis=str(data.get("basis", "pca")),
                 tied=None if tied is None else bool(tied),
                 seed=int(data.get("seed", 0)),
+                refit=str(data.get("refit", "branch")),
                 model=dict(data.get("model") or {}),
                 planning=dict(data.get("planning") or {}),
             )
