@@ -77,8 +77,8 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
 
     import slicelm
     from slicelm.config import SliceConfig
-    from slicelm.data import load_calibration, load_eval_ids
-    from slicelm.perplexity import perplexity
+    from slicelm.io.data import load_calibration, load_eval_ids
+    from slicelm.measure.perplexity import perplexity
     from slicelm.slicing import slice_model
 
     torch.set_num_threads(args.threads)
@@ -137,7 +137,7 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
 
 def uniform_mlp_width(model, target: float, round_to: int) -> int:
     """The intermediate width slicelm's ``--schedule mlp`` plans for ``target`` (the peers' width)."""
-    from slicelm.budget import build_plan, context_from_config
+    from slicelm.allocate.budget import build_plan, context_from_config
     from slicelm.config import SliceConfig
 
     config = SliceConfig(target_params=target, schedule="mlp", layout="plain", round_to=round_to)
@@ -150,9 +150,9 @@ def uniform_mlp_width(model, target: float, round_to: int) -> int:
 
 def run_peer(model, calibration: list, method: str, target: float, round_to: int) -> dict:
     """Remove MLP channels uniformly (``mlp``'s width) by a peer's importance, without refit."""
-    from slicelm.arch import resolve
-    from slicelm.channels import intermediate_width
-    from slicelm.modeling_slicelm import get_module
+    from slicelm.core.arch import resolve
+    from slicelm.modeling.modeling_slicelm import get_module
+    from slicelm.steps.channels import intermediate_width
 
     layout = resolve(model)
     layers = list(get_module(model, layout.layers))
@@ -171,8 +171,8 @@ def run_peer(model, calibration: list, method: str, target: float, round_to: int
 def _peer_importance(model, calibration, method, layout, layers, width, intermediate) -> dict:
     import torch
 
-    from slicelm.channels import intermediate_width, select_channels
-    from slicelm.modeling_slicelm import get_module
+    from slicelm.modeling.modeling_slicelm import get_module
+    from slicelm.steps.channels import intermediate_width, select_channels
 
     if method == "activation":
         sums = [torch.zeros(intermediate, dtype=torch.float64) for _ in layers]

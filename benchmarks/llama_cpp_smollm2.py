@@ -102,7 +102,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tools = Path(args.llama_cpp) / "build" / "bin"
     sys.path.insert(0, str(REPO / "src"))
-    from slicelm.data import eval_text
+    from slicelm.io.data import eval_text
 
     text = work / "wikitext2-test.txt"  # exactly the text slicelm scores
     text.write_text(eval_text("wikitext2", args.data_dir))
@@ -129,7 +129,7 @@ def main() -> None:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     from transformers import AutoConfig
 
-    from slicelm.memory import parameter_count
+    from slicelm.io.memory import parameter_count
 
     counts = {}
     sliced = sliced_models(args.sliced)

@@ -59,7 +59,7 @@ def layer_tensors(config: LlamaConfig, index: int, gen: torch.Generator) -> dict
 
 
 def build(out: Path, preset: str = "1.5b", seed: int = 0) -> Path:
-    from slicelm.models import load_tokenizer, resolve_source
+    from slicelm.io.models import load_tokenizer, resolve_source
 
     tokenizer = load_tokenizer(resolve_source("smollm2-135m"))
     config = LlamaConfig(

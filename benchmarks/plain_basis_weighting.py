@@ -42,9 +42,9 @@ def retained(moments: dict[str, torch.Tensor], q: torch.Tensor, k: int) -> dict[
 def run(weighting: str, args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO / "src"))
     import slicelm
-    import slicelm.statistics as statistics
-    from slicelm.data import load_calibration, load_eval_ids
-    from slicelm.perplexity import perplexity
+    import slicelm.core.statistics as statistics
+    from slicelm.io.data import load_calibration, load_eval_ids
+    from slicelm.measure.perplexity import perplexity
     from slicelm.slicing import SliceConfig, slice_model
 
     torch.set_num_threads(args.threads)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from slicelm import SliceConfig, load_calibration, load_model, slice_model
-from slicelm.data import load_eval_ids, resolve_data_dir
-from slicelm.perplexity import perplexity
-from slicelm.resources import PeakMemory
+from slicelm.core.resources import PeakMemory
+from slicelm.io.data import load_eval_ids, resolve_data_dir
+from slicelm.measure.perplexity import perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from slicelm.recovery import recorded_source
+from slicelm.recover.recovery import recorded_source
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"

@@ -26,8 +26,8 @@ RESULTS = REPO / "docs" / "results"
 
 
 def main() -> None:
-    from slicelm.models import load_model, resolve_source
-    from slicelm.recovery import FinetuneConfig, kd_loss, lm_loss, prepare_student, recorded_source
+    from slicelm.io.models import load_model, resolve_source
+    from slicelm.recover.recovery import FinetuneConfig, kd_loss, lm_loss, prepare_student, recorded_source
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student", default=str(REPO / "runs" / "recovery" / "base-25"))

@@ -62,8 +62,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from slicelm.data import eval_text, load_eval_ids
-from slicelm.models import load_model, resolve_source
+from slicelm.io.data import eval_text, load_eval_ids
+from slicelm.io.models import load_model, resolve_source
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "benchmarks" / "serving_vllm.py"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from slicelm.models import load_model
+from slicelm.io.models import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,7 @@ def parameters(spec: str) -> int | None:
             return data["params_after"]
     from transformers import AutoConfig
 
-    from slicelm.memory import parameter_count
+    from slicelm.io.memory import parameter_count
 
     return parameter_count(AutoConfig.from_pretrained(folder))
 

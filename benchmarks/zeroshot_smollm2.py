@@ -9,7 +9,7 @@ only rewrites the reports.
 It also records that ``slicelm eval`` returns exactly lm-eval's numbers on the real model: the
 dense model is scored (a) by slicelm's evaluation path and (b) by plain ``lm_eval.simple_evaluate``
 on lm-eval's stock task YAMLs pointed at the same files through its own json/arrow loaders
-(``slicelm.evaluation.reference``), on the first --compare-limit documents of all eight tasks.
+(``slicelm.measure.evaluation.reference``), on the first --compare-limit documents of all eight tasks.
 
     python benchmarks/zeroshot_smollm2.py --limit 100            # ~45 min on 2 busy CPU cores
 """
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from slicelm.data import resolve_data_dir
-from slicelm.evaluation import PAPER_METRICS, PAPER_TASKS, evaluate_zeroshot, make_lm, run_lm_eval
-from slicelm.evaluation.reference import reference_task_manager, write_reference_tasks
-from slicelm.models import load_model
-from slicelm.sweep import SweepConfig, run_sweep
+from slicelm.io.data import resolve_data_dir
+from slicelm.io.models import load_model
+from slicelm.measure.evaluation import PAPER_METRICS, PAPER_TASKS, evaluate_zeroshot, make_lm, run_lm_eval
+from slicelm.measure.evaluation.reference import reference_task_manager, write_reference_tasks
+from slicelm.measure.sweep import SweepConfig, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"
@@ -101,7 +101,7 @@ def write_report(sweep: dict, comparison: dict, settings: dict, out: Path) -> No
         f"Model `{s['model']}` (SmolLM2-135M-Instruct GGUF, dequantised to float32), zero-shot, "
         f"**`--limit {s['limit']}`**: the first {s['limit']} documents of each task, not the full sets. "
         f"Batch size {s['batch_size']}. Task data: the offline folder (stock lm-eval prompts and metrics, "
-        f"see `slicelm.evaluation.tasks`). Slicing: calibration {s['calib']} {s['calib_samples']} x "
+        f"see `slicelm.measure.evaluation.tasks`). Slicing: calibration {s['calib']} {s['calib_samples']} x "
         f"{s['calib_seqlen']} tokens, seed {s['seed']}. lm-eval {s['lm_eval']}, torch {s['torch']}, CPU "
         f"({s['threads']} threads, shared). Produced by `python benchmarks/zeroshot_smollm2.py`; plots "
         "and per-point files in [`sweep_smollm2/`](sweep_smollm2/sweep.md).",
@@ -134,7 +134,7 @@ def write_report(sweep: dict, comparison: dict, settings: dict, out: Path) -> No
         "",
         "Regenerate: rerun the same command; stored measurements are reused, so a finished run only "
         "rewrites these reports and the plots (plots alone: "
-        "`python -m slicelm.plots docs/results/sweep_smollm2/sweep.json`).",
+        "`python -m slicelm.measure.plots docs/results/sweep_smollm2/sweep.json`).",
     ]
     c = comparison
     lines += [
@@ -142,7 +142,7 @@ def write_report(sweep: dict, comparison: dict, settings: dict, out: Path) -> No
         f"## `slicelm eval` vs plain `lm_eval.simple_evaluate` (dense, first {c['settings']['limit']} docs)",
         "",
         "Plain lm-eval runs its stock task YAMLs with the datasets swapped for its generic json/arrow "
-        "loaders over the same local files (`slicelm.evaluation.reference`), on the same loaded model.",
+        "loaders over the same local files (`slicelm.measure.evaluation.reference`), on the same loaded model.",
         "",
         "| task | metric | slicelm eval | lm_eval | identical |",
         "|---|---|---:|---:|:---:|",

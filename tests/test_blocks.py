@@ -12,8 +12,11 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 from test_heads import layer_inputs
 
-from slicelm.arch import REGISTRY, Layout, resolve
-from slicelm.blocks import (
+from slicelm.core.arch import REGISTRY, Layout, resolve
+from slicelm.errors import SlicelmError
+from slicelm.modeling.modeling_slicelm import get_module
+from slicelm.slicing import SliceConfig, slice_model
+from slicelm.steps.blocks import (
     ZeroBranch,
     attention_removed,
     branch_energy,
@@ -25,9 +28,6 @@ from slicelm.blocks import (
     remove_layer,
     remove_mlp,
 )
-from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import get_module
-from slicelm.slicing import SliceConfig, slice_model
 
 FAMILIES = sorted(REGISTRY)
 CPU = torch.device("cpu")

@@ -7,12 +7,12 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.arch import REGISTRY, resolve
-from slicelm.budget import ParameterCounter, PlanContext, build_plan
-from slicelm.channels import intermediate_width, obs_prune, reconstruction_error, select_channels
+from slicelm.allocate.budget import ParameterCounter, PlanContext, build_plan
+from slicelm.core.arch import REGISTRY, resolve
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import get_module
+from slicelm.modeling.modeling_slicelm import get_module
 from slicelm.slicing import SliceConfig, slice_model
+from slicelm.steps.channels import intermediate_width, obs_prune, reconstruction_error, select_channels
 
 PRUNABLE = sorted(t for t, spec in REGISTRY.items() if spec.experts is None)  # experts: tests/test_architectures.py
 TOL = 1e-4
@@ -79,7 +79,7 @@ def test_pruned_mlps_have_the_planned_shapes_and_stay_close(model_type):
 
 
 def resolve_sliced(model):
-    from slicelm.arch import Layout
+    from slicelm.core.arch import Layout
 
     return Layout.from_dict(model.config.slicelm["layout"])
 
@@ -92,7 +92,7 @@ def test_mixture_of_experts_is_refused_for_mlp_pruning():
 
 
 def test_pruned_mlp_round_trips_through_save_and_load(tmp_path):
-    from slicelm.checkpoint import load_sliced, save_sliced
+    from slicelm.layouts.checkpoint import load_sliced, save_sliced
 
     ids, mask = padded_batch(96)
     for model_type in ("llama", "phi3", "gpt2"):
@@ -124,7 +124,7 @@ def test_parameter_counts_are_exact(layout, tied):
         predicted = ParameterCounter(ctx).count(plan)
         report = slice_model(model, calibration(96), config, progress=False)
         if layout == "plain":
-            from slicelm.plain import to_stock_model
+            from slicelm.layouts.plain import to_stock_model
 
             assert predicted == sum(p.numel() for p in to_stock_model(model).parameters())
         else:
@@ -138,14 +138,14 @@ def test_target_params_lands_within_one_percent(schedule, layout):
     dense = sum(p.numel() for p in model.parameters())
     config = SliceConfig(target_params=0.8, schedule=schedule, layout=layout, round_to=1)
     report = slice_model(model, calibration(96), config, progress=False)
-    from slicelm.checkpoint import is_stock_shaped
+    from slicelm.layouts.checkpoint import is_stock_shaped
 
     if is_stock_shaped(model.config.slicelm):
-        from slicelm.plain import to_stock_model
+        from slicelm.layouts.plain import to_stock_model
 
         params = sum(p.numel() for p in to_stock_model(model).parameters())
     elif model.config.slicelm.get("one_basis"):  # per-layer widths, one basis: written as a DeciLM folder
-        from slicelm.plain import to_shaped_model
+        from slicelm.layouts.plain import to_shaped_model
 
         assert not any("shortcut" in n for n, _ in model.named_parameters())
         params = sum(p.numel() for p in to_shaped_model(model).parameters())  # no zero padding: MLP widths only
@@ -176,7 +176,7 @@ def test_plain_basis_with_per_layer_widths_in_slicelm_format_has_no_shortcuts(tm
     tests/test_output_formats.py): no shortcut matrices (the stream has one basis); reloads exactly."""
     import json
 
-    from slicelm.checkpoint import load_sliced, save_sliced
+    from slicelm.layouts.checkpoint import load_sliced, save_sliced
 
     model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=192)
     config = SliceConfig(target_params=0.8, schedule="mlp-global", layout="plain", round_to=1)

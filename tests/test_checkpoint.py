@@ -12,9 +12,9 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.arch import REGISTRY
-from slicelm.checkpoint import load_sliced, save_sliced
+from slicelm.core.arch import REGISTRY
 from slicelm.errors import SlicelmError
+from slicelm.layouts.checkpoint import load_sliced, save_sliced
 from slicelm.slicing import SliceConfig, slice_model
 
 

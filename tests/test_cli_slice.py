@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from slicelm.checkpoint import load_sliced
 from slicelm.cli import main
+from slicelm.layouts.checkpoint import load_sliced
 
 
 @pytest.fixture(scope="module")

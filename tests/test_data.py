@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from slicelm import data
 from slicelm.errors import SlicelmError
+from slicelm.io import data
 
 WIKI_TEST_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"
 

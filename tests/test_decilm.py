@@ -14,9 +14,9 @@ from helpers import logits, padded_batch, relative_error
 from safetensors import safe_open
 from torch import nn
 
-from slicelm.decilm import DeciBlock, deci_blocks, ffn_mult_for, ffn_mult_width, save_decilm, serving_problems
 from slicelm.errors import SlicelmError
-from slicelm.modeling_decilm import NoOpAttention, NoOpMLP
+from slicelm.layouts.decilm import DeciBlock, deci_blocks, ffn_mult_for, ffn_mult_width, save_decilm, serving_problems
+from slicelm.modeling.modeling_decilm import NoOpAttention, NoOpMLP
 
 # float32 on both sides with the same operations: measured 0.0; 1e-5 leaves room for other kernels.
 TOL = 1e-5

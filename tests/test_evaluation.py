@@ -11,7 +11,7 @@ from conftest import build_tiny_model
 
 from slicelm.cli import main
 from slicelm.errors import SlicelmError
-from slicelm.evaluation import (
+from slicelm.measure.evaluation import (
     PAPER_METRICS,
     PAPER_TASKS,
     make_lm,
@@ -19,8 +19,8 @@ from slicelm.evaluation import (
     resolve_tasks,
     run_lm_eval,
 )
-from slicelm.evaluation.reference import reference_task_manager, write_reference_tasks
-from slicelm.evaluation.tasks import LOCAL_SOURCES, stock_task_config
+from slicelm.measure.evaluation.reference import reference_task_manager, write_reference_tasks
+from slicelm.measure.evaluation.tasks import LOCAL_SOURCES, stock_task_config
 
 ALL_TASKS = [*PAPER_TASKS, "lambada_openai"]
 LIMIT = 4
@@ -126,7 +126,7 @@ def test_olmes_docs_convert_back_to_hub_schema(task, saved, question_key, data_d
 def test_local_datasets_have_full_size(data_dir):
     sizes = {"piqa": 1838, "winogrande": 1267, "hellaswag": 10042, "arc_easy": 2376, "arc_challenge": 1172}
     sizes |= {"openbookqa": 500, "boolq": 3270, "lambada_openai": 5153}
-    from slicelm.evaluation.tasks import load_local_dataset
+    from slicelm.measure.evaluation.tasks import load_local_dataset
 
     for task, n in sizes.items():
         split = LOCAL_SOURCES[task].split
@@ -159,7 +159,7 @@ def _requests_and_scores(results, task):
 def test_offline_tasks_equal_lm_eval_file_route(data_dir, tmp_path, smollm2_tokenizer):
     """slicelm's in-memory loaders vs stock YAMLs fed through lm-eval's own json/arrow loaders:
     the same requests, the same log-likelihoods, the same metrics, on every task."""
-    from slicelm.evaluation import task_specs
+    from slicelm.measure.evaluation import task_specs
 
     lm = make_lm(tiny_lm(), smollm2_tokenizer, batch_size=4)
     specs, manager = task_specs(ALL_TASKS, data_dir)
@@ -173,8 +173,8 @@ def test_offline_tasks_equal_lm_eval_file_route(data_dir, tmp_path, smollm2_toke
 
 def test_cli_eval_equals_direct_lm_eval(data_dir, tiny_folder, tmp_path, capsys):
     """``slicelm eval`` prints exactly what lm_eval.simple_evaluate reports for the same model."""
-    from slicelm.evaluation import task_specs
-    from slicelm.models import load_model
+    from slicelm.io.models import load_model
+    from slicelm.measure.evaluation import task_specs
 
     tasks = ["piqa", "winogrande", "hellaswag", "arc_easy", "boolq", "lambada"]
     out = tmp_path / "eval.json"
@@ -205,7 +205,7 @@ def test_env_var_selects_data_dir(data_dir, tiny_folder, monkeypatch, capsys):
 
 
 def test_hub_route_uses_stock_task_names():
-    from slicelm.evaluation import task_specs
+    from slicelm.measure.evaluation import task_specs
 
     specs, manager = task_specs(["arc_easy", "lambada_openai"], None)
     assert specs == ["arc_easy", "lambada_openai"]
@@ -218,7 +218,7 @@ def test_sliced_tiny_model_end_to_end(data_dir, tmp_path, smollm2_tokenizer, cap
         from slicelm import SliceConfig, save_sliced, slice_model
     except ImportError:  # the public names are re-exported from these modules
         try:
-            from slicelm.checkpoint import save_sliced
+            from slicelm.layouts.checkpoint import save_sliced
             from slicelm.slicing import SliceConfig, slice_model
         except ImportError:
             pytest.skip("slicing API not available in this build")

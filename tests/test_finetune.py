@@ -14,7 +14,7 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
 from slicelm.cli import main
-from slicelm.recovery import FinetuneConfig, kd_loss, prepare_student, train
+from slicelm.recover.recovery import FinetuneConfig, kd_loss, prepare_student, train
 from slicelm.slicing import SliceConfig, slice_model
 
 
@@ -76,7 +76,7 @@ def _reference_losses(h, w, b, ht, wt, ids, mask, temperature):
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_chunked_losses_equal_the_unchunked_ones_in_value_and_gradient(dtype, bound):
     """Blocks of 3 tokens (not a divisor of the 12 real ones), gradients to hidden states, head and bias."""
-    from slicelm.recovery import Head, lm_loss
+    from slicelm.recover.recovery import Head, lm_loss
 
     gen = torch.Generator().manual_seed(0)
     h, w, b = (
@@ -99,7 +99,7 @@ def test_chunked_losses_equal_the_unchunked_ones_in_value_and_gradient(dtype, bo
 @pytest.mark.parametrize("family", ["sliced", "plain", "gpt2"])
 def test_training_through_the_bypassed_head_has_the_full_logits_gradient(family):
     """forward_hidden + blocked KD gives the loss and LoRA gradients of full logits + the direct KL."""
-    from slicelm.recovery import LOGITS, forward_hidden
+    from slicelm.recover.recovery import LOGITS, forward_hidden
 
     model = {"sliced": sliced_tiny, "plain": lambda: sliced_tiny("plain")}.get(
         family, lambda: build_tiny_model("gpt2")
@@ -150,7 +150,7 @@ def test_kd_with_teacher_equal_to_student_has_zero_loss():
 
 
 def test_cached_heldout_teacher_matches_the_teacher_itself():
-    from slicelm.recovery import evaluate, teacher_targets
+    from slicelm.recover.recovery import evaluate, teacher_targets
 
     student, teacher = sliced_tiny(), build_tiny_model("llama", seed=3, tie_word_embeddings=True)
     heldout = windows(6, seed=2)
@@ -165,7 +165,7 @@ def test_cached_heldout_teacher_matches_the_teacher_itself():
 
 
 def test_merged_model_equals_the_peft_model():
-    from slicelm.recovery import merged
+    from slicelm.recover.recovery import merged
 
     for model in (sliced_tiny(), sliced_tiny("plain"), build_tiny_model("gpt2")):
         student = prepare_student(model, FinetuneConfig(lora_rank=4))
@@ -198,7 +198,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_lora_targets_every_block_linear_and_optionally_shortcuts():
-    from slicelm.recovery import lora_targets
+    from slicelm.recover.recovery import lora_targets
 
     model = sliced_tiny()
     names = lora_targets(model)
@@ -264,14 +264,14 @@ def test_finetune_cli_writes_a_loadable_folder_without_peft_or_slicelm(
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    from slicelm.models import load_model
+    from slicelm.io.models import load_model
 
     expected = logits(load_model(str(out))[0], ids, mask)
     assert relative_error(expected, torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), mask) <= 1e-5
 
 
 def test_finetune_cli_interrupt_then_resume(tiny_sliced_folder, tmp_path, data_dir, capsys, monkeypatch):
-    from slicelm import recovery
+    from slicelm.recover import recovery
 
     _, sliced = tiny_sliced_folder
     out = tmp_path / "recovered"
@@ -364,7 +364,7 @@ def _interrupted_then_resumed(student, teacher, data, heldout, work, out):
     """In each of two processes: train one step, interrupted, then resume to the end; rank 0 saves the result."""
     import copy
 
-    from slicelm.parallel import Processes
+    from slicelm.recover.parallel import Processes
 
     processes = Processes.from_environment("cpu")
     assert processes.world == 2 and processes.kind == "multi_cpu"
@@ -435,7 +435,7 @@ def test_finetune_cli_on_two_processes_writes_the_one_process_result(tiny_sliced
 def test_resume_with_another_number_of_processes_is_refused(
     tiny_sliced_folder, tmp_path, data_dir, capsys, monkeypatch
 ):
-    from slicelm import recovery
+    from slicelm.recover import recovery
 
     _, sliced = tiny_sliced_folder
     out = tmp_path / "recovered"

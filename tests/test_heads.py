@@ -9,11 +9,14 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.arch import resolve
-from slicelm.calibration import Batch
-from slicelm.channels import reconstruction_error
+from slicelm.core.arch import resolve
+from slicelm.core.calibration import Batch
+from slicelm.core.offload import ActivationStore
 from slicelm.errors import SlicelmError
-from slicelm.heads import (
+from slicelm.modeling.modeling_slicelm import block_roles, forget_parts, get_module, split_layer_call, stream_weight
+from slicelm.slicing import SliceConfig, slice_model
+from slicelm.steps.channels import reconstruction_error
+from slicelm.steps.heads import (
     HeadChoice,
     HeadGeometry,
     _channels,
@@ -28,9 +31,6 @@ from slicelm.heads import (
     removal_curve,
     resize_heads,
 )
-from slicelm.modeling_slicelm import block_roles, forget_parts, get_module, split_layer_call, stream_weight
-from slicelm.offload import ActivationStore
-from slicelm.slicing import SliceConfig, slice_model
 
 # Families with separate q/k/v projections; 12 query heads in 4 KV groups of 3 (head_dim 8) so that
 # both removal axes have room. OPT has no GQA: every head is its own KV group.
@@ -61,7 +61,7 @@ class _Stop(Exception):
 @torch.no_grad()
 def layer_inputs(model, layout, samples, index: int, batch_size: int = 8) -> tuple[list[Batch], ActivationStore]:
     """What decoder layer ``index`` receives on ``samples`` (right-padded batches), as slicing stores it."""
-    from slicelm.calibration import pad_batches
+    from slicelm.core.calibration import pad_batches
 
     layer = get_module(model, layout.layers)[index]
     store, batches, caught = ActivationStore(), [], {}
@@ -177,7 +177,7 @@ def test_refit_beats_no_refit_and_matches_the_measured_error(model_type):
 
 
 def _o_output(layer, layout, batch, x) -> torch.Tensor:
-    from slicelm.modeling_slicelm import attention_half
+    from slicelm.modeling.modeling_slicelm import attention_half
 
     with torch.no_grad():
         out = attention_half(layer, x, **batch.kwargs)
@@ -263,7 +263,7 @@ def test_heads_of_a_slicegpt_sliced_model():
 
 
 def resolve_sliced(model):
-    from slicelm.arch import Layout
+    from slicelm.core.arch import Layout
 
     return Layout.from_dict(model.config.slicelm["layout"])
 

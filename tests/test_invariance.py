@@ -11,9 +11,9 @@ import torch
 from conftest import FAMILY_OVERRIDES, build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.arch import REGISTRY, resolve
-from slicelm.fuse import fuse_norms
-from slicelm.modeling_slicelm import RMSN, get_module
+from slicelm.core.arch import REGISTRY, resolve
+from slicelm.core.fuse import fuse_norms
+from slicelm.modeling.modeling_slicelm import RMSN, get_module
 from slicelm.slicing import SliceConfig, slice_model
 
 TOL = 1e-4  # max |Δlogit| <= TOL * max |logit| in float32

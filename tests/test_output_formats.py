@@ -21,17 +21,17 @@ from helpers import calibration, logits, padded_batch, relative_error
 from safetensors import safe_open
 from test_decilm import keep_heads, vllm_view
 
-from slicelm.arch import resolve
-from slicelm.blocks import remove_attention, remove_layer, remove_mlp
-from slicelm.budget import ParameterCounter, PlanContext
-from slicelm.checkpoint import OUTPUT_FORMATS, choose_format, save_sliced
+from slicelm.allocate.budget import ParameterCounter, PlanContext
 from slicelm.config import SliceConfig
-from slicelm.decilm import deci_blocks, save_decilm
+from slicelm.core.arch import resolve
+from slicelm.core.plan import LayerWidths, SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.outputs import read_manifest
-from slicelm.plain import to_shaped_model
-from slicelm.plan import LayerWidths, SlicingPlan
+from slicelm.io.outputs import read_manifest
+from slicelm.layouts.checkpoint import OUTPUT_FORMATS, choose_format, save_sliced
+from slicelm.layouts.decilm import deci_blocks, save_decilm
+from slicelm.layouts.plain import to_shaped_model
 from slicelm.slicing import slice_model
+from slicelm.steps.blocks import remove_attention, remove_layer, remove_mlp
 
 # In-memory sliced model (slicelm's classes) against the folder through its own modeling file, both
 # float32: measured 0.0 (the same operations); 1e-4 is the issue's bound and leaves room for kernels.
@@ -154,12 +154,12 @@ def test_decilm_config_is_what_vllm_reads(deci_folders):
 
 
 def test_decilm_folder_round_trips_through_slicelm_load_and_save(deci_folders, tmp_path):
-    from slicelm.decilm import load_decilm
+    from slicelm.layouts.decilm import load_decilm
 
     ids, mask = padded_batch(96)
     expected, report, folder = deci_folders["tied"]
-    loaded = load_decilm(folder)  # slicelm's own copy of the modeling file (slicelm.models.load_model's path)
-    assert type(loaded).__module__ == "slicelm.modeling_decilm"
+    loaded = load_decilm(folder)  # slicelm's own copy of the modeling file (slicelm.io.models.load_model's path)
+    assert type(loaded).__module__ == "slicelm.modeling.modeling_decilm"
     assert relative_error(expected, logits(loaded, ids, mask), mask) <= TOL
     again = save_decilm(loaded, tmp_path / "again", plan=json.loads((folder / "slicing_plan.json").read_text()))
     assert (
@@ -296,15 +296,15 @@ def test_cli_plan_is_written_as_decilm_and_reported(cli_deci):
 def test_ppl_eval_and_export_take_a_decilm_folder_and_slice_and_finetune_refuse_it(
     cli_deci, data_dir, tmp_path, capsys
 ):
-    from slicelm.models import load_model
-    from slicelm.perplexity import perplexity
+    from slicelm.io.models import load_model
+    from slicelm.measure.perplexity import perplexity
 
     code, out, err = run_cli(
         ["ppl", cli_deci, "--seqlen", 32, "--max-windows", 2, "--data-dir", data_dir, "--quiet"], capsys
     )
     assert code == 0, err
     model, tokenizer = load_model(str(cli_deci))
-    from slicelm.data import load_eval_ids
+    from slicelm.io.data import load_eval_ids
 
     direct = perplexity(model, load_eval_ids("wikitext2", tokenizer, data_dir=data_dir), seqlen=32, max_windows=2)
     assert json.loads(out.strip().splitlines()[-1])["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
@@ -341,12 +341,12 @@ def test_export_refuses_a_decilm_folder_llama_cpp_cannot_read(deci_folders, tmp_
 def test_impossible_formats_are_refused_before_the_weights_load(
     flags, fragment, tiny_folder, data_dir, tmp_path, capsys, monkeypatch
 ):
-    import slicelm.models
+    import slicelm.io.models
 
     def never(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
-    monkeypatch.setattr(slicelm.models, "load_model", never)
+    monkeypatch.setattr(slicelm.io.models, "load_model", never)
     flags = [str(plan_file(tmp_path / "p.json", [512, 256, 256, None])) if f == "PLAN" else f for f in flags]
     out = tmp_path / ("out.json" if "--plan-only" in flags else "out")
     code, _, err = run_cli(["slice", tiny_folder, *flags, *CALIB, "--data-dir", data_dir, "--out", out], capsys)
@@ -359,10 +359,10 @@ def test_decilm_is_refused_for_a_family_it_cannot_hold_before_the_weights_load(
 ):
     from cli_checks import save_model_folder
 
-    import slicelm.models
+    import slicelm.io.models
 
     folder = save_model_folder(tmp_path / "qwen3", smollm2_tokenizer, "qwen3")
-    monkeypatch.setattr(slicelm.models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(slicelm.io.models, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
     argv = ["slice", folder, "--format", "decilm", "--mlp-sparsity", 0.25, "--layout", "plain", *CALIB]
     code, _, err = run_cli([*argv, "--data-dir", data_dir, "--out", tmp_path / "out"], capsys)
     assert_one_line_error(code, err, "--format decilm", "Llama-style")
@@ -381,7 +381,7 @@ HEADS_AND_LAYER_PLAN = replace(
 def test_a_streamed_non_uniform_plan_writes_the_same_decilm_folder(tied, plan, tmp_path):
     """Streaming writes what the in-memory run writes (and planning counted): the same DeciLM folder,
     zero padding of heads and whole removed layers included."""
-    from slicelm.decilm import load_decilm
+    from slicelm.layouts.decilm import load_decilm
     from slicelm.streaming import slice_streaming
 
     layers = 4 if plan is None else len(plan.layers)
@@ -426,10 +426,10 @@ def test_the_default_allocators_per_layer_choice_is_written_as_decilm_and_counte
     here by a deterministic scorer) has one basis, so it is served as a DeciLM folder, counted as such."""
     import dataclasses
 
-    import slicelm.measured
-    from slicelm.budget import ALLOCATORS
+    import slicelm.allocate.measured
+    from slicelm.allocate.budget import ALLOCATORS
 
-    measured = slicelm.measured.measured_allocator
+    measured = slicelm.allocate.measured.measured_allocator
     prefer_shaped = dataclasses.replace(
         ALLOCATORS["auto"], fn=lambda r: measured(r, scorer=lambda name, _: 0.0 if "shaped" in name else 1.0)
     )

@@ -11,7 +11,7 @@ from conftest import build_tiny_model
 
 from slicelm.cli import main
 from slicelm.errors import SlicelmError
-from slicelm.perplexity import PerplexityResult, perplexity
+from slicelm.measure.perplexity import PerplexityResult, perplexity
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_smollm2_wikitext2_band(smollm2, data_dir):
 
     Measured 37.10. The band is [0.5x, 2x]: a broken loss, shift or tokenization is far outside.
     """
-    from slicelm.data import load_eval_ids
+    from slicelm.io.data import load_eval_ids
 
     model, tokenizer = smollm2
     ids = load_eval_ids("wikitext2", tokenizer, data_dir)

@@ -12,10 +12,10 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.arch import REGISTRY
-from slicelm.checkpoint import save_sliced
+from slicelm.core.arch import REGISTRY
 from slicelm.errors import SlicelmError
-from slicelm.plain import to_stock_model
+from slicelm.layouts.checkpoint import save_sliced
+from slicelm.layouts.plain import to_stock_model
 from slicelm.slicing import SliceConfig, slice_model
 
 RMS_FAMILIES = sorted(t for t, spec in REGISTRY.items() if spec.norm == "rms")
@@ -100,7 +100,7 @@ def with_quiet_channels(tied: bool, quiet: torch.Tensor):
 def test_mlp_only_plain_skips_the_statistics_pass_and_equals_any_rotation(tied, monkeypatch):
     """A whole stream (MLP channels pruned only) needs no PCA basis: no statistics pass, and the result
     is the function a rotated stream gives (channel pruning and its refit do not see the basis)."""
-    import slicelm.executor
+    import slicelm.steps.executor
 
     ids, mask = padded_batch(96)
     quiet = torch.arange(0, 96, 4)  # 24 channels = 25% of 96
@@ -112,7 +112,7 @@ def test_mlp_only_plain_skips_the_statistics_pass_and_equals_any_rotation(tied, 
     def no_statistics(*args, **kwargs):
         raise AssertionError("the statistics pass ran for a whole stream")
 
-    monkeypatch.setattr(slicelm.executor, "collect_statistics", no_statistics)
+    monkeypatch.setattr(slicelm.steps.executor, "collect_statistics", no_statistics)
     model = with_quiet_channels(tied, quiet)
     report = slice_model(model, calibration(96), SliceConfig(**config), progress=False)
     assert "statistics" not in report.seconds and report.plan["embedding"] == model.config.hidden_size
@@ -128,7 +128,7 @@ def test_mlp_only_plain_skips_the_statistics_pass_and_equals_any_rotation(tied, 
 
 
 def test_diagonalising_keeps_the_subspace():
-    from slicelm.plain import diagonalise_final_norm
+    from slicelm.layouts.plain import diagonalise_final_norm
 
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(10, 10, generator=gen, dtype=torch.float64))
@@ -238,7 +238,7 @@ def test_plain_widths_are_multiples_of_the_heads_so_stock_configs_accept_them(tm
     not the 56 that steps of 8 would give; budgets search the same steps."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slicelm.budget import build_plan, context_from_config
+    from slicelm.allocate.budget import build_plan, context_from_config
 
     shape = dict(hidden_size=72, num_attention_heads=3, num_key_value_heads=3)
     model = build_tiny_model("llama", **shape)

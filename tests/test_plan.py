@@ -12,12 +12,12 @@ from helpers import calibration
 from test_cli_slice import run_cli, tiny_folder  # noqa: F401  (the fixture)
 
 import slicelm
-from slicelm.budget import ALLOCATORS, ParameterCounter, PlanRequest
+from slicelm.allocate.budget import ALLOCATORS, ParameterCounter, PlanRequest
+from slicelm.allocate.measured import measured_allocator, split_calibration
+from slicelm.allocate.planning import planning_context
 from slicelm.config import SCHEDULES, SliceConfig
+from slicelm.core.plan import LayerWidths, SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.measured import measured_allocator, split_calibration
-from slicelm.plan import LayerWidths, SlicingPlan
-from slicelm.planning import planning_context
 from slicelm.slicing import slice_model
 
 CASES = [
@@ -40,9 +40,9 @@ def test_every_schedule_is_a_registered_allocator():
 def test_every_plan_basis_is_a_registered_basis():
     from typing import get_args
 
-    from slicelm.bases import BASES
     from slicelm.config import Basis
-    from slicelm.plan import BASES as PLAN_BASES
+    from slicelm.core.bases import BASES
+    from slicelm.core.plan import BASES as PLAN_BASES
 
     assert set(PLAN_BASES) == set(BASES) == set(get_args(Basis))
 
@@ -96,7 +96,7 @@ def test_a_plan_for_another_model_is_refused():
 
 
 def _request(model, target: float = 0.8, layout: str = "slicegpt") -> PlanRequest:
-    from slicelm.arch import resolve
+    from slicelm.core.arch import resolve
 
     config = SliceConfig(target_params=target, schedule="auto", layout=layout, round_to=1)
     ctx = planning_context(model, resolve(model), config)

@@ -17,14 +17,14 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
 import slicelm
-from slicelm.arch import resolve
-from slicelm.budget import ParameterCounter
-from slicelm.checkpoint import save_sliced
+from slicelm.allocate.budget import ParameterCounter
+from slicelm.allocate.planning import planning_context
 from slicelm.config import SliceConfig
+from slicelm.core.arch import resolve
+from slicelm.core.plan import LayerWidths, SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import ZeroBranch
-from slicelm.plan import LayerWidths, SlicingPlan
-from slicelm.planning import planning_context
+from slicelm.layouts.checkpoint import save_sliced
+from slicelm.modeling.modeling_slicelm import ZeroBranch
 from slicelm.slicing import slice_model
 
 # Families whose attention has separate q/k/v projections (tests/test_heads.py proves the step on
@@ -114,17 +114,17 @@ def test_uniform_heads_in_the_plain_layout_write_the_stock_architecture(tmp_path
 
 def test_head_refit_beats_no_refit_through_the_plan():
     """The executor's head step refits o_proj: lower output error than keeping the rows as they are."""
-    from slicelm.heads import choose_heads, head_statistics
+    from slicelm.steps.heads import choose_heads, head_statistics
 
     model = build_tiny_model("llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     plan = _base_plan(model, "plain").with_heads([(1, 2), None])
     twin = copy.deepcopy(model)
     report = _follow(model, plan)
     # The same choice without refit, measured on the same statistics the executor used.
-    from slicelm.calibration import capture_layer_inputs
-    from slicelm.fuse import fuse_layer, prepare_ends
-    from slicelm.modeling_slicelm import block_roles
-    from slicelm.offload import ActivationStore
+    from slicelm.core.calibration import capture_layer_inputs
+    from slicelm.core.fuse import fuse_layer, prepare_ends
+    from slicelm.core.offload import ActivationStore
+    from slicelm.modeling.modeling_slicelm import block_roles
 
     layout = resolve(twin)
     fused = prepare_ends(twin, layout, keep_tie=True)

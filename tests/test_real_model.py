@@ -15,9 +15,9 @@ from conftest import cores_per_worker
 from helpers import relative_error
 
 import slicelm
-from slicelm.arch import resolve
-from slicelm.checkpoint import load_sliced, save_sliced
-from slicelm.fuse import fuse_norms
+from slicelm.core.arch import resolve
+from slicelm.core.fuse import fuse_norms
+from slicelm.layouts.checkpoint import load_sliced, save_sliced
 from slicelm.slicing import SliceConfig, slice_model
 
 pytestmark = pytest.mark.real_model
@@ -55,7 +55,7 @@ def reference(smollm2, batch):
 
 @pytest.fixture(scope="module")
 def calibration(smollm2, data_dir):
-    from slicelm.data import load_calibration
+    from slicelm.io.data import load_calibration
 
     return load_calibration("c4", smollm2[1], n_samples=8, seqlen=128, seed=0, data_dir=data_dir)
 
@@ -140,8 +140,8 @@ def test_sliced_smollm2_generates_the_same_after_reload(sliced, batch):
 
 def test_sliced_smollm2_perplexity_band(sliced, smollm2, data_dir):
     """Dense WikiText-2 ppl on 2 x 512 windows is ~28; 25% slicing with tiny calibration hurts a lot."""
-    from slicelm.data import load_eval_ids
-    from slicelm.perplexity import perplexity
+    from slicelm.io.data import load_eval_ids
+    from slicelm.measure.perplexity import perplexity
 
     ids = load_eval_ids("wikitext2", smollm2[1], data_dir=data_dir)
     dense = perplexity(smollm2[0], ids, seqlen=512, max_windows=2, progress=False).ppl
@@ -156,7 +156,7 @@ def plain_pruned(smollm2, data_dir, tmp_path_factory):
 
     The refit needs several times more calibration tokens than MLP channels (1,536): 16 x 512.
     """
-    from slicelm.data import load_calibration
+    from slicelm.io.data import load_calibration
 
     model, tokenizer = copy.deepcopy(smollm2[0]), smollm2[1]
     samples = load_calibration("c4", tokenizer, n_samples=16, seqlen=512, seed=0, data_dir=data_dir)
@@ -172,8 +172,8 @@ def test_plain_pruned_smollm2_loads_in_stock_transformers_and_keeps_quality(plai
     8k calibration tokens) far less damage than 25% stream slicing."""
     from transformers import AutoModelForCausalLM
 
-    from slicelm.data import load_eval_ids
-    from slicelm.perplexity import perplexity
+    from slicelm.io.data import load_eval_ids
+    from slicelm.measure.perplexity import perplexity
 
     model, out = plain_pruned
     stock = AutoModelForCausalLM.from_pretrained(out)

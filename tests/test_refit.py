@@ -18,11 +18,11 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
 import slicelm
-from slicelm.arch import resolve
 from slicelm.config import SliceConfig
+from slicelm.core.arch import resolve
+from slicelm.core.plan import SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import get_module
-from slicelm.plan import SlicingPlan
+from slicelm.modeling.modeling_slicelm import get_module
 from slicelm.slicing import slice_model
 
 # Sequential RMS families (llama), with biases (qwen2), with a head norm (qwen3), a LayerNorm

@@ -18,10 +18,10 @@ import torch
 from conftest import FAMILY_OVERRIDES, build_tiny_model
 from helpers import padded_batch, relative_error
 
-from slicelm.checkpoint import load_sliced
 from slicelm.cli import main
 from slicelm.errors import SlicelmError
-from slicelm.outputs import MANIFEST, OutputClaim
+from slicelm.io.outputs import MANIFEST, OutputClaim
+from slicelm.layouts.checkpoint import load_sliced
 
 CALIB = ["--calib", "c4", "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2", "--quiet"]
 
@@ -133,8 +133,8 @@ def test_3_a_killed_run_leaves_nothing_that_the_next_run_does_not_remove(tmp_pat
     script = textwrap.dedent(
         f"""
         import os, signal
-        from slicelm.offload import ActivationStore
-        from slicelm.outputs import OutputClaim
+        from slicelm.core.offload import ActivationStore
+        from slicelm.io.outputs import OutputClaim
         import torch
         store = ActivationStore(max_bytes=0, offload_dir={str(tmp_path / "offload")!r})
         store["x"] = torch.ones(4)  # spilled to a memory-mapped file under the offload folder
@@ -151,7 +151,7 @@ def test_3_a_killed_run_leaves_nothing_that_the_next_run_does_not_remove(tmp_pat
     assert list((tmp_path / "offload").iterdir())
     with OutputClaim(out, overwrite=False) as claim, claim.stage() as tmp:
         (tmp / "x").write_text("new")
-        from slicelm.offload import ActivationStore
+        from slicelm.core.offload import ActivationStore
 
         store = ActivationStore(max_bytes=0, offload_dir=tmp_path / "offload")
         store["y"] = torch.ones(4)
@@ -162,7 +162,7 @@ def test_3_a_killed_run_leaves_nothing_that_the_next_run_does_not_remove(tmp_pat
 
 
 def test_3_entries_of_live_processes_are_kept(tmp_path):
-    from slicelm.outputs import remove_stale, temp_name
+    from slicelm.io.outputs import remove_stale, temp_name
 
     mine = tmp_path / (temp_name(".out.slicelm-tmp") + "abcd")
     mine.mkdir()
@@ -192,7 +192,7 @@ def test_4_non_finite_source_weights_are_refused_by_name(tmp_path, smollm2_token
 
 def test_4_non_finite_values_produced_on_the_way_are_refused(tmp_path):
     """float16 overflow inside the network: no model is written, the error names the point."""
-    from slicelm.checkpoint import save_sliced
+    from slicelm.layouts.checkpoint import save_sliced
     from slicelm.slicing import SliceConfig, slice_model
 
     model = build_tiny_model("llama").to(torch.float16)
@@ -207,7 +207,7 @@ def test_4_non_finite_values_produced_on_the_way_are_refused(tmp_path):
 
 
 def test_4_report_json_is_strict():
-    from slicelm.outputs import to_json
+    from slicelm.io.outputs import to_json
 
     text = to_json({"ppl": float("nan"), "nested": [float("inf"), 1.5]})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard {c}")) == {
@@ -401,12 +401,12 @@ def test_10_eval_output_problems_never_lose_the_result(tiny_source, tmp_path, ca
     assert_one_line_error(code, lines, "is a file, not a folder")
     assert stdout == ""  # refused before evaluating: nothing was computed to lose
 
-    import slicelm.outputs
+    import slicelm.io.outputs
 
     def disk_full(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(slicelm.outputs, "write_result_file", disk_full)
+    monkeypatch.setattr(slicelm.io.outputs, "write_result_file", disk_full)
     code, stdout, lines = run_cli([*base, "--output", tmp_path / "eval.json"], capsys)
     assert_one_line_error(code, lines, "No space left on device", "the result is above")
     assert json.loads(stdout)["tasks"]["piqa"]["samples"] == 2  # printed before the write failed
@@ -513,7 +513,7 @@ def test_every_family_round_trips_a_checkpoint_from_disk(tmp_path_factory, smoll
 
 
 def test_sweep_never_writes_into_a_foreign_folder(tmp_path):
-    from slicelm.sweep import SweepConfig, run_sweep
+    from slicelm.measure.sweep import SweepConfig, run_sweep
 
     foreign = tmp_path / "results"
     foreign.mkdir()
@@ -544,12 +544,12 @@ def test_slice_streams_by_itself_when_memory_is_short(tiny_source, tmp_path, cap
     ],
 )
 def test_impossible_budgets_are_refused_before_loading(extra, fragment, tiny_source, tmp_path, capsys, monkeypatch):
-    import slicelm.models
+    import slicelm.io.models
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(slicelm.models, "load_model", no_loading)
+    monkeypatch.setattr(slicelm.io.models, "load_model", no_loading)
     code, _, lines = run_cli(["slice", tiny_source, *extra, "--out", tmp_path / "o", "--quiet"], capsys)
     assert_one_line_error(code, lines, fragment)
     assert not (tmp_path / "o").exists()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from cli_checks import CALIB, assert_one_line_error, run_cli, save_model_folder
 
-from slicelm import data
 from slicelm.errors import SlicelmError
-from slicelm.fingerprint import FINGERPRINT_FILE, MIN_MATCHES, check_not_eval_text, fingerprint_of, load_fingerprint
+from slicelm.io import data
+from slicelm.io.fingerprint import FINGERPRINT_FILE, MIN_MATCHES, check_not_eval_text, fingerprint_of, load_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_s1_real_training_text_passes(data_dir, ptb_train):
     Measured: 0 for PTB train, C4's calibration half, Alpaca and the task files; 7 for PTB valid (WSJ
     text like the test split), against a threshold of MIN_MATCHES = 32.
     """
-    from slicelm.fingerprint import matches
+    from slicelm.io.fingerprint import matches
 
     texts = {
         "ptb train": ptb_train,
@@ -187,12 +187,12 @@ def test_rough_15_negative_values_reach_the_flags_own_check(value, tmp_path, cap
 @pytest.fixture
 def no_loading(monkeypatch):
     """Every refusal below is known from the flags and the config: loading weights fails the test."""
-    import slicelm.models
+    import slicelm.io.models
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(slicelm.models, "load_model", refuse)
+    monkeypatch.setattr(slicelm.io.models, "load_model", refuse)
 
 
 @pytest.mark.parametrize(
@@ -292,8 +292,8 @@ def test_rough_2_a_missing_shard_while_streaming_is_one_line(smollm2_tokenizer, 
 def _largest_batch(folder: Path, seqlen: int, available: int) -> int:
     import torch
 
-    from slicelm.memory import estimate_forward_bytes
-    from slicelm.models import load_config, resolve_source
+    from slicelm.io.memory import estimate_forward_bytes
+    from slicelm.io.models import load_config, resolve_source
 
     config = load_config(resolve_source(str(folder)))
     return max(b for b in range(1, 200) if estimate_forward_bytes(config, torch.float32, b, seqlen) <= 0.9 * available)
@@ -323,7 +323,7 @@ def test_rough_22_a_batch_that_would_not_fit_is_refused_before_loading(
 
 def test_rough_22_the_default_batch_fits_and_runs(tiny_folders, tmp_path, capsys, data_dir, monkeypatch):
     """ppl's default (1 window) runs in the tight budget; eval's default 8 is lowered to what fits."""
-    import slicelm.evaluation
+    import slicelm.measure.evaluation
 
     dense, _ = tiny_folders
     available = int(1.5 * 2**30)
@@ -332,13 +332,13 @@ def test_rough_22_the_default_batch_fits_and_runs(tiny_folders, tmp_path, capsys
     assert code == 0, lines
     assert json.loads(stdout)["windows"] == 2
     seen = {}
-    original = slicelm.evaluation.evaluate_zeroshot
+    original = slicelm.measure.evaluation.evaluate_zeroshot
 
     def spy(*args, **kwargs):
         seen["batch_size"] = kwargs["batch_size"]
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(slicelm.evaluation, "evaluate_zeroshot", spy)
+    monkeypatch.setattr(slicelm.measure.evaluation, "evaluate_zeroshot", spy)
     argv = ["eval", dense, "--tasks", "piqa", "--limit", 2, "--data-dir", data_dir, "--device", "cpu"]
     code, _, lines = run_cli(argv, capsys)
     assert code == 0, lines

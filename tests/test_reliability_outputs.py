@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cli_checks import assert_one_line_error, run_cli, tree
 
-from slicelm.outputs import write_manifest
+from slicelm.io.outputs import write_manifest
 
 
 @pytest.mark.parametrize(
@@ -33,7 +33,7 @@ def test_rough_24_lm_eval_asks_git_quietly(tmp_path, monkeypatch, capfd):
     import lm_eval
     import lm_eval.evaluator
 
-    from slicelm.evaluation.zeroshot import run_lm_eval
+    from slicelm.measure.evaluation.zeroshot import run_lm_eval
 
     monkeypatch.chdir(tmp_path)  # not a git repository
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
@@ -81,7 +81,7 @@ def test_rough_21_a_folder_that_existed_or_holds_measurements_is_kept(nan_folder
     code, _, lines = run_cli([*argv, "--data-dir", data_dir, "--out", empty], capsys)
     assert code == 2, lines
     assert empty.is_dir()  # the user's (empty) folder: slicelm did not create it, so it stays
-    from slicelm.sweep import release_unused_sweep_folder
+    from slicelm.measure.sweep import release_unused_sweep_folder
 
     stored = tmp_path / "stored"
     (stored / "points").mkdir(parents=True)
@@ -133,12 +133,12 @@ def test_rough_4_a_full_disk_while_slicing_is_one_line_and_publishes_nothing(
     import safetensors.torch
     from cli_checks import CALIB
 
-    import slicelm.streaming_io
+    import slicelm.io.streaming_io
 
     dense, _ = dense_and_sliced
     import transformers.modeling_utils
 
-    for module in (slicelm.streaming_io, safetensors.torch):  # slicelm's writers
+    for module in (slicelm.io.streaming_io, safetensors.torch):  # slicelm's writers
         disk_full_after(monkeypatch, module, "save_file")
     disk_full_after(monkeypatch, transformers.modeling_utils, "safe_save_file")  # save_pretrained (plain)
     out = tmp_path / "out"
@@ -182,13 +182,13 @@ def test_rough_4_a_full_disk_while_finetuning_keeps_only_a_resumable_checkpoint(
 def test_rough_4_a_full_disk_in_a_sweep_with_save_models_keeps_what_it_measured(
     dense_and_sliced, tmp_path, capsys, data_dir, monkeypatch
 ):
-    import slicelm.streaming_io
+    import slicelm.io.streaming_io
 
     dense, _ = dense_and_sliced
     out = tmp_path / "sweep"
     argv = ["sweep", dense, "--sparsities", "0.25", "--tasks", "none", "--ppl-windows", 1, "--ppl-seqlen", 32]
     argv += ["--calib-samples", 4, "--calib-seqlen", 32, "--save-models", "--data-dir", data_dir, "--out", out]
-    disk_full_after(monkeypatch, slicelm.streaming_io, "save_file")
+    disk_full_after(monkeypatch, slicelm.io.streaming_io, "save_file")
     code, _, lines = run_cli(argv, capsys)
     assert_one_line_error(code, lines, "the disk refused a write (No space left on device")
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))

@@ -48,7 +48,7 @@ def finetune_args(model, out, data_dir, *extra) -> list:
 
 def interrupt(argv, capsys, monkeypatch) -> None:
     """Run ``argv`` and stop it after two steps, as Ctrl-C would: a checkpoint stays in the work folder."""
-    from slicelm import recovery
+    from slicelm.recover import recovery
 
     original = recovery.train
     monkeypatch.setattr(recovery, "train", lambda *a, **k: original(*a, **k, stop_after=2))
@@ -121,8 +121,8 @@ def test_s2_resume_of_the_same_run_still_completes(models, tmp_path, data_dir, c
 @pytest.fixture(scope="module")
 def checkpoint(models, tmp_path_factory, data_dir) -> Path:
     """A pristine work folder of an interrupted --loss lm run (two of four steps done)."""
-    from slicelm import recovery
     from slicelm.cli import main
+    from slicelm.recover import recovery
 
     root = tmp_path_factory.mktemp("checkpoint")
     original = recovery.train

@@ -28,8 +28,8 @@ import pytest
 import torch
 from helpers import calibration
 
-from slicelm.checkpoint import save_sliced
-from slicelm.perplexity import perplexity
+from slicelm.layouts.checkpoint import save_sliced
+from slicelm.measure.perplexity import perplexity
 from slicelm.slicing import SliceConfig, slice_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
 import slicelm
-from slicelm.arch import REGISTRY, resolve
+from slicelm.core.arch import REGISTRY, resolve
+from slicelm.core.plan import SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.modeling_slicelm import get_module, stream_weight
-from slicelm.plan import SlicingPlan
+from slicelm.modeling.modeling_slicelm import get_module, stream_weight
 from slicelm.slicing import SliceConfig, slice_model
 
 
@@ -128,7 +128,7 @@ def test_plan_round_trip(tmp_path):
 
 
 def test_covariance_ignores_masked_rows_and_pca_sorts():
-    from slicelm.pca import CovarianceAccumulator, pca
+    from slicelm.core.pca import CovarianceAccumulator, pca
 
     x = torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)

@@ -10,8 +10,8 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 from safetensors.torch import load_file
 
-from slicelm.checkpoint import load_sliced
-from slicelm.offload import ActivationStore, parse_bytes
+from slicelm.core.offload import ActivationStore, parse_bytes
+from slicelm.layouts.checkpoint import load_sliced
 from slicelm.slicing import SliceConfig, slice_model
 from slicelm.streaming import slice_streaming
 
@@ -79,7 +79,7 @@ def test_new_steps_stream_too(model_type, tied, extra, tmp_path):
     """Plain layout, MLP pruning and budgets (with their statistics pass) give the same model streamed."""
     from transformers import AutoModelForCausalLM
 
-    from slicelm.checkpoint import save_sliced
+    from slicelm.layouts.checkpoint import save_sliced
 
     source = tmp_path / "source"
     build_tiny_model(model_type, tie_word_embeddings=tied).save_pretrained(source)

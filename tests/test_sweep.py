@@ -10,7 +10,7 @@ from conftest import build_tiny_model
 
 from slicelm.cli import main
 from slicelm.errors import SlicelmError
-from slicelm.sweep import SweepConfig, run_sweep
+from slicelm.measure.sweep import SweepConfig, run_sweep
 
 TASKS = ("piqa", "winogrande")
 
@@ -57,11 +57,11 @@ def tiny_config(folder, data_dir, **overrides) -> SweepConfig:
 
 
 def test_sweep_resumes_after_interruption_and_replots_without_model(tiny_folder, data_dir, tmp_path, monkeypatch):
-    import slicelm.evaluation
-    import slicelm.models
+    import slicelm.io.models
+    import slicelm.measure.evaluation
 
     calls: list[str] = []
-    real_evaluate = slicelm.evaluation.evaluate_zeroshot
+    real_evaluate = slicelm.measure.evaluation.evaluate_zeroshot
 
     def interrupted(model, tokenizer, tasks, **kwargs):
         calls.append(f"{kwargs['model_name']}:{tasks[0]}")
@@ -69,7 +69,7 @@ def test_sweep_resumes_after_interruption_and_replots_without_model(tiny_folder,
             raise KeyboardInterrupt
         return real_evaluate(model, tokenizer, tasks, **kwargs)
 
-    monkeypatch.setattr(slicelm.evaluation, "evaluate_zeroshot", interrupted)
+    monkeypatch.setattr(slicelm.measure.evaluation, "evaluate_zeroshot", interrupted)
     config = tiny_config(tiny_folder, data_dir)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(config, tmp_path, log=lambda _: None)
@@ -98,7 +98,7 @@ def test_sweep_resumes_after_interruption_and_replots_without_model(tiny_folder,
     def no_model(*_args, **_kwargs):
         raise AssertionError("a finished sweep must not load the model")
 
-    monkeypatch.setattr(slicelm.models, "load_model", no_model)
+    monkeypatch.setattr(slicelm.io.models, "load_model", no_model)
     for name in ("sweep.md", "sweep_ppl.png"):
         (tmp_path / name).unlink()
     again = run_sweep(config, tmp_path, log=lambda _: None)
@@ -118,18 +118,18 @@ def test_sweep_resumes_after_interruption_and_replots_without_model(tiny_folder,
 
 
 def test_changed_settings_invalidate_only_what_they_affect(tiny_folder, data_dir, tmp_path, monkeypatch):
-    import slicelm.evaluation
+    import slicelm.measure.evaluation
 
     base = tiny_config(tiny_folder, data_dir, sparsities=(0.25,), tasks=("winogrande",), ppl_dataset=None)
     run_sweep(base, tmp_path, log=lambda _: None)
     calls: list[str] = []
-    real_evaluate = slicelm.evaluation.evaluate_zeroshot
+    real_evaluate = slicelm.measure.evaluation.evaluate_zeroshot
 
     def counting(model, tokenizer, tasks, **kwargs):
         calls.append(tasks[0])
         return real_evaluate(model, tokenizer, tasks, **kwargs)
 
-    monkeypatch.setattr(slicelm.evaluation, "evaluate_zeroshot", counting)
+    monkeypatch.setattr(slicelm.measure.evaluation, "evaluate_zeroshot", counting)
     # A new task is added; the stored winogrande scores are kept.
     run_sweep(
         tiny_config(tiny_folder, data_dir, sparsities=(0.25,), tasks=("winogrande", "boolq"), ppl_dataset=None),

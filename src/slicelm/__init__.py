@@ -8,28 +8,28 @@ slicelm.save_sliced(model, "out/smollm2-sliced", tokenizer)
 model = slicelm.load_sliced("out/smollm2-sliced")
 """
 
-from slicelm.checkpoint import load_sliced, save_sliced  # noqa: E402
+from slicelm.allocate.planning import plan  # noqa: E402
 from slicelm.config import SliceConfig  # noqa: E402
+from slicelm.core.plan import SlicingPlan  # noqa: E402
 from slicelm.errors import SlicelmError  # noqa: E402
-from slicelm.executor import SliceReport, execute  # noqa: E402
-from slicelm.models import load_model  # noqa: E402
-from slicelm.plan import SlicingPlan  # noqa: E402
-from slicelm.planning import plan  # noqa: E402
-from slicelm.recovery import FinetuneConfig  # noqa: E402
+from slicelm.io.models import load_model  # noqa: E402
+from slicelm.layouts.checkpoint import load_sliced, save_sliced  # noqa: E402
+from slicelm.recover.recovery import FinetuneConfig  # noqa: E402
 from slicelm.slicing import slice_model  # noqa: E402
+from slicelm.steps.executor import SliceReport, execute  # noqa: E402
 from slicelm.version import __version__
 
 
 def finetune(*args, **kwargs):
-    """See :func:`slicelm.recovery.finetune` (imported lazily: it pulls in peft)."""
-    from slicelm.recovery import finetune as _finetune
+    """See :func:`slicelm.recover.recovery.finetune` (imported lazily: it pulls in peft)."""
+    from slicelm.recover.recovery import finetune as _finetune
 
     return _finetune(*args, **kwargs)
 
 
 def load_calibration(*args, **kwargs):
-    """See :func:`slicelm.data.load_calibration` (imported lazily: it pulls in ``datasets``)."""
-    from slicelm.data import load_calibration as _load
+    """See :func:`slicelm.io.data.load_calibration` (imported lazily: it pulls in ``datasets``)."""
+    from slicelm.io.data import load_calibration as _load
 
     return _load(*args, **kwargs)
 

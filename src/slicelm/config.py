@@ -2,7 +2,7 @@
 
 This is the one home of the range checks (the CLI and the plan rely on them). The names of the
 allocators are listed here so the config can be checked before anything heavier is imported; the
-allocators themselves live in :mod:`slicelm.budget` (``ALLOCATORS``) and :mod:`slicelm.measured`,
+allocators themselves live in :mod:`slicelm.allocate.budget` (``ALLOCATORS``) and :mod:`slicelm.allocate.measured`,
 and a test keeps the two in step.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from slicelm.core.plan import BASES, LAYOUTS
 from slicelm.errors import SlicelmError
-from slicelm.plan import BASES, LAYOUTS
 
 Basis = Literal["pca", "random", "identity", "channels"]
 LayoutKind = Literal["slicegpt", "plain"]
@@ -30,9 +30,9 @@ class SliceConfig:
 
     sparsity: fraction of the hidden width removed at every point of the stream, in [0, 1).
     mlp_sparsity: fraction of every MLP's intermediate channels removed (structured OBS with a
-        least-squares refit of the MLP's output, :mod:`slicelm.channels`), in [0, 1).
+        least-squares refit of the MLP's output, :mod:`slicelm.steps.channels`), in [0, 1).
     target_params: instead of the two above, the wanted fraction of the dense model's true
-        parameter count, in (0, 1): slicelm chooses the widths (see :mod:`slicelm.budget` and
+        parameter count, in (0, 1): slicelm chooses the widths (see :mod:`slicelm.allocate.budget` and
         ``schedule``).
     schedule: how ``target_params`` is spent (:data:`SCHEDULES`): ``auto`` (default: scores the
         simple plans and per-layer allocations measured end to end on held-out calibration windows,

@@ -31,8 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from slicelm.decilm import serving_problems
 from slicelm.errors import SlicelmError
+from slicelm.layouts.decilm import serving_problems
 
 LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
 CONVERTER = "convert_hf_to_gguf.py"

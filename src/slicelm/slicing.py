@@ -1,8 +1,8 @@
 """The front door: ``slice_model(model, calibration, config)`` plans, then executes.
 
-Deciding and doing are separate steps: :func:`slicelm.planning.plan` turns a
-:class:`~slicelm.config.SliceConfig` into a :class:`~slicelm.plan.SlicingPlan` (every width, the
-layout, the basis source, the tie), and :func:`slicelm.executor.execute` follows a plan. This module
+Deciding and doing are separate steps: :func:`slicelm.allocate.planning.plan` turns a
+:class:`~slicelm.config.SliceConfig` into a :class:`~slicelm.core.plan.SlicingPlan` (every width, the
+layout, the basis source, the tie), and :func:`slicelm.steps.executor.execute` follows a plan. This module
 joins them for the one-call case, and takes a ready plan (``plan=``) to follow one made earlier,
 by hand, or by another tool.
 """
@@ -15,16 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slicelm.arch import resolve
-from slicelm.bases import needs_moments
-from slicelm.calibration import WeightAccess
+from slicelm.allocate.planning import gather_statistics, plan_with_statistics
 from slicelm.config import BASES, LAYOUTS, SCHEDULES, Basis, LayoutKind, SliceConfig
-from slicelm.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport, execute, merge_report, resolve_pad_id
-from slicelm.local import serves_locally, slice_locally
-from slicelm.offload import ActivationStore
-from slicelm.plan import SlicingPlan
-from slicelm.planning import gather_statistics, plan_with_statistics
-from slicelm.statistics import ModelStatistics
+from slicelm.core.arch import resolve
+from slicelm.core.bases import needs_moments
+from slicelm.core.calibration import WeightAccess
+from slicelm.core.offload import ActivationStore
+from slicelm.core.plan import SlicingPlan
+from slicelm.core.statistics import ModelStatistics
+from slicelm.steps.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport, execute, merge_report, resolve_pad_id
+from slicelm.steps.local import serves_locally, slice_locally
 
 __all__ = [
     "BASES",
@@ -61,7 +61,7 @@ def slice_model(
     then only gives the calibration batch size). statistics: the unsliced model's statistics,
     reused by planning and by the executor. statistics_cache: a folder holding them; reused when it
     exists, written when a pass ran (the caller keys it by model and calibration settings).
-    See :func:`slicelm.executor.execute` for access, store and device.
+    See :func:`slicelm.steps.executor.execute` for access, store and device.
     """
     config = config or SliceConfig()
     store = store if store is not None else ActivationStore()

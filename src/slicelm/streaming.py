@@ -21,25 +21,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from slicelm.arch import resolve
-from slicelm.calibration import WeightAccess
-from slicelm.checkpoint import OUTPUT_KIND, choose_format, is_stock_shaped, sliced_config, write_companions
 from slicelm.config import SliceConfig
+from slicelm.core.arch import resolve
+from slicelm.core.calibration import WeightAccess
+from slicelm.core.offload import ActivationStore
+from slicelm.core.plan import SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.executor import SliceReport, merge_report
-from slicelm.modeling_slicelm import SLICELM_KEY, get_module
-from slicelm.offload import ActivationStore
-from slicelm.outputs import OutputClaim, staged_output
-from slicelm.plan import SlicingPlan
+from slicelm.io.outputs import OutputClaim, staged_output
+from slicelm.io.streaming_io import LazyCheckpoint, ShardWriter, release
+from slicelm.layouts.checkpoint import OUTPUT_KIND, choose_format, is_stock_shaped, sliced_config, write_companions
+from slicelm.modeling.modeling_slicelm import SLICELM_KEY, get_module
 from slicelm.slicing import slice_model
-from slicelm.streaming_io import LazyCheckpoint, ShardWriter, release
+from slicelm.steps.executor import SliceReport, merge_report
 
 
 def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``folder`` with every parameter on the meta device (no weight memory)."""
     from transformers import AutoConfig
 
-    from slicelm.meta import meta_model
+    from slicelm.core.meta import meta_model
 
     return meta_model(AutoConfig.from_pretrained(folder), dtype)
 
@@ -103,7 +103,7 @@ def slice_streaming(
 ) -> SliceReport:
     """Slice the safetensors checkpoint in ``source`` into the folder ``out``, layer by layer.
 
-    out: the output folder, or an :class:`~slicelm.outputs.OutputClaim` on it taken earlier.
+    out: the output folder, or an :class:`~slicelm.io.outputs.OutputClaim` on it taken earlier.
     max_memory: bytes of calibration activations kept in RAM (the rest goes to memory-mapped files
     under ``offload_dir``, default the system temp folder). device: where each layer is computed.
     The output folder is the same as :func:`slicelm.save_sliced` writes, in several shards.
@@ -162,7 +162,7 @@ def _rewrite_shards(folder: Path, convert) -> None:
 
     from safetensors.torch import load_file, save_file
 
-    from slicelm.streaming_io import INDEX, SINGLE
+    from slicelm.io.streaming_io import INDEX, SINGLE
 
     shards = sorted(folder.glob("model*.safetensors"))
     weight_map = {}
@@ -183,10 +183,10 @@ def _rewrite_shards(folder: Path, convert) -> None:
 
 def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
     """Turn the sliced shards written in ``folder`` into the stock architecture, shard by shard."""
-    from slicelm.arch import Layout
-    from slicelm.checkpoint import PLAN_FILE, REPORT_FILE
-    from slicelm.outputs import to_json
-    from slicelm.plain import plain_config, stock_tensors
+    from slicelm.core.arch import Layout
+    from slicelm.io.outputs import to_json
+    from slicelm.layouts.checkpoint import PLAN_FILE, REPORT_FILE
+    from slicelm.layouts.plain import plain_config, stock_tensors
 
     info = getattr(model.config, SLICELM_KEY)
     _rewrite_shards(folder, lambda tensors: stock_tensors(tensors, info, model.config))
@@ -203,15 +203,15 @@ def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata
     """Turn the one-basis shards written in ``folder`` into a DeciLM folder, shard by shard.
 
     The widths come from the skeleton's shapes (its weights are back on the meta device); each
-    attention tensor is zero-padded on its own, as :func:`slicelm.decilm.save_decilm` pads it.
+    attention tensor is zero-padded on its own, as :func:`slicelm.layouts.decilm.save_decilm` pads it.
     """
     import dataclasses
 
-    from slicelm import decilm
-    from slicelm.arch import Layout
-    from slicelm.outputs import to_json
-    from slicelm.plain import plain_config, stock_tensors
-    from slicelm.plain import stream_plan_of as plan_of_stream
+    from slicelm.core.arch import Layout
+    from slicelm.io.outputs import to_json
+    from slicelm.layouts import decilm
+    from slicelm.layouts.plain import plain_config, stock_tensors
+    from slicelm.layouts.plain import stream_plan_of as plan_of_stream
 
     info = getattr(model.config, SLICELM_KEY)
     plan = SlicingPlan.from_dict(info["plan"])

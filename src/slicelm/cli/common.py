@@ -71,9 +71,9 @@ def fit_batch_size(model_config: Any, dtype: Any, seqlen: int, batch: int | None
     """The batch size to score with: ``batch`` if given and it fits in the memory available (else one
     line that names the largest that does), or the largest up to ``default`` that fits. Checked from the
     config alone, before the weights are loaded (the memory preflight of ``slice``, for ``ppl``/``eval``)."""
+    from slicelm.core.resources import available_memory_bytes
     from slicelm.errors import SlicelmError
-    from slicelm.memory import estimate_forward_bytes, forward_bytes_per_token
-    from slicelm.resources import available_memory_bytes
+    from slicelm.io.memory import estimate_forward_bytes, forward_bytes_per_token
 
     available = available_memory_bytes()
     wanted = default if batch is None else batch

@@ -36,7 +36,7 @@ DEFAULT_EVAL_BATCH = 8
 
 def add_common_arguments(parser: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
     """Flags shared by ``eval`` and ``sweep`` (where the lm-eval batch size is ``--eval-batch-size``)."""
-    from slicelm.evaluation.tasks import PAPER_TASKS
+    from slicelm.measure.evaluation.tasks import PAPER_TASKS
 
     parser.add_argument(
         "--tasks",
@@ -74,7 +74,7 @@ def add_parser(subparsers) -> None:
         description="Run lm-evaluation-harness zero-shot tasks on a dense or sliced model and print, as one "
         "JSON object, the metric the SliceGPT paper reports for each task and their average.",
     )
-    from slicelm.models import DEFAULT_MODEL
+    from slicelm.io.models import DEFAULT_MODEL
 
     parser.add_argument(
         "model",
@@ -90,7 +90,7 @@ def add_parser(subparsers) -> None:
 
 def data_dir_from(args: argparse.Namespace) -> str | None:
     """``--data-dir``, else ``$SLICELM_DATA_DIR``, else ``../shared/data`` beside a checkout, else None (the hub)."""
-    from slicelm.data import resolve_data_dir
+    from slicelm.io.data import resolve_data_dir
 
     found = resolve_data_dir(args.data_dir)
     return str(found) if found is not None else None
@@ -98,7 +98,7 @@ def data_dir_from(args: argparse.Namespace) -> str | None:
 
 def pick_device(name: str | None):
     """``--device``: default cuda when available, else cpu; an unavailable device is one line."""
-    from slicelm.devices import resolve_device
+    from slicelm.core.devices import resolve_device
 
     return resolve_device(name)
 
@@ -112,7 +112,7 @@ def fit_eval_batch(args: argparse.Namespace, device) -> int:
     if getattr(device, "type", str(device).split(":")[0]) != "cpu":
         return args.eval_batch_size
     from slicelm.cli.common import fit_batch_size
-    from slicelm.models import load_config, parse_dtype, resolve_source
+    from slicelm.io.models import load_config, parse_dtype, resolve_source
 
     model_config = load_config(resolve_source(args.model))
     positions = getattr(model_config, "max_position_embeddings", None) or EVAL_CONTEXT
@@ -123,9 +123,9 @@ def fit_eval_batch(args: argparse.Namespace, device) -> int:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
-    from slicelm.evaluation import evaluate_zeroshot, resolve_tasks
-    from slicelm.evaluation.tasks import check_local_data
-    from slicelm.models import load_model
+    from slicelm.io.models import load_model
+    from slicelm.measure.evaluation import evaluate_zeroshot, resolve_tasks
+    from slicelm.measure.evaluation.tasks import check_local_data
 
     tasks = resolve_tasks(args.tasks)
     data_dir = data_dir_from(args)
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     output = None
     if args.output is not None:  # checked now: finding out after the evaluation would lose it
-        from slicelm.outputs import check_output_file
+        from slicelm.io.outputs import check_output_file
 
         output = check_output_file(args.output, args.overwrite)
 
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir=data_dir,
             model_name=args.model,
         )
-    from slicelm.outputs import to_json, write_result_file
+    from slicelm.io.outputs import to_json, write_result_file
 
     print(to_json(summary), flush=True)  # first: whatever happens to --output, the result is not lost
     if output is not None:

@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from(args: argparse.Namespace):
-    from slicelm.recovery import FinetuneConfig
+    from slicelm.recover.recovery import FinetuneConfig
 
     extra = tuple(t.strip() for t in args.lora_extra.split(",") if t.strip())
     return FinetuneConfig(
@@ -116,10 +116,10 @@ def config_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(progress=not args.quiet)
-    from slicelm.devices import resolve_device
-    from slicelm.models import resolve_source
-    from slicelm.outputs import OutputClaim
-    from slicelm.parallel import Processes, launched
+    from slicelm.core.devices import resolve_device
+    from slicelm.io.models import resolve_source
+    from slicelm.io.outputs import OutputClaim
+    from slicelm.recover.parallel import Processes, launched
 
     check_flags_have_effect(args)
     config = config_from(args)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
     source = resolve_source(args.model)
-    from slicelm.decilm import is_decilm_folder
+    from slicelm.layouts.decilm import is_decilm_folder
 
     if not source.gguf_file and is_decilm_folder(source.path):
         raise SlicelmError(
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             "sliced with --format slicelm instead"
         )
     work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
-    from slicelm.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
+    from slicelm.layouts.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
 
     def claim_folders(processes: int) -> OutputClaim:
         if config.batch_size % processes:
@@ -221,8 +221,8 @@ def _check_work_dir(work: Path, resume: bool, restart: bool = False, processes: 
     checkpoint resumes with the number of processes that took it."""
     import json
 
-    from slicelm.outputs import read_manifest
-    from slicelm.recovery import CHECKPOINT, WORK_KIND, check_processes
+    from slicelm.io.outputs import read_manifest
+    from slicelm.recover.recovery import CHECKPOINT, WORK_KIND, check_processes
 
     if work.exists():
         manifest = read_manifest(work) if work.is_dir() else None
@@ -242,9 +242,9 @@ def _check_work_dir(work: Path, resume: bool, restart: bool = False, processes: 
 
 
 def _run(args, config, source, claim, work: Path, device, processes) -> int:
-    from slicelm import recovery
-    from slicelm.data import resolve_data_dir
-    from slicelm.models import DTYPES, load_model, load_tokenizer
+    from slicelm.io.data import resolve_data_dir
+    from slicelm.io.models import DTYPES, load_model, load_tokenizer
+    from slicelm.recover import recovery
 
     data_dir = resolve_data_dir(args.data_dir)
     tokenizer = load_tokenizer(source)
@@ -290,12 +290,12 @@ def _run(args, config, source, claim, work: Path, device, processes) -> int:
     report.teacher = teacher_name
     if not processes.main:
         return 0  # rank 0 writes
-    from slicelm.checkpoint import save_finetuned
+    from slicelm.layouts.checkpoint import save_finetuned
 
     out = _disk_checked(work, save_finetuned)(model, claim, tokenizer, source.path, report.to_dict())
     shutil.rmtree(work, ignore_errors=True)  # slicelm's own work folder (checked when claimed)
     print(summary(report, out), file=sys.stderr)
-    from slicelm.outputs import to_json
+    from slicelm.io.outputs import to_json
 
     last = report.curve[-1] if report.curve else {}
     print(to_json({"out": str(out), "steps": report.steps, "tokens": report.tokens, **last}, indent=None))
@@ -306,7 +306,7 @@ def _disk_checked(work: Path, function):
     """``function`` whose failed writes on a full (or read-only) disk are one line naming the way on:
     continue from the work folder's last checkpoint, or run again when there is none."""
     from slicelm.cli.common import disk_refusal
-    from slicelm.recovery import CHECKPOINT
+    from slicelm.recover.recovery import CHECKPOINT
 
     def call(*args, **kwargs):
         try:
@@ -326,8 +326,8 @@ def _disk_checked(work: Path, function):
 
 def load_teacher(args: argparse.Namespace, tokenizer, source):
     """The KD teacher, ``--teacher`` or the source recorded in the folder, and its name."""
-    from slicelm.models import DTYPES, load_model
-    from slicelm.recovery import recorded_source
+    from slicelm.io.models import DTYPES, load_model
+    from slicelm.recover.recovery import recorded_source
 
     name = args.teacher or recorded_source(source.path)
     if name is None:
@@ -347,8 +347,8 @@ def load_teacher(args: argparse.Namespace, tokenizer, source):
 
 def ppl_monitor(tokenizer, data_dir, windows: int, device):
     """WikiText-2 test perplexity on the first ``windows`` windows of 2048 (for training curves)."""
-    from slicelm.data import load_eval_ids
-    from slicelm.perplexity import perplexity
+    from slicelm.io.data import load_eval_ids
+    from slicelm.measure.perplexity import perplexity
 
     ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir)
 

@@ -12,8 +12,8 @@ DEFAULT_SEQLEN = 2048
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from slicelm.data import DATA_DIR_ENV, EVAL_SETS
-    from slicelm.models import DEFAULT_MODEL, DTYPES
+    from slicelm.io.data import DATA_DIR_ENV, EVAL_SETS
+    from slicelm.io.models import DEFAULT_MODEL, DTYPES
 
     parser = subparsers.add_parser(
         "ppl",
@@ -58,11 +58,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(progress=not args.quiet)
-    from slicelm.data import EVAL_SETS, load_eval_ids, resolve_data_dir
-    from slicelm.devices import resolve_device
-    from slicelm.models import load_config, load_model, parse_dtype, resolve_source
-    from slicelm.outputs import to_json
-    from slicelm.perplexity import perplexity
+    from slicelm.core.devices import resolve_device
+    from slicelm.io.data import EVAL_SETS, load_eval_ids, resolve_data_dir
+    from slicelm.io.models import load_config, load_model, parse_dtype, resolve_source
+    from slicelm.io.outputs import to_json
+    from slicelm.measure.perplexity import perplexity
 
     # Check everything cheap before loading a model, so mistakes fail in a second.
     if args.dataset not in EVAL_SETS:

@@ -21,8 +21,8 @@ DEFAULT_SEQLEN = 2048
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slicelm.checkpoint import FORMATS
-    from slicelm.models import DEFAULT_MODEL
+    from slicelm.io.models import DEFAULT_MODEL
+    from slicelm.layouts.checkpoint import FORMATS
 
     p = sub.add_parser(
         "slice",
@@ -176,7 +176,7 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 
 def validate_slicing_arguments(args: argparse.Namespace) -> None:
     """Check the shared calibration/slicing flags (no files opened)."""
-    from slicelm.data import CALIBRATION_SETS
+    from slicelm.io.data import CALIBRATION_SETS
 
     for flag in ("calib_samples", "calib_seqlen", "calib_batch_size", "round_to"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -211,7 +211,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.ppl_seqlen is not None and not args.ppl_windows:
         raise SlicelmError("--ppl-seqlen is the window of --ppl-windows, which is 0 (skip); give --ppl-windows N")
     if args.plan is not None:
-        from slicelm.plan import SlicingPlan
+        from slicelm.core.plan import SlicingPlan
 
         if args.plan_only:
             raise SlicelmError("--plan follows a plan and --plan-only writes one; give one of them")
@@ -268,7 +268,7 @@ def _validate_run_flags(args: argparse.Namespace) -> None:
         check_offload_dir(Path(args.offload_dir).expanduser())
     args.max_memory_bytes = None
     if args.max_memory:
-        from slicelm.offload import parse_bytes
+        from slicelm.core.offload import parse_bytes
 
         try:
             args.max_memory_bytes = parse_bytes(args.max_memory)
@@ -330,10 +330,10 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     """What the config alone can refuse: the architecture and layout, the widths or the budget (or a
     plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
     built on the meta device)."""
-    from slicelm.budget import check_against_config, check_plan_against_config
-    from slicelm.checkpoint import choose_format
-    from slicelm.decilm import family_refusal
-    from slicelm.local import check_local_config
+    from slicelm.allocate.budget import check_against_config, check_plan_against_config
+    from slicelm.layouts.checkpoint import choose_format
+    from slicelm.layouts.decilm import family_refusal
+    from slicelm.steps.local import check_local_config
 
     if config.untie_head and not getattr(model_config, "tie_word_embeddings", False):
         raise SlicelmError(
@@ -367,7 +367,7 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
 def forced_untie(model_config: Any, config: Any) -> tuple[str, int] | None:
     """(in words, parameters added) when slicing must untie a tied head: a LayerNorm family's embedding
     cannot stay the head once the stream is centred, so the head gets its own vocab x width weight."""
-    from slicelm.arch import spec_for
+    from slicelm.core.arch import spec_for
 
     if not getattr(model_config, "tie_word_embeddings", False) or config.untie_head:
         return None
@@ -406,12 +406,12 @@ def check_stream_width(model_config: Any, sparsity: float, round_to: int, flag: 
 def run(args: argparse.Namespace) -> int:
     validate(args)
     quiet_libraries(progress=not args.quiet)
-    from slicelm.checkpoint import OUTPUT_KIND
-    from slicelm.decilm import is_decilm_folder
-    from slicelm.devices import resolve_device
-    from slicelm.models import resolve_source
-    from slicelm.outputs import OutputClaim
-    from slicelm.plain import OUTPUT_KIND as PLAIN_KIND
+    from slicelm.core.devices import resolve_device
+    from slicelm.io.models import resolve_source
+    from slicelm.io.outputs import OutputClaim
+    from slicelm.layouts.checkpoint import OUTPUT_KIND
+    from slicelm.layouts.decilm import is_decilm_folder
+    from slicelm.layouts.plain import OUTPUT_KIND as PLAIN_KIND
 
     args.device = resolve_device(args.device)
     source = resolve_source(args.model)
@@ -431,11 +431,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, source, claim) -> int:
     import torch
 
-    from slicelm.checkpoint import format_of, save_sliced
-    from slicelm.data import load_calibration, load_eval_ids, resolve_data_dir
-    from slicelm.models import load_config, load_model, load_tokenizer
-    from slicelm.outputs import to_json
-    from slicelm.perplexity import perplexity
+    from slicelm.io.data import load_calibration, load_eval_ids, resolve_data_dir
+    from slicelm.io.models import load_config, load_model, load_tokenizer
+    from slicelm.io.outputs import to_json
+    from slicelm.layouts.checkpoint import format_of, save_sliced
+    from slicelm.measure.perplexity import perplexity
     from slicelm.slicing import merge_report, slice_model
 
     progress = not args.quiet
@@ -556,10 +556,10 @@ def rounding_note(report: dict[str, Any], round_to: int) -> str | None:
 
 def _plan_only(args: argparse.Namespace, source) -> int:
     """``--plan-only``: decide every width on the loaded model and write the plan; slice nothing."""
-    from slicelm.data import load_calibration, resolve_data_dir
-    from slicelm.models import load_config, load_model, load_tokenizer
-    from slicelm.outputs import write_new_file
-    from slicelm.planning import plan
+    from slicelm.allocate.planning import plan
+    from slicelm.io.data import load_calibration, resolve_data_dir
+    from slicelm.io.models import load_config, load_model, load_tokenizer
+    from slicelm.io.outputs import write_new_file
 
     out = Path(args.out).expanduser()
     if out.suffix.lower() != ".json":
@@ -625,16 +625,16 @@ def slice_config_summary(config) -> dict[str, Any]:
 
 def calibration_source(name: str, data_dir: Path | None) -> str:
     """Which text calibration read, in words (for the report)."""
-    from slicelm.data import describe_calibration_source
+    from slicelm.io.data import describe_calibration_source
 
     return describe_calibration_source(name, data_dir)
 
 
 def _should_stream(args: argparse.Namespace, source, model_config, samples) -> bool:
     """Stream by itself when the model and its calibration activations would not fit in memory."""
-    from slicelm.memory import estimate_in_memory_bytes
-    from slicelm.models import parse_dtype
-    from slicelm.resources import available_memory_bytes
+    from slicelm.core.resources import available_memory_bytes
+    from slicelm.io.memory import estimate_in_memory_bytes
+    from slicelm.io.models import parse_dtype
 
     available = available_memory_bytes()
     if available is None:
@@ -660,7 +660,7 @@ def _should_stream(args: argparse.Namespace, source, model_config, samples) -> b
 
 def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata, extra, claim):
     """Streamed slicing straight from the safetensors files into the claimed output folder."""
-    from slicelm.models import parse_dtype
+    from slicelm.io.models import parse_dtype
     from slicelm.streaming import slice_streaming
 
     if source.gguf_file:

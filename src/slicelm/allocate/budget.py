@@ -1,0 +1,515 @@
+"""Budgets: exact parameter counts of plans, and the allocators that spend a budget.
+
+Every width lives in a :class:`~slicelm.core.plan.SlicingPlan`. ``explicit_plan`` makes one from
+sparsities (the same stream width at every point, the same MLP width in every layer);
+``target_params`` asks for a fraction of the dense model's **true** parameter count (shortcuts, a
+kept or untied head, everything that is stored). Counts are exact: each candidate's structure is
+built on the meta device, *in the architecture it will be written in*, and counted.
+
+A budget is spent by an allocator, registered in :data:`ALLOCATORS` by schedule name (a new one is
+one :func:`register_allocator` call; the executor never changes):
+
+* ``uniform``: stream width only (SliceGPT);
+* ``mlp``: MLP channels only, the same number in every layer;
+* ``mlp-global``: MLP channels where a proxy says they cost least — each layer's structured-OBS
+  removal curve divided by the energy of the stream the MLP writes into;
+* ``proxy``: stream width too, by the share of stream energy a width drops (PCA tail) plus the
+  MLP proxy (slicelm's former ``auto``);
+* ``auto``: the measured allocator of :mod:`slicelm.allocate.measured` (candidates, these simple plans among
+  them, scored end to end on held-out calibration windows).
+
+The proxies are kept as named options: on SmolLM2 they lose badly to the uniform MLP plan
+(docs/results/compression_smollm2.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from slicelm.config import SliceConfig
+from slicelm.core.arch import Layout, resolve, spec_for
+from slicelm.core.meta import meta_model
+from slicelm.core.plan import LayerWidths, SlicingPlan, round_width, uniform_width
+from slicelm.core.statistics import global_basis
+from slicelm.errors import SlicelmError
+from slicelm.layouts.checkpoint import choose_format
+from slicelm.layouts.decilm import decilm_structure
+from slicelm.layouts.plain import check_plain, plain_config
+from slicelm.modeling.modeling_slicelm import apply_sliced_structure, get_module, stream_bias, stream_weight
+from slicelm.steps.channels import check_prunable, intermediate_width
+
+TOLERANCE = 0.01  # --target-params lands within 1% below the requested count, or says why not
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What planning needs to know about the model being sliced."""
+
+    layout: Layout
+    model_config: Any  # the config as it will be sliced (a head untied by slicing is untied here)
+    kind: str  # slicegpt | plain
+    tied: bool  # the tie is kept: head and embedding share one matrix
+    intermediate: int  # the MLP's intermediate width
+
+    @property
+    def hidden(self) -> int:
+        return self.model_config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+    def stream_step(self, round_to: int) -> int:
+        """Stream widths are multiples of this: ``round_to``, and in the plain layout also of the
+        number of attention heads — a stock config with another ``hidden_size`` is refused by
+        transformers (``LlamaConfig`` validates it) and misread by runtimes that derive ``head_dim``
+        from it."""
+        if self.kind != "plain":
+            return round_to
+        return math.lcm(round_to, int(getattr(self.model_config, "num_attention_heads", None) or 1))
+
+
+def mlp_width(intermediate: int, sparsity: float, round_to: int) -> int | None:
+    """Intermediate width after removing ``sparsity`` of the channels (None: nothing removed)."""
+    if sparsity == 0.0:
+        return None
+    width = round_width(intermediate * (1.0 - sparsity), round_to)
+    if width == 0:
+        raise SlicelmError(f"mlp-sparsity {sparsity} with --round-to {round_to} leaves no MLP channel; lower either")
+    return width
+
+
+def stream_plan(ctx: PlanContext, width: int, config: SliceConfig) -> SlicingPlan:
+    """A plan with stream width ``width`` everywhere the layout allows, MLPs unchanged."""
+    hidden, parallel = ctx.hidden, ctx.layout.parallel
+    common = {"layout": ctx.kind, "tied": ctx.tied}
+    if ctx.kind == "plain":  # one basis, one width: the head reads it too
+        layers = tuple(LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers))
+        return SlicingPlan(hidden, width, layers, **common)
+    slice_head = config.slice_head
+    layers = [LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers)]
+    if not slice_head:
+        layers[-1] = LayerWidths(layers[-1].mid, hidden)
+    plan = SlicingPlan(hidden, width, tuple(layers), **common)
+    if ctx.tied and not slice_head:  # the head *is* the embedding: an unsliced head keeps it full width
+        plan = replace(plan, embedding=hidden)
+    if ctx.layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
+        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
+    if ctx.layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
+        plan = replace(plan, embedding=plan.head)
+    return plan
+
+
+def explicit_plan(ctx: PlanContext, config: SliceConfig) -> SlicingPlan:
+    width = uniform_width(ctx.hidden, config.sparsity, ctx.stream_step(config.round_to))
+    plan = stream_plan(ctx, width, config)
+    mlp = mlp_width(ctx.intermediate, config.mlp_sparsity, config.round_to)
+    return plan.with_mlp([mlp] * ctx.num_layers) if mlp is not None else plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact parameter counts
+# --------------------------------------------------------------------------------------------------
+def written_format(ctx: PlanContext, plan: SlicingPlan) -> str:
+    """The output format ``plan`` is written in, which is what is counted: ``stock``, ``decilm`` or
+    ``slicelm`` (checkpoint.OUTPUT_FORMATS, as ``auto`` picks it)."""
+    if ctx.kind != "plain":
+        return "slicelm"
+    return choose_format(replace(plan, layout="plain"), ctx.model_config).name
+
+
+class ParameterCounter:
+    """True parameter counts of plans, from structures built on the meta device (no memory)."""
+
+    def __init__(self, ctx: PlanContext) -> None:
+        self.ctx = ctx
+        self._cache: dict[tuple, tuple[int, list[int]]] = {}
+
+    def _structure(self, plan: SlicingPlan, written: str):
+        ctx = self.ctx
+        if written == "stock":  # the original architecture
+            return meta_model(plain_config(ctx.model_config, ctx.layout, plan))
+        model = meta_model(ctx.model_config)
+        info = {"layout": ctx.layout.to_dict(), "plan": plan.to_dict(), "norm_eps": 1e-6}
+        if ctx.kind == "plain":  # one basis, but widths a stock config cannot hold: no shortcuts
+            info["one_basis"] = True
+        if ctx.tied:
+            info["tied_head"] = {"bias": False}
+        apply_sliced_structure(model, info)  # new tensors follow the meta ones (not init_empty_weights: it unties)
+        if written == "decilm":  # the folder save_decilm writes for it: per-layer blocks, zero-padded heads
+            stream = replace(plan, layers=tuple(LayerWidths(lw.mid, lw.out) for lw in plan.layers))
+            return decilm_structure(model, plain_config(ctx.model_config, ctx.layout, stream))
+        return model
+
+    def stream_counts(self, plan: SlicingPlan, written: str | None = None) -> tuple[int, list[int]]:
+        """(parameters of ``plan`` with full MLPs, parameters per MLP channel of each layer).
+
+        written: the output format to count in (default: the one ``plan`` itself is written in).
+        """
+        written = written_format(self.ctx, plan) if written is None else written
+        shape = tuple((lw.mid, lw.out, lw.heads, lw.mlp_removed) for lw in plan.layers)
+        key = (plan.embedding, shape, written)
+        if key not in self._cache:
+            # MLP channels are counted per channel below; heads and removed sub-blocks in the structure.
+            model = self._structure(plan.with_mlp([0 if lw.mlp_removed else None for lw in plan.layers]), written)
+            total = sum(p.numel() for p in model.parameters())
+            per_channel = []
+            layout = self.ctx.layout
+            built = iter(get_module(model, layout.layers))  # a stock structure leaves removed layers out
+            for lw in plan.layers:
+                layer = None if written == "stock" and lw.removed else next(built)
+                cost = 0
+                if lw.mlp_removed:
+                    per_channel.append(0)
+                    continue
+                for path in layout.mlp_inputs:
+                    reader = get_module(layer, path)
+                    bias = stream_bias(reader)
+                    cost += stream_weight(reader, "reader").numel() + (bias.numel() if bias is not None else 0)
+                cost += stream_weight(get_module(layer, layout.mlp_outputs[0]), "writer").numel()
+                per_channel.append(cost // self.ctx.intermediate)
+            self._cache[key] = (total, per_channel)
+        return self._cache[key]
+
+    def count(self, plan: SlicingPlan) -> int:
+        total, per_channel = self.stream_counts(plan, written_format(self.ctx, plan))
+        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp else 0 for lw in plan.layers]
+        return total - sum(r * c for r, c in zip(removed, per_channel, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Spending a budget
+# --------------------------------------------------------------------------------------------------
+def stream_costs(stats: Any, ctx: PlanContext) -> dict[int, float]:
+    """Stream width -> share of stream energy dropped, summed over every point (calibration data).
+
+    slicegpt: each point keeps its own top-k PCA directions; plain: the global basis's top k.
+    """
+    hidden = ctx.hidden
+    tails = torch.zeros(hidden + 1, dtype=torch.float64)  # tails[k]: energy share lost keeping k
+    q = global_basis(stats)[1] if ctx.kind == "plain" else None
+    for point in stats.points:
+        moment = stats.moment(point).to(torch.float64)
+        if q is None:
+            energy = torch.linalg.eigvalsh((moment + moment.T) / 2).flip(0).clamp_min(0)
+        else:
+            energy = torch.einsum("ij,ik,kj->j", q, moment, q).clamp_min(0)
+        share = energy / energy.sum().clamp_min(1e-30)
+        kept = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(share, 0)])
+        tails += 1.0 - kept
+    return {k: tails[k].item() for k in range(hidden + 1)}
+
+
+def mlp_relative_costs(stats: Any) -> dict[int, torch.Tensor]:
+    """Layer -> cumulative MLP error after removing 1, 2, ... channels, over the energy of the
+    stream the MLP writes into (the same currency as :func:`stream_costs`)."""
+    return {layer: cost / max(stats.traces[stats.mlp_point[layer]], 1e-30) for layer, cost in stats.mlp_cost.items()}
+
+
+def allocate_global(costs: dict[int, torch.Tensor], per_channel: list[int], need: int, step: int, floor: int):
+    """Remove channels in blocks of ``step`` where the relative cost per parameter is lowest until
+    ``need`` parameters are gone. Returns (channels removed per layer, total relative cost)."""
+    removed = [0] * len(per_channel)
+    saved = 0
+    while saved < need:
+        best, best_layer = None, None
+        for layer, curve in costs.items():
+            r = removed[layer]
+            if r + step > curve.numel() + 1 - floor:
+                continue
+            before = curve[r - 1].item() if r > 0 else 0.0
+            price = (curve[r + step - 1].item() - before) / (step * per_channel[layer])
+            if best is None or price < best:
+                best, best_layer = price, layer
+        if best_layer is None:
+            return None, float("inf")
+        removed[best_layer] += step
+        saved += step * per_channel[best_layer]
+    total = sum(costs[layer][r - 1].item() for layer, r in enumerate(removed) if r > 0)
+    return removed, total
+
+
+# --------------------------------------------------------------------------------------------------
+# Allocators: functions from a budget (and, for some, statistics or the model) to a plan
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class PlanRequest:
+    """Everything an allocator may use. ``statistics`` is filled when the allocator says it needs
+    them (``needs = "curves"``); ``model`` and ``calibration`` are there for allocators that measure
+    candidates on the model itself (``needs = "model"``), which they must leave unchanged."""
+
+    ctx: PlanContext
+    config: SliceConfig
+    params_before: int
+    counter: ParameterCounter
+    statistics: Any = None  # slicelm.core.statistics.ModelStatistics
+    model: Any = None  # the dense model (nn.Module), for measured allocators
+    calibration: Any = None  # 1-D token-id tensors
+    pad_id: int = 0
+    progress: bool = False
+    device: Any = None
+
+    @property
+    def target(self) -> int:
+        return int(self.config.target_params * self.params_before)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """A registered way to spend a budget: ``fn(request) -> (plan, report)``.
+
+    needs: what planning must gather first: ``""`` (nothing), ``"curves"`` (the statistics pass with
+    MLP removal curves) or ``"model"`` (the dense model in memory and the calibration samples)."""
+
+    fn: Callable[[PlanRequest], tuple[SlicingPlan, dict]]
+    needs: str = ""
+    prunes_mlp: bool = True
+    help: str = ""
+
+
+ALLOCATORS: dict[str, Allocator] = {}
+
+
+def register_allocator(name: str, fn: Callable, needs: str = "", prunes_mlp: bool = True, help: str = "") -> None:
+    """Add a schedule: ``register_allocator("mine", fn)``; ``fn(request)`` returns (plan, report)."""
+    ALLOCATORS[name] = Allocator(fn, needs, prunes_mlp, help)
+
+
+def get_allocator(name: str) -> Allocator:
+    """The allocator registered as ``name`` (``auto`` registers itself with :mod:`slicelm.allocate.measured`,
+    which :mod:`slicelm.allocate.planning` imports)."""
+    if name not in ALLOCATORS:
+        raise SlicelmError(f"no allocator is registered as schedule {name!r}; import slicelm.allocate.planning first")
+    return ALLOCATORS[name]
+
+
+def _stream_widths(ctx: PlanContext, step: int) -> list[int]:
+    """Every stream width the layout allows, widest first (the full width included)."""
+    stream_step = ctx.stream_step(step)
+    widths = [ctx.hidden] + list(range(ctx.hidden // stream_step * stream_step, 0, -stream_step))
+    return sorted({w for w in widths if w > 0}, reverse=True)
+
+
+def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
+    """The proxy schedules: candidates over stream widths, MLP channels spent to meet the budget."""
+    ctx, config, counter = request.ctx, request.config, request.counter
+    stats, target, step = request.statistics, request.target, config.round_to
+    if schedule != "uniform":
+        check_prunable(ctx.layout.mlp_chunks, ctx.layout.model_type)
+    widths = _stream_widths(ctx, step) if schedule in ("uniform", "proxy") else [ctx.hidden]
+    stream_cost = stream_costs(stats, ctx) if schedule == "proxy" else None
+    mlp_cost = mlp_relative_costs(stats) if schedule in ("mlp-global", "proxy") else None
+    # proxy keeps a plain model stock-shaped (one MLP width); mlp-global always spends per layer.
+    uniform_mlp = schedule == "mlp" or (schedule == "proxy" and ctx.kind == "plain")
+    candidates = []
+    for width in widths:
+        plan = stream_plan(ctx, width, config)
+        if schedule == "uniform":
+            if counter.count(plan) <= target:
+                candidates.append((plan, counter.count(plan), 0.0, width))
+                break  # the widest stream that fits: the paper's plan
+            continue
+        candidate, cost = spend_mlp(request, plan, uniform_mlp, mlp_cost)
+        if candidate is None:
+            continue
+        score = cost + (stream_cost[width] if stream_cost is not None else 0.0)
+        candidates.append((candidate, counter.count(candidate), score, width))
+    if not candidates:
+        raise SlicelmError(
+            f"--target-params {config.target_params} ({target:,} parameters) cannot be met with schedule "
+            f"{schedule} on this model; raise it or use --schedule auto"
+        )
+    plan, count, score, width = min(candidates, key=lambda c: (c[2], -c[1])) if schedule == "proxy" else candidates[0]
+    report = {"stream_width": width, "predicted_cost": score if schedule in ("proxy", "mlp-global") else None}
+    if schedule == "proxy":
+        report["candidates"] = [
+            {"stream_width": w, "params": n, "cost": c} for _, n, c, w in sorted(candidates, key=lambda c: -c[3])
+        ]
+    return plan, report
+
+
+def spend_mlp(
+    request: PlanRequest, plan: SlicingPlan, uniform: bool, mlp_cost: dict | None
+) -> tuple[SlicingPlan | None, float]:
+    """``plan`` with MLP channels removed until it meets the budget, counted as it will be written.
+
+    uniform: the same number of channels in every layer; else by the relative removal costs. The
+    count is checked on the final structure (a per-layer plan may be written in another
+    architecture than the stock one its per-channel prices came from) and more is removed while it
+    is over.
+    """
+    ctx, counter, target, step = request.ctx, request.counter, request.target, request.config.round_to
+    intermediate = ctx.intermediate
+    total, per_channel = counter.stream_counts(plan)
+    need = total - target
+    for _ in range(8):
+        if need <= 0:
+            removed, cost = [0] * ctx.num_layers, 0.0
+        elif uniform:
+            per_layer = -(-need // sum(per_channel))  # channels per layer, rounded up to the step
+            per_layer = -(-per_layer // step) * step
+            if per_layer > intermediate - step:
+                return None, float("inf")
+            removed = [per_layer] * ctx.num_layers
+            cost = sum(mlp_cost[i][per_layer - 1].item() for i in range(ctx.num_layers)) if mlp_cost else 0.0
+        else:
+            removed, cost = allocate_global(mlp_cost, per_channel, need, step, floor=step)
+            if removed is None:
+                return None, float("inf")
+        candidate = plan.with_mlp([intermediate - r if r else None for r in removed])
+        over = counter.count(candidate) - target
+        if over <= 0:
+            return candidate, cost
+        need += over
+    return None, float("inf")
+
+
+register_allocator("uniform", lambda r: _search(r, "uniform"), prunes_mlp=False, help="stream width only (the paper)")
+register_allocator("mlp", lambda r: _search(r, "mlp"), help="MLP channels, the same width in every layer")
+register_allocator(
+    "mlp-global",
+    lambda r: _search(r, "mlp-global"),
+    needs="curves",
+    help="MLP channels per layer by OBS error over stream energy (a proxy; measured to lose)",
+)
+register_allocator(
+    "proxy",
+    lambda r: _search(r, "proxy"),
+    needs="curves",
+    help="stream width and MLP channels by PCA tail + OBS proxy (the old auto; measured to lose)",
+)
+
+
+def counter_for(request: PlanRequest, plan: SlicingPlan) -> ParameterCounter:
+    """The counter for the layout ``plan`` is written in (an allocator may write a stream that stays
+    whole in the plain layout whatever was asked: it needs no shortcuts)."""
+    if plan.layout == request.ctx.kind:
+        return request.counter
+    return ParameterCounter(replace(request.ctx, kind=plan.layout))
+
+
+def explicit_or_budget(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """The plan for ``request.config`` (explicit sparsities or a budget) and how it was chosen."""
+    config, ctx = request.config, request.ctx
+    if config.target_params is None:
+        return explicit_plan(ctx, config), {}
+    allocator = get_allocator(config.schedule)
+    plan, details = allocator.fn(request)
+    count = counter_for(request, plan).count(plan)
+    target, step = request.target, config.round_to
+    report = {
+        "target_params": config.target_params,
+        "target_count": target,
+        "planned_count": count,
+        "planned_ratio": count / request.params_before,
+        "schedule": config.schedule,
+    } | details
+    shortfall = (target - count) / max(target, 1)
+    if shortfall > TOLERANCE:
+        steps = f"--round-to {step}; lower it to land closer"
+        if config.schedule == "uniform" and ctx.stream_step(step) != step:
+            heads = ctx.model_config.num_attention_heads
+            steps = (
+                f"{ctx.stream_step(step)} (--round-to {step} and the {heads} attention heads a stock config "
+                "divides the width into); use a schedule that prunes MLP channels to land closer"
+            )
+        report["note"] = (
+            f"the plan has {count:,} parameters, {shortfall:.1%} below the target: widths move in steps of {steps}"
+        )
+    return plan, report
+
+
+def build_plan(
+    ctx: PlanContext, config: SliceConfig, params_before: int, stats: Any = None
+) -> tuple[SlicingPlan, dict]:
+    """The plan for ``config`` from the context alone (allocators that need the model are refused:
+    use :func:`slicelm.allocate.planning.plan`)."""
+    if config.target_params is not None and get_allocator(config.schedule).needs == "model":
+        raise SlicelmError(f"schedule {config.schedule} measures candidates on the model: use slicelm.plan()")
+    request = PlanRequest(ctx, config, params_before, ParameterCounter(ctx), statistics=stats)
+    return explicit_or_budget(request)
+
+
+def minimal_plan_params(ctx: PlanContext, config: SliceConfig) -> int:
+    """Parameters of the smallest plan a schedule could choose (every width one ``round_to`` step)."""
+    counter = ParameterCounter(ctx)
+    step = config.round_to
+    narrows_stream = config.schedule != "mlp" and config.schedule != "mlp-global"
+    width = min(ctx.stream_step(step), ctx.hidden) if narrows_stream else ctx.hidden
+    plan = stream_plan(ctx, width, config)
+    if config.prunes_mlp and ctx.layout.mlp_chunks is not None:
+        plan = plan.with_mlp([step] * ctx.num_layers)
+    return counter.count(plan)
+
+
+def context_from_config(model_config: Any, config: SliceConfig) -> tuple[PlanContext, int]:
+    """(planning context, dense parameter count) from a config alone, on the meta device."""
+    model_config = copy.deepcopy(model_config)
+    model = meta_model(model_config)
+    params = sum(p.numel() for p in model.parameters())
+    layout = resolve(model)
+    tied = bool(getattr(model_config, "tie_word_embeddings", False)) and not config.untie_head and layout.norm == "rms"
+    if not tied:
+        model_config.tie_word_embeddings = False
+    width = intermediate_width(get_module(model, layout.layers)[0], layout)
+    return PlanContext(layout, model_config, config.layout, tied, width), params
+
+
+def model_identity(model_config: Any, intermediate: int, params: int) -> dict[str, Any]:
+    """What a plan records of the model it was made for (checked when the plan is followed)."""
+    return {
+        "model_type": model_config.model_type,
+        "num_hidden_layers": int(model_config.num_hidden_layers),
+        "hidden_size": int(model_config.hidden_size),
+        "intermediate_size": int(intermediate),
+        "params": int(params),
+    }
+
+
+def check_against_config(model_config: Any, config: SliceConfig) -> None:
+    """Everything the config alone can refuse, before any weight is loaded: the architecture, the
+    layout, MLP pruning of a MoE, widths rounded to nothing, an impossible ``target_params``."""
+    spec = spec_for(model_config)
+    if config.layout == "plain":
+        check_plain(spec.norm, model_config.model_type)
+    if config.prunes_mlp:
+        check_prunable(spec.mlp_chunks, model_config.model_type)
+    ctx, params = context_from_config(model_config, config)
+    if config.target_params is None:
+        plan = explicit_plan(ctx, config)  # widths rounded to nothing are refused here
+        if ctx.kind == "plain":
+            plain_config(ctx.model_config, ctx.layout, plan)  # and widths the stock config refuses
+        return
+    smallest = minimal_plan_params(ctx, config)
+    if config.target_params * params < smallest:
+        raise SlicelmError(
+            f"--target-params {config.target_params} ({int(config.target_params * params):,} parameters) is below "
+            f"the smallest model schedule {config.schedule} can make ({smallest:,}, mostly the embeddings); raise it"
+        )
+
+
+def check_plan_against_config(model_config: Any, plan: SlicingPlan) -> None:
+    """Refuse a plan (``--plan``) that does not fit this model, before any weight is loaded."""
+    spec = spec_for(model_config)
+    if plan.one_basis:
+        check_plain(spec.norm, model_config.model_type)
+    if plan.prunes_mlp:
+        check_prunable(spec.mlp_chunks, model_config.model_type)
+    config = SliceConfig(layout=plan.layout, untie_head=plan.tied is False)
+    ctx, params = context_from_config(model_config, config)
+    plan.check_model(model_identity(ctx.model_config, ctx.intermediate, params))
+    if plan.tied and not ctx.tied:
+        raise SlicelmError("the plan keeps the head tied to the embedding, but this model's head is not tied")
+    expected = stream_plan(ctx, ctx.hidden, config)
+    for i, (lw, want) in enumerate(zip(plan.layers, expected.layers, strict=True)):
+        if (lw.mid is None) != (want.mid is None):
+            shape = "parallel" if want.mid is None else "sequential"
+            raise SlicelmError(f"the plan's layer {i} does not match this model's {shape} blocks")
+    if plan.is_stock_shaped:
+        plain_config(ctx.model_config, ctx.layout, plan)  # widths the stock config refuses

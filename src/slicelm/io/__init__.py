@@ -1,0 +1,1 @@
+"""Reading and writing: models, data, weights piece by piece, and output safety."""

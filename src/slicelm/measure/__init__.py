@@ -1,0 +1,1 @@
+"""Measuring models: perplexity, zero-shot evaluation, sweeps and their plots."""

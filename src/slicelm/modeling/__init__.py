@@ -1,0 +1,1 @@
+"""Code shipped inside output folders (torch + transformers only; imports nothing of slicelm)."""

@@ -1,0 +1,1 @@
+"""Recovery fine-tuning after compression, on one process or several."""
