@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from slicelm.recover.recovery import recorded_source
+from slicelm.recover.teacher import recorded_source
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results"

@@ -27,7 +27,10 @@ RESULTS = REPO / "docs" / "results"
 
 def main() -> None:
     from slicelm.io.models import load_model, resolve_source
-    from slicelm.recover.recovery import FinetuneConfig, kd_loss, lm_loss, prepare_student, recorded_source
+    from slicelm.recover.config import FinetuneConfig
+    from slicelm.recover.losses import kd_loss, lm_loss
+    from slicelm.recover.student import prepare_student
+    from slicelm.recover.teacher import recorded_source
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student", default=str(REPO / "runs" / "recovery" / "base-25"))

@@ -14,7 +14,10 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
 from slicelm.cli import main
-from slicelm.recover.recovery import FinetuneConfig, kd_loss, prepare_student, train
+from slicelm.recover.config import FinetuneConfig
+from slicelm.recover.loop import train
+from slicelm.recover.losses import kd_loss
+from slicelm.recover.student import prepare_student
 from slicelm.slicing import SliceConfig, slice_model
 
 
@@ -76,7 +79,7 @@ def _reference_losses(h, w, b, ht, wt, ids, mask, temperature):
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_chunked_losses_equal_the_unchunked_ones_in_value_and_gradient(dtype, bound):
     """Blocks of 3 tokens (not a divisor of the 12 real ones), gradients to hidden states, head and bias."""
-    from slicelm.recover.recovery import Head, lm_loss
+    from slicelm.recover.losses import Head, lm_loss
 
     gen = torch.Generator().manual_seed(0)
     h, w, b = (
@@ -99,7 +102,7 @@ def test_chunked_losses_equal_the_unchunked_ones_in_value_and_gradient(dtype, bo
 @pytest.mark.parametrize("family", ["sliced", "plain", "gpt2"])
 def test_training_through_the_bypassed_head_has_the_full_logits_gradient(family):
     """forward_hidden + blocked KD gives the loss and LoRA gradients of full logits + the direct KL."""
-    from slicelm.recover.recovery import LOGITS, forward_hidden
+    from slicelm.recover.losses import LOGITS, forward_hidden
 
     model = {"sliced": sliced_tiny, "plain": lambda: sliced_tiny("plain")}.get(
         family, lambda: build_tiny_model("gpt2")
@@ -150,7 +153,8 @@ def test_kd_with_teacher_equal_to_student_has_zero_loss():
 
 
 def test_cached_heldout_teacher_matches_the_teacher_itself():
-    from slicelm.recover.recovery import evaluate, teacher_targets
+    from slicelm.recover.loop import evaluate
+    from slicelm.recover.teacher import teacher_targets
 
     student, teacher = sliced_tiny(), build_tiny_model("llama", seed=3, tie_word_embeddings=True)
     heldout = windows(6, seed=2)
@@ -165,7 +169,7 @@ def test_cached_heldout_teacher_matches_the_teacher_itself():
 
 
 def test_merged_model_equals_the_peft_model():
-    from slicelm.recover.recovery import merged
+    from slicelm.recover.student import merged
 
     for model in (sliced_tiny(), sliced_tiny("plain"), build_tiny_model("gpt2")):
         student = prepare_student(model, FinetuneConfig(lora_rank=4))
@@ -198,7 +202,7 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_lora_targets_every_block_linear_and_optionally_shortcuts():
-    from slicelm.recover.recovery import lora_targets
+    from slicelm.recover.student import lora_targets
 
     model = sliced_tiny()
     names = lora_targets(model)

@@ -26,6 +26,8 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "modeling.configuration_decilm",
         "modeling.modeling_decilm",
         "core.pca",
+        "recover.config",
+        "recover.report",
     ),
     # 1. data and plumbing
     1: (
@@ -43,6 +45,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "io.streaming_io",
         "config",
         "recover.parallel",
+        "recover.checkpoints",
     ),
     # 2. mechanisms on one model: norms, MLP channels, statistics, the plain layout, data, loading
     2: (
@@ -57,6 +60,11 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "io.data",
         "measure.perplexity",
         "measure.evaluation",
+        "recover.losses",
+        "recover.student",
+        "recover.windows",
+        "recover.teacher",
+        "recover.loop",
     ),
     # 3. folders and budgets
     3: ("layouts.checkpoint", "layouts.decilm", "allocate.budget"),

@@ -14,7 +14,7 @@ from slicelm.core.plan import SlicingPlan  # noqa: E402
 from slicelm.errors import SlicelmError  # noqa: E402
 from slicelm.io.models import load_model  # noqa: E402
 from slicelm.layouts.checkpoint import load_sliced, save_sliced  # noqa: E402
-from slicelm.recover.recovery import FinetuneConfig  # noqa: E402
+from slicelm.recover.config import FinetuneConfig  # noqa: E402
 from slicelm.slicing import slice_model  # noqa: E402
 from slicelm.steps.executor import SliceReport, execute  # noqa: E402
 from slicelm.version import __version__

@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from(args: argparse.Namespace):
-    from slicelm.recover.recovery import FinetuneConfig
+    from slicelm.recover.config import FinetuneConfig
 
     extra = tuple(t.strip() for t in args.lora_extra.split(",") if t.strip())
     return FinetuneConfig(
@@ -222,7 +222,7 @@ def _check_work_dir(work: Path, resume: bool, restart: bool = False, processes: 
     import json
 
     from slicelm.io.outputs import read_manifest
-    from slicelm.recover.recovery import CHECKPOINT, WORK_KIND, check_processes
+    from slicelm.recover.checkpoints import CHECKPOINT, WORK_KIND, check_processes
 
     if work.exists():
         manifest = read_manifest(work) if work.is_dir() else None
@@ -245,10 +245,12 @@ def _run(args, config, source, claim, work: Path, device, processes) -> int:
     from slicelm.io.data import resolve_data_dir
     from slicelm.io.models import DTYPES, load_model, load_tokenizer
     from slicelm.recover import recovery
+    from slicelm.recover.loop import Diverged
+    from slicelm.recover.windows import training_windows
 
     data_dir = resolve_data_dir(args.data_dir)
     tokenizer = load_tokenizer(source)
-    windows = recovery.training_windows(args.data, tokenizer, config, data_dir)
+    windows = training_windows(args.data, tokenizer, config, data_dir)
     teacher = teacher_name = None
     if config.loss == "kd":
         teacher, teacher_name = load_teacher(args, tokenizer, source)
@@ -282,7 +284,7 @@ def _run(args, config, source, claim, work: Path, device, processes) -> int:
     except KeyboardInterrupt:
         print(f"slicelm: interrupted; the last checkpoint is in {work}: continue with --resume", file=sys.stderr)
         return 130
-    except recovery.Diverged as exc:
+    except Diverged as exc:
         raise SlicelmError(
             f"the training loss became non-finite at step {exc.step}: the run diverged; rerun with a lower --lr "
             f"and --restart (it discards the checkpoint in {work})"
@@ -306,7 +308,7 @@ def _disk_checked(work: Path, function):
     """``function`` whose failed writes on a full (or read-only) disk are one line naming the way on:
     continue from the work folder's last checkpoint, or run again when there is none."""
     from slicelm.cli.common import disk_refusal
-    from slicelm.recover.recovery import CHECKPOINT
+    from slicelm.recover.checkpoints import CHECKPOINT
 
     def call(*args, **kwargs):
         try:
@@ -327,7 +329,7 @@ def _disk_checked(work: Path, function):
 def load_teacher(args: argparse.Namespace, tokenizer, source):
     """The KD teacher, ``--teacher`` or the source recorded in the folder, and its name."""
     from slicelm.io.models import DTYPES, load_model
-    from slicelm.recover.recovery import recorded_source
+    from slicelm.recover.teacher import recorded_source
 
     name = args.teacher or recorded_source(source.path)
     if name is None:

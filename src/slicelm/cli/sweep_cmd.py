@@ -113,7 +113,7 @@ def check_recovery_flags(args: argparse.Namespace) -> None:
 def recovery_options(args: argparse.Namespace) -> dict | None:
     if args.recover is None:
         return None
-    from slicelm.recover.recovery import FinetuneConfig
+    from slicelm.recover.config import FinetuneConfig
 
     options = {
         "loss": args.recover,

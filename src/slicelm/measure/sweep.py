@@ -366,7 +366,8 @@ def _recovered_model(model, tokenizer, record: dict[str, Any], folder: Path, con
     if config.save_models and (folder / "config.json").is_file():
         resources.log(f"{folder.name}: loading the saved recovery")
         return load_model(str(folder), dtype=config.dtype)[0].to(resources.device())
-    from slicelm.recover.recovery import FinetuneConfig, finetune
+    from slicelm.recover.config import FinetuneConfig
+    from slicelm.recover.recovery import finetune
 
     options = dict(config.recovery)
     data = options.pop("data", "c4")

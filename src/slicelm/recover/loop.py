@@ -1,0 +1,288 @@
+"""The training loop: AdamW and a cosine schedule over the training windows in a fixed order, the KD or LM loss
+per micro-batch (split across data-parallel processes), held-out evaluation points, and checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from slicelm.core.calibration import pad_batches
+from slicelm.core.resources import PeakMemory
+from slicelm.errors import SlicelmError
+from slicelm.io.streaming_io import map_large_allocations
+from slicelm.recover.checkpoints import load_checkpoint, save_checkpoint, weights_digest, windows_digest
+from slicelm.recover.config import FinetuneConfig
+from slicelm.recover.losses import BlockTargets, chunked_loss, forward_hidden, kd_loss, lm_loss
+from slicelm.recover.parallel import Processes
+from slicelm.recover.report import FinetuneReport
+from slicelm.recover.student import enable_checkpointing, merged, needs_checkpointing, prepare_student
+from slicelm.recover.teacher import TeacherTargets, teacher_targets
+from slicelm.recover.windows import own_batches
+
+
+class Diverged(SlicelmError):
+    """The training loss became non-finite after ``step`` updates (a learning rate too high)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"the training loss became non-finite at step {step}; lower --lr")
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of a parameter or buffer holding NaN or infinity, if any."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    windows,
+    config: FinetuneConfig,
+    pad_id: int,
+    device,
+    targets: TeacherTargets | None = None,
+    processes: Processes | None = None,
+) -> dict[str, float]:
+    """Held-out next-token loss (and KD loss against ``targets``, the teacher's cached
+    :func:`teacher_targets`), mean over the windows' real tokens (of all processes together)."""
+    processes = processes or Processes()
+    was = model.training
+    model.eval()
+    totals = {"heldout_lm": 0.0, "heldout_kd": 0.0}
+    count = 0
+    for index, (ids, mask) in enumerate(own_batches(windows, pad_id, config, processes)):
+        ids, mask = ids.to(device), mask.to(device)
+        hidden, head = forward_hidden(model, ids, mask)
+        n = int(mask[:, 1:].sum())
+        totals["heldout_lm"] += lm_loss(hidden, ids, mask, head).item() * n
+        if targets is not None:
+            keep = mask[:, 1:].bool()
+            kd_targets = BlockTargets("kd", targets.hidden[index].to(device), targets.head, config.temperature)
+            kd = chunked_loss(hidden[:, :-1][keep], head, kd_targets, None)
+            totals["heldout_kd"] += kd.item() * n
+        count += n
+    model.train(was)
+    totals["heldout_lm"], totals["heldout_kd"], count = processes.sum([*totals.values(), count])
+    out = {"heldout_lm": totals["heldout_lm"] / max(count, 1)}
+    if targets is not None:
+        out["heldout_kd"] = totals["heldout_kd"] / max(count, 1)
+    return out
+
+
+def train(
+    model: nn.Module,
+    train_windows: Sequence[torch.Tensor],
+    heldout_windows: Sequence[torch.Tensor],
+    config: FinetuneConfig,
+    *,
+    teacher: nn.Module | None = None,
+    pad_id: int = 0,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    stop_after: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    monitor: Callable[[nn.Module], dict[str, float]] | None = None,
+    data: dict[str, Any] | None = None,
+    processes: Processes | None = None,
+) -> tuple[nn.Module, FinetuneReport]:
+    """Fine-tune ``model`` (in place) and return ``(merged model, report)``.
+
+    processes: data-parallel processes (:class:`slicelm.recover.parallel.Accelerated`, under accelerate's
+    launcher); ``config.batch_size`` is the global micro-batch, split evenly across them, and each
+    process's loss is weighted by its share of the batch's real tokens, so N processes train the
+    same run as one (up to the order of float sums). Only rank 0 writes checkpoints.
+    work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
+    stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
+    monitor: extra measurements added to each evaluation point (e.g. test perplexity); for curves
+    only — nothing is chosen by them. data: the description of the windows, for the report.
+
+    Resuming verifies that the checkpoint was taken with the same settings and from the same
+    student, teacher and windows (digests of their weights and tokens).
+    """
+    if config.loss == "kd" and teacher is None:
+        raise SlicelmError("--loss kd needs a teacher model")
+    processes = processes or Processes()
+    if not (processes.kind in ("single", "no") or processes.kind.startswith("multi_")):
+        raise SlicelmError(
+            f"accelerate's {processes.kind} mode is not supported by finetune yet (the blocked losses read the "
+            "head's weight outside the model's forward, which sharding splits); launch data-parallel (DDP): "
+            "accelerate launch --multi_gpu ..."
+        )
+    device = processes.device or device
+    world, rank = processes.world, processes.rank
+    if config.batch_size % world:
+        raise SlicelmError(
+            f"--batch-size {config.batch_size} is the global batch; it must split evenly across {world} processes"
+        )
+    local_batch = config.batch_size // world
+    total = config.total_steps()
+    per_step = config.windows_per_step
+    if total * per_step > len(train_windows):
+        raise SlicelmError(
+            f"{total} steps of {per_step} windows need {total * per_step} training windows, "
+            f"the data gives {len(train_windows)}; lower --tokens/--steps or give more data"
+        )
+    for role, module in (("model", model), ("teacher", teacher)):
+        bad = first_non_finite(module) if module is not None else None
+        if bad is not None:
+            raise SlicelmError(
+                f"the {role}'s weights hold NaN or infinity ({bad}): the folder is damaged, not the settings; "
+                "re-create or re-download it"
+            )
+    identity = {  # what a checkpoint continues: resuming verifies all three
+        "student": weights_digest(model),
+        "teacher": weights_digest(teacher) if teacher is not None else None,
+        "data": windows_digest(train_windows, heldout_windows),
+    }
+    student = prepare_student(model, config).to(device)
+    student.train()
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = needs_checkpointing(model, config)
+    if checkpointing:  # memory before speed: also give freed blocks back to the OS (see there; CPU time)
+        base = student.get_base_model() if hasattr(student, "get_base_model") else student
+        enable_checkpointing(base)
+        map_large_allocations()
+    run = processes.prepare(student)  # what the training forward goes through (DDP under accelerate)
+    if teacher is not None:
+        teacher.eval().to(device)
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=config.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup * total), total)
+    order = torch.randperm(len(train_windows), generator=torch.Generator().manual_seed(config.seed)).tolist()
+    work = Path(work_dir) if work_dir is not None else None
+    report = FinetuneReport(
+        config=asdict(config) | {"peak_lr": config.peak_lr},
+        data=dict(data or {}),
+        steps=total,
+        tokens=0,
+        trainable_params=sum(p.numel() for p in params),
+        gradient_checkpointing=bool(checkpointing),
+        processes=world,
+        global_batch=config.batch_size,
+        tokens_per_process=[0] * world,
+        distributed=processes.kind,
+    )
+    start_step = 0
+    if resume:
+        start_step = load_checkpoint(work, student, optimizer, scheduler, report, config, identity)
+    eval_every = config.eval_every or max(1, total // 10)
+    checkpoint_every = config.checkpoint_every or max(1, total // 10)
+    memory = PeakMemory()
+    t0 = time.perf_counter() - report.seconds
+    targets = None
+    if teacher is not None and heldout_windows:
+        t_start = time.perf_counter()
+        with processes.autocast():
+            targets = teacher_targets(teacher, heldout_windows, config, pad_id, device, processes)
+        report.teacher_seconds += time.perf_counter() - t_start
+
+    def held_out() -> dict[str, float]:
+        if not heldout_windows:
+            return {}
+        with processes.autocast():
+            return evaluate(student, heldout_windows, config, pad_id, device, targets, processes)
+
+    def measured() -> dict[str, float]:  # the monitor runs on rank 0, whose report is written
+        return monitor(student) if monitor is not None and processes.main else {}
+
+    def checkpoint() -> None:
+        report.seconds = time.perf_counter() - t0
+        if processes.main:
+            save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
+
+    step = start_step
+    bar = tqdm(total=total, initial=start_step, desc=f"finetune ({config.loss})", disable=not progress)
+    try:
+        if start_step == 0 and heldout_windows:
+            point = {"step": 0, "tokens": 0, **held_out()}
+            report.curve.append(point | measured())
+        while step < total:
+            if stop_after is not None and step - start_step >= stop_after:
+                raise KeyboardInterrupt
+            loss_value = 0.0
+            for micro in range(config.grad_accum):
+                first = (step * config.grad_accum + micro) * config.batch_size + rank * local_batch
+                chunk = [train_windows[i] for i in order[first : first + local_batch]]
+                ids, mask = next(pad_batches(chunk, len(chunk), pad_id))
+                ids, mask = ids.to(device), mask.to(device)
+                hidden, head = forward_hidden(run, ids, mask, student)  # the logits exist one block at a time
+                if config.loss == "kd":
+                    t_start = time.perf_counter()
+                    with torch.no_grad(), processes.autocast():
+                        t_hidden, t_head = forward_hidden(teacher, ids, mask)
+                    report.teacher_seconds += time.perf_counter() - t_start
+                    loss = kd_loss(
+                        hidden[:, :-1],
+                        t_hidden[:, :-1],
+                        mask[:, 1:],
+                        config.temperature,
+                        student_head=head,
+                        teacher_head=t_head,
+                    )
+                else:
+                    loss = lm_loss(hidden, ids, mask, head)
+                value, tokens = loss.item(), int(mask.sum())
+                if world > 1:  # the batch's mean over all processes' tokens; DDP averages the gradients
+                    n = int(mask[:, 1:].sum())
+                    mine = [0.0] * world
+                    mine[rank] = tokens
+                    loss_sum, count, *tokens_each = processes.sum([value * n, n, *mine])
+                    value = loss_sum / count
+                    loss = loss * (n * world / count)
+                if not math.isfinite(value):
+                    if step == 0:  # no update yet: not the learning rate
+                        raise SlicelmError("the training loss is non-finite before any update: check the data")
+                    raise Diverged(step)
+                with processes.sync(run, last=micro == config.grad_accum - 1):
+                    (loss / config.grad_accum).backward()
+                loss_value += value / config.grad_accum
+                if world > 1:
+                    report.tokens += int(sum(tokens_each))
+                    seen = zip(report.tokens_per_process, tokens_each, strict=True)
+                    report.tokens_per_process = [a + int(b) for a, b in seen]
+                else:
+                    report.tokens += tokens
+                    report.tokens_per_process = [report.tokens]
+            if config.max_grad_norm:
+                processes.clip(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            memory.sample()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if on_step is not None:
+                on_step(step, loss_value)
+            if step % eval_every == 0 or step == total:
+                point = {"step": step, "tokens": report.tokens, "train_loss": loss_value}
+                point |= held_out()
+                report.curve.append(point | measured())
+            if work is not None and (step % checkpoint_every == 0) and step < total:
+                checkpoint()
+    except KeyboardInterrupt:
+        if work is not None:
+            checkpoint()
+        raise
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - t0
+    report.peak_memory = memory.as_dict()
+    return merged(student.to("cpu")), report
