@@ -137,7 +137,8 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
 
 def uniform_mlp_width(model, target: float, round_to: int) -> int:
     """The intermediate width slicelm's ``--schedule mlp`` plans for ``target`` (the peers' width)."""
-    from slicelm.allocate.budget import build_plan, context_from_config
+    from slicelm.allocate.budget import build_plan
+    from slicelm.allocate.context import context_from_config
     from slicelm.config import SliceConfig
 
     config = SliceConfig(target_params=target, schedule="mlp", layout="plain", round_to=round_to)

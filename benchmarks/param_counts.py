@@ -1,6 +1,6 @@
 """True parameter counts of sliced layouts on real-model configs, without any weights.
 
-Every structure is built on the meta device and counted (``slicelm.allocate.budget.ParameterCounter``), so
+Every structure is built on the meta device and counted (``slicelm.allocate.counting.ParameterCounter``), so
 shortcut matrices, heads and norms are counted exactly as they would be saved. Configs: the shipped
 SmolLM2-135M and Llama-2-7B's published shape (hidden 4096, 32 layers, 32 heads, MLP 11008,
 vocabulary 32000, untied head) built from its numbers. Writes docs/results/param_counts.{json,md}.
@@ -39,7 +39,8 @@ def configs():
 
 
 def count(model_config, sparsity: float, layout: str, slice_head: bool = False, mlp_sparsity: float = 0.0):
-    from slicelm.allocate.budget import ParameterCounter, context_from_config, explicit_plan
+    from slicelm.allocate.context import context_from_config, explicit_plan
+    from slicelm.allocate.counting import ParameterCounter
     from slicelm.slicing import SliceConfig
 
     config = SliceConfig(sparsity=sparsity, layout=layout, slice_head=slice_head, mlp_sparsity=mlp_sparsity)

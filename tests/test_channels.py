@@ -7,7 +7,9 @@ import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
-from slicelm.allocate.budget import ParameterCounter, PlanContext, build_plan
+from slicelm.allocate.budget import build_plan
+from slicelm.allocate.context import PlanContext
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.core.arch import REGISTRY, resolve
 from slicelm.errors import SlicelmError
 from slicelm.modeling.modeling_slicelm import get_module

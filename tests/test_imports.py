@@ -47,7 +47,8 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "recover.parallel",
         "recover.checkpoints",
     ),
-    # 2. mechanisms on one model: norms, MLP channels, statistics, the plain layout, data, loading
+    # 2. mechanisms on one model: norms, MLP channels, statistics, the plain layout, data, loading; the
+    # planning context (what planning knows of the model, read from its config on the meta device)
     2: (
         "io.memory",
         "steps.heads",
@@ -65,9 +66,10 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "recover.windows",
         "recover.teacher",
         "recover.loop",
+        "allocate.context",
     ),
-    # 3. folders and budgets
-    3: ("layouts.checkpoint", "layouts.decilm", "allocate.budget"),
+    # 3. folders; exact counts, budgets and the checks of a config before loading
+    3: ("layouts.checkpoint", "layouts.decilm", "allocate.counting", "allocate.budget", "allocate.checks"),
     # 4. loading any model (sliced folders included) and doing: the executor, the structure-local path
     4: ("io.models", "steps.executor", "steps.local"),
     # 5-6. deciding: the measured allocator follows candidates with the executor; planning joins them

@@ -21,7 +21,8 @@ from helpers import calibration, logits, padded_batch, relative_error
 from safetensors import safe_open
 from test_decilm import keep_heads, vllm_view
 
-from slicelm.allocate.budget import ParameterCounter, PlanContext
+from slicelm.allocate.context import PlanContext
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.config import SliceConfig
 from slicelm.core.arch import resolve
 from slicelm.core.plan import LayerWidths, SlicingPlan

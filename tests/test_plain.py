@@ -238,7 +238,8 @@ def test_plain_widths_are_multiples_of_the_heads_so_stock_configs_accept_them(tm
     not the 56 that steps of 8 would give; budgets search the same steps."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slicelm.allocate.budget import build_plan, context_from_config
+    from slicelm.allocate.budget import build_plan
+    from slicelm.allocate.context import context_from_config
 
     shape = dict(hidden_size=72, num_attention_heads=3, num_key_value_heads=3)
     model = build_tiny_model("llama", **shape)

@@ -12,7 +12,8 @@ from helpers import calibration
 from test_cli_slice import run_cli, tiny_folder  # noqa: F401  (the fixture)
 
 import slicelm
-from slicelm.allocate.budget import ALLOCATORS, ParameterCounter, PlanRequest
+from slicelm.allocate.budget import ALLOCATORS, PlanRequest
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.allocate.measured import measured_allocator, split_calibration
 from slicelm.allocate.planning import planning_context
 from slicelm.config import SCHEDULES, SliceConfig

@@ -17,7 +17,7 @@ from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
 
 import slicelm
-from slicelm.allocate.budget import ParameterCounter
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.allocate.planning import planning_context
 from slicelm.config import SliceConfig
 from slicelm.core.arch import resolve

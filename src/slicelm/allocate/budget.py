@@ -1,13 +1,8 @@
-"""Budgets: exact parameter counts of plans, and the allocators that spend a budget.
+"""Budgets: the allocators that spend a budget, and the plan a config asks for.
 
-Every width lives in a :class:`~slicelm.core.plan.SlicingPlan`. ``explicit_plan`` makes one from
-sparsities (the same stream width at every point, the same MLP width in every layer);
-``target_params`` asks for a fraction of the dense model's **true** parameter count (shortcuts, a
-kept or untied head, everything that is stored). Counts are exact: each candidate's structure is
-built on the meta device, *in the architecture it will be written in*, and counted.
-
-A budget is spent by an allocator, registered in :data:`ALLOCATORS` by schedule name (a new one is
-one :func:`register_allocator` call; the executor never changes):
+A budget (``target_params``, counted by :mod:`slicelm.allocate.counting`) is spent by an allocator,
+registered in :data:`ALLOCATORS` by schedule name (a new one is one :func:`register_allocator` call;
+the executor never changes):
 
 * ``uniform``: stream width only (SliceGPT);
 * ``mlp``: MLP channels only, the same number in every layer;
@@ -20,167 +15,28 @@ one :func:`register_allocator` call; the executor never changes):
 
 The proxies are kept as named options: on SmolLM2 they lose badly to the uniform MLP plan
 (docs/results/compression_smollm2.md).
+
+:func:`explicit_or_budget` is the plan for a config: its explicit sparsities, or its budget spent by
+its schedule's allocator, with how close the count landed.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from slicelm.allocate.context import PlanContext, explicit_plan, stream_plan
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.config import SliceConfig
-from slicelm.core.arch import Layout, resolve, spec_for
-from slicelm.core.meta import meta_model
-from slicelm.core.plan import LayerWidths, SlicingPlan, round_width, uniform_width
+from slicelm.core.plan import SlicingPlan
 from slicelm.core.statistics import global_basis
 from slicelm.errors import SlicelmError
-from slicelm.layouts.checkpoint import choose_format
-from slicelm.layouts.decilm import decilm_structure
-from slicelm.layouts.plain import check_plain, plain_config
-from slicelm.modeling.modeling_slicelm import apply_sliced_structure, get_module, stream_bias, stream_weight
-from slicelm.steps.channels import check_prunable, intermediate_width
+from slicelm.steps.channels import check_prunable
 
 TOLERANCE = 0.01  # --target-params lands within 1% below the requested count, or says why not
-
-
-@dataclass(frozen=True)
-class PlanContext:
-    """What planning needs to know about the model being sliced."""
-
-    layout: Layout
-    model_config: Any  # the config as it will be sliced (a head untied by slicing is untied here)
-    kind: str  # slicegpt | plain
-    tied: bool  # the tie is kept: head and embedding share one matrix
-    intermediate: int  # the MLP's intermediate width
-
-    @property
-    def hidden(self) -> int:
-        return self.model_config.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.model_config.num_hidden_layers
-
-    def stream_step(self, round_to: int) -> int:
-        """Stream widths are multiples of this: ``round_to``, and in the plain layout also of the
-        number of attention heads — a stock config with another ``hidden_size`` is refused by
-        transformers (``LlamaConfig`` validates it) and misread by runtimes that derive ``head_dim``
-        from it."""
-        if self.kind != "plain":
-            return round_to
-        return math.lcm(round_to, int(getattr(self.model_config, "num_attention_heads", None) or 1))
-
-
-def mlp_width(intermediate: int, sparsity: float, round_to: int) -> int | None:
-    """Intermediate width after removing ``sparsity`` of the channels (None: nothing removed)."""
-    if sparsity == 0.0:
-        return None
-    width = round_width(intermediate * (1.0 - sparsity), round_to)
-    if width == 0:
-        raise SlicelmError(f"mlp-sparsity {sparsity} with --round-to {round_to} leaves no MLP channel; lower either")
-    return width
-
-
-def stream_plan(ctx: PlanContext, width: int, config: SliceConfig) -> SlicingPlan:
-    """A plan with stream width ``width`` everywhere the layout allows, MLPs unchanged."""
-    hidden, parallel = ctx.hidden, ctx.layout.parallel
-    common = {"layout": ctx.kind, "tied": ctx.tied}
-    if ctx.kind == "plain":  # one basis, one width: the head reads it too
-        layers = tuple(LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers))
-        return SlicingPlan(hidden, width, layers, **common)
-    slice_head = config.slice_head
-    layers = [LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers)]
-    if not slice_head:
-        layers[-1] = LayerWidths(layers[-1].mid, hidden)
-    plan = SlicingPlan(hidden, width, tuple(layers), **common)
-    if ctx.tied and not slice_head:  # the head *is* the embedding: an unsliced head keeps it full width
-        plan = replace(plan, embedding=hidden)
-    if ctx.layout.mlp_same_width:  # MoE experts write as wide as they read: the MLP keeps its width
-        plan = replace(plan, layers=tuple(LayerWidths(w.out, w.out) for w in plan.layers))
-    if ctx.layout.ends_same_width:  # GPT-2 views its final stream with the embeddings' width
-        plan = replace(plan, embedding=plan.head)
-    return plan
-
-
-def explicit_plan(ctx: PlanContext, config: SliceConfig) -> SlicingPlan:
-    width = uniform_width(ctx.hidden, config.sparsity, ctx.stream_step(config.round_to))
-    plan = stream_plan(ctx, width, config)
-    mlp = mlp_width(ctx.intermediate, config.mlp_sparsity, config.round_to)
-    return plan.with_mlp([mlp] * ctx.num_layers) if mlp is not None else plan
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact parameter counts
-# --------------------------------------------------------------------------------------------------
-def written_format(ctx: PlanContext, plan: SlicingPlan) -> str:
-    """The output format ``plan`` is written in, which is what is counted: ``stock``, ``decilm`` or
-    ``slicelm`` (checkpoint.OUTPUT_FORMATS, as ``auto`` picks it)."""
-    if ctx.kind != "plain":
-        return "slicelm"
-    return choose_format(replace(plan, layout="plain"), ctx.model_config).name
-
-
-class ParameterCounter:
-    """True parameter counts of plans, from structures built on the meta device (no memory)."""
-
-    def __init__(self, ctx: PlanContext) -> None:
-        self.ctx = ctx
-        self._cache: dict[tuple, tuple[int, list[int]]] = {}
-
-    def _structure(self, plan: SlicingPlan, written: str):
-        ctx = self.ctx
-        if written == "stock":  # the original architecture
-            return meta_model(plain_config(ctx.model_config, ctx.layout, plan))
-        model = meta_model(ctx.model_config)
-        info = {"layout": ctx.layout.to_dict(), "plan": plan.to_dict(), "norm_eps": 1e-6}
-        if ctx.kind == "plain":  # one basis, but widths a stock config cannot hold: no shortcuts
-            info["one_basis"] = True
-        if ctx.tied:
-            info["tied_head"] = {"bias": False}
-        apply_sliced_structure(model, info)  # new tensors follow the meta ones (not init_empty_weights: it unties)
-        if written == "decilm":  # the folder save_decilm writes for it: per-layer blocks, zero-padded heads
-            stream = replace(plan, layers=tuple(LayerWidths(lw.mid, lw.out) for lw in plan.layers))
-            return decilm_structure(model, plain_config(ctx.model_config, ctx.layout, stream))
-        return model
-
-    def stream_counts(self, plan: SlicingPlan, written: str | None = None) -> tuple[int, list[int]]:
-        """(parameters of ``plan`` with full MLPs, parameters per MLP channel of each layer).
-
-        written: the output format to count in (default: the one ``plan`` itself is written in).
-        """
-        written = written_format(self.ctx, plan) if written is None else written
-        shape = tuple((lw.mid, lw.out, lw.heads, lw.mlp_removed) for lw in plan.layers)
-        key = (plan.embedding, shape, written)
-        if key not in self._cache:
-            # MLP channels are counted per channel below; heads and removed sub-blocks in the structure.
-            model = self._structure(plan.with_mlp([0 if lw.mlp_removed else None for lw in plan.layers]), written)
-            total = sum(p.numel() for p in model.parameters())
-            per_channel = []
-            layout = self.ctx.layout
-            built = iter(get_module(model, layout.layers))  # a stock structure leaves removed layers out
-            for lw in plan.layers:
-                layer = None if written == "stock" and lw.removed else next(built)
-                cost = 0
-                if lw.mlp_removed:
-                    per_channel.append(0)
-                    continue
-                for path in layout.mlp_inputs:
-                    reader = get_module(layer, path)
-                    bias = stream_bias(reader)
-                    cost += stream_weight(reader, "reader").numel() + (bias.numel() if bias is not None else 0)
-                cost += stream_weight(get_module(layer, layout.mlp_outputs[0]), "writer").numel()
-                per_channel.append(cost // self.ctx.intermediate)
-            self._cache[key] = (total, per_channel)
-        return self._cache[key]
-
-    def count(self, plan: SlicingPlan) -> int:
-        total, per_channel = self.stream_counts(plan, written_format(self.ctx, plan))
-        removed = [(self.ctx.intermediate - lw.mlp) if lw.mlp else 0 for lw in plan.layers]
-        return total - sum(r * c for r, c in zip(removed, per_channel, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,82 +290,3 @@ def build_plan(
         raise SlicelmError(f"schedule {config.schedule} measures candidates on the model: use slicelm.plan()")
     request = PlanRequest(ctx, config, params_before, ParameterCounter(ctx), statistics=stats)
     return explicit_or_budget(request)
-
-
-def minimal_plan_params(ctx: PlanContext, config: SliceConfig) -> int:
-    """Parameters of the smallest plan a schedule could choose (every width one ``round_to`` step)."""
-    counter = ParameterCounter(ctx)
-    step = config.round_to
-    narrows_stream = config.schedule != "mlp" and config.schedule != "mlp-global"
-    width = min(ctx.stream_step(step), ctx.hidden) if narrows_stream else ctx.hidden
-    plan = stream_plan(ctx, width, config)
-    if config.prunes_mlp and ctx.layout.mlp_chunks is not None:
-        plan = plan.with_mlp([step] * ctx.num_layers)
-    return counter.count(plan)
-
-
-def context_from_config(model_config: Any, config: SliceConfig) -> tuple[PlanContext, int]:
-    """(planning context, dense parameter count) from a config alone, on the meta device."""
-    model_config = copy.deepcopy(model_config)
-    model = meta_model(model_config)
-    params = sum(p.numel() for p in model.parameters())
-    layout = resolve(model)
-    tied = bool(getattr(model_config, "tie_word_embeddings", False)) and not config.untie_head and layout.norm == "rms"
-    if not tied:
-        model_config.tie_word_embeddings = False
-    width = intermediate_width(get_module(model, layout.layers)[0], layout)
-    return PlanContext(layout, model_config, config.layout, tied, width), params
-
-
-def model_identity(model_config: Any, intermediate: int, params: int) -> dict[str, Any]:
-    """What a plan records of the model it was made for (checked when the plan is followed)."""
-    return {
-        "model_type": model_config.model_type,
-        "num_hidden_layers": int(model_config.num_hidden_layers),
-        "hidden_size": int(model_config.hidden_size),
-        "intermediate_size": int(intermediate),
-        "params": int(params),
-    }
-
-
-def check_against_config(model_config: Any, config: SliceConfig) -> None:
-    """Everything the config alone can refuse, before any weight is loaded: the architecture, the
-    layout, MLP pruning of a MoE, widths rounded to nothing, an impossible ``target_params``."""
-    spec = spec_for(model_config)
-    if config.layout == "plain":
-        check_plain(spec.norm, model_config.model_type)
-    if config.prunes_mlp:
-        check_prunable(spec.mlp_chunks, model_config.model_type)
-    ctx, params = context_from_config(model_config, config)
-    if config.target_params is None:
-        plan = explicit_plan(ctx, config)  # widths rounded to nothing are refused here
-        if ctx.kind == "plain":
-            plain_config(ctx.model_config, ctx.layout, plan)  # and widths the stock config refuses
-        return
-    smallest = minimal_plan_params(ctx, config)
-    if config.target_params * params < smallest:
-        raise SlicelmError(
-            f"--target-params {config.target_params} ({int(config.target_params * params):,} parameters) is below "
-            f"the smallest model schedule {config.schedule} can make ({smallest:,}, mostly the embeddings); raise it"
-        )
-
-
-def check_plan_against_config(model_config: Any, plan: SlicingPlan) -> None:
-    """Refuse a plan (``--plan``) that does not fit this model, before any weight is loaded."""
-    spec = spec_for(model_config)
-    if plan.one_basis:
-        check_plain(spec.norm, model_config.model_type)
-    if plan.prunes_mlp:
-        check_prunable(spec.mlp_chunks, model_config.model_type)
-    config = SliceConfig(layout=plan.layout, untie_head=plan.tied is False)
-    ctx, params = context_from_config(model_config, config)
-    plan.check_model(model_identity(ctx.model_config, ctx.intermediate, params))
-    if plan.tied and not ctx.tied:
-        raise SlicelmError("the plan keeps the head tied to the embedding, but this model's head is not tied")
-    expected = stream_plan(ctx, ctx.hidden, config)
-    for i, (lw, want) in enumerate(zip(plan.layers, expected.layers, strict=True)):
-        if (lw.mid is None) != (want.mid is None):
-            shape = "parallel" if want.mid is None else "sequential"
-            raise SlicelmError(f"the plan's layer {i} does not match this model's {shape} blocks")
-    if plan.is_stock_shaped:
-        plain_config(ctx.model_config, ctx.layout, plan)  # widths the stock config refuses

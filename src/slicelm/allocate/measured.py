@@ -40,15 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.allocate.budget import (
-    ALLOCATORS,
-    ParameterCounter,
-    PlanRequest,
-    counter_for,
-    register_allocator,
-    spend_mlp,
-    stream_plan,
-)
+from slicelm.allocate.budget import ALLOCATORS, PlanRequest, counter_for, register_allocator, spend_mlp
+from slicelm.allocate.context import stream_plan
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.core.calibration import capture_layer_inputs
 from slicelm.core.offload import ActivationStore
 from slicelm.core.pca import CovarianceAccumulator

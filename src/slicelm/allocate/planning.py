@@ -16,14 +16,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from slicelm.allocate.budget import (
-    ALLOCATORS,
-    ParameterCounter,
-    PlanContext,
-    PlanRequest,
-    explicit_or_budget,
-    model_identity,
-)
+from slicelm.allocate.budget import ALLOCATORS, PlanRequest, explicit_or_budget
+from slicelm.allocate.context import PlanContext, model_identity
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.allocate.measured import measured_allocator  # noqa: F401  (registers the auto schedule)
 from slicelm.config import SliceConfig
 from slicelm.core.arch import Layout, resolve

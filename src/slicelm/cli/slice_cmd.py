@@ -330,7 +330,7 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     """What the config alone can refuse: the architecture and layout, the widths or the budget (or a
     plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
     built on the meta device)."""
-    from slicelm.allocate.budget import check_against_config, check_plan_against_config
+    from slicelm.allocate.checks import check_against_config, check_plan_against_config
     from slicelm.layouts.checkpoint import choose_format
     from slicelm.layouts.decilm import family_refusal
     from slicelm.steps.local import check_local_config

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.allocate.budget import ParameterCounter, PlanContext
+from slicelm.allocate.context import PlanContext
+from slicelm.allocate.counting import ParameterCounter
 from slicelm.core.arch import Layout, resolve
 from slicelm.core.bases import BASES
 from slicelm.core.calibration import Batch, WeightAccess, capture_layer_inputs

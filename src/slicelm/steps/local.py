@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slicelm.allocate.budget import mlp_width
+from slicelm.allocate.context import mlp_width
 from slicelm.config import SliceConfig
 from slicelm.core.arch import Layout, resolve, rotation_refusal
 from slicelm.core.calibration import Batch, WeightAccess, pad_batches
