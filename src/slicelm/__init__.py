@@ -22,6 +22,7 @@ from slicelm.version import __version__
 
 def finetune(*args, **kwargs):
     """See :func:`slicelm.recover.recovery.finetune` (imported lazily: it pulls in peft)."""
+    # recovery is already loaded above (FinetuneConfig); peft, the slow part, loads inside it when finetuning runs
     from slicelm.recover.recovery import finetune as _finetune
 
     return _finetune(*args, **kwargs)
@@ -29,6 +30,7 @@ def finetune(*args, **kwargs):
 
 def load_calibration(*args, **kwargs):
     """See :func:`slicelm.io.data.load_calibration` (imported lazily: it pulls in ``datasets``)."""
+    # lazy on purpose: `import slicelm` leaves io.data out; datasets loads inside it only for hub data
     from slicelm.io.data import load_calibration as _load
 
     return _load(*args, **kwargs)
