@@ -21,14 +21,17 @@ from slicelm.version import __version__
 
 
 def finetune(*args, **kwargs):
-    """See :func:`slicelm.recover.recovery.finetune` (imported lazily: it pulls in peft)."""
+    """See :func:`slicelm.recover.recovery.finetune` (imported when called: ``import slicelm`` stays
+    free of the training loop and its dependencies)."""
+    # lazy on purpose: the recovery modules load when fine-tuning runs (peft only for LoRA)
     from slicelm.recover.recovery import finetune as _finetune
 
     return _finetune(*args, **kwargs)
 
 
 def load_calibration(*args, **kwargs):
-    """See :func:`slicelm.io.data.load_calibration` (imported lazily: it pulls in ``datasets``)."""
+    """See :func:`slicelm.io.data.load_calibration` (imported when called)."""
+    # lazy on purpose: `import slicelm` leaves io.data out; datasets loads inside it only for hub data
     from slicelm.io.data import load_calibration as _load
 
     return _load(*args, **kwargs)

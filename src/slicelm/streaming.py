@@ -13,23 +13,39 @@ that both give identical tensors.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from slicelm.config import SliceConfig
-from slicelm.core.arch import resolve
+from slicelm.core.arch import Layout, resolve
 from slicelm.core.calibration import WeightAccess
+from slicelm.core.meta import meta_model
 from slicelm.core.offload import ActivationStore
 from slicelm.core.plan import SlicingPlan
 from slicelm.errors import SlicelmError
-from slicelm.io.outputs import OutputClaim, staged_output
-from slicelm.io.streaming_io import LazyCheckpoint, ShardWriter, release
-from slicelm.layouts.checkpoint import OUTPUT_KIND, choose_format, is_stock_shaped, sliced_config, write_companions
+from slicelm.io.outputs import OutputClaim, staged_output, to_json
+from slicelm.io.streaming_io import INDEX, SINGLE, LazyCheckpoint, ShardWriter, release
+from slicelm.layouts import decilm
+from slicelm.layouts.checkpoint import (
+    OUTPUT_KIND,
+    PLAN_FILE,
+    REPORT_FILE,
+    choose_format,
+    is_stock_shaped,
+    sliced_config,
+    write_companions,
+)
+from slicelm.layouts.plain import plain_config, stock_tensors
+from slicelm.layouts.plain import stream_plan_of as plan_of_stream
 from slicelm.modeling.modeling_slicelm import SLICELM_KEY, get_module
 from slicelm.slicing import slice_model
 from slicelm.steps.executor import SliceReport, merge_report
@@ -37,10 +53,6 @@ from slicelm.steps.executor import SliceReport, merge_report
 
 def skeleton(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of ``folder`` with every parameter on the meta device (no weight memory)."""
-    from transformers import AutoConfig
-
-    from slicelm.core.meta import meta_model
-
     return meta_model(AutoConfig.from_pretrained(folder), dtype)
 
 
@@ -158,23 +170,17 @@ def slice_streaming(
 
 def _rewrite_shards(folder: Path, convert) -> None:
     """Replace each safetensors shard in ``folder`` by ``convert(tensors)``, and its index to match."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from slicelm.io.streaming_io import INDEX, SINGLE
-
     shards = sorted(folder.glob("model*.safetensors"))
     weight_map = {}
     for shard in shards:
-        tensors = convert(load_file(shard))
-        save_file(tensors, shard, metadata={"format": "pt"})
+        tensors = convert(safetensors.torch.load_file(shard))
+        safetensors.torch.save_file(tensors, shard, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard.name))
     if (folder / INDEX).is_file():
         index = json.loads((folder / INDEX).read_text())
         index["weight_map"] = dict(sorted(weight_map.items()))
         index["metadata"]["total_size"] = sum(
-            t.numel() * t.element_size() for shard in shards for t in load_file(shard).values()
+            t.numel() * t.element_size() for shard in shards for t in safetensors.torch.load_file(shard).values()
         )
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     elif shards and shards[0].name != SINGLE:
@@ -183,11 +189,6 @@ def _rewrite_shards(folder: Path, convert) -> None:
 
 def write_plain_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata: dict | None, report: dict) -> None:
     """Turn the sliced shards written in ``folder`` into the stock architecture, shard by shard."""
-    from slicelm.core.arch import Layout
-    from slicelm.io.outputs import to_json
-    from slicelm.layouts.checkpoint import PLAN_FILE, REPORT_FILE
-    from slicelm.layouts.plain import plain_config, stock_tensors
-
     info = getattr(model.config, SLICELM_KEY)
     _rewrite_shards(folder, lambda tensors: stock_tensors(tensors, info, model.config))
     config = plain_config(model.config, Layout.from_dict(info["layout"]), SlicingPlan.from_dict(info["plan"]))
@@ -205,14 +206,6 @@ def write_decilm_folder(folder: Path, model: nn.Module, tokenizer: Any, metadata
     The widths come from the skeleton's shapes (its weights are back on the meta device); each
     attention tensor is zero-padded on its own, as :func:`slicelm.layouts.decilm.save_decilm` pads it.
     """
-    import dataclasses
-
-    from slicelm.core.arch import Layout
-    from slicelm.io.outputs import to_json
-    from slicelm.layouts import decilm
-    from slicelm.layouts.plain import plain_config, stock_tensors
-    from slicelm.layouts.plain import stream_plan_of as plan_of_stream
-
     info = getattr(model.config, SLICELM_KEY)
     plan = SlicingPlan.from_dict(info["plan"])
     # Whole removed layers are left out, as the in-memory writer leaves them (stock_tensors renumbers).

@@ -11,7 +11,9 @@ import importlib
 import re
 import sys
 
+from slicelm.cli.common import disk_refusal
 from slicelm.errors import SlicelmError
+from slicelm.version import __version__
 
 # Sub-command name -> module (relative to this package); each module registers its own parser.
 # Modules are imported lazily so that
@@ -36,8 +38,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from slicelm.version import __version__
-
     parser = OneLineParser(prog="slicelm", description="SliceGPT for Hugging Face language models.")
     parser.add_argument("--version", action="version", version=f"slicelm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slicelm: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from slicelm.cli.common import disk_refusal
-
         why = disk_refusal(exc)
         if why is None:
             raise

@@ -9,6 +9,8 @@ import os
 import warnings
 from typing import Any
 
+from slicelm.errors import SlicelmError
+
 
 def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str) -> None:
     parser.add_argument(
@@ -27,7 +29,7 @@ def quiet_libraries(progress: bool = True) -> None:
     for name in ("lm_eval", "lm-eval", "transformers.modeling_utils", "datasets", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        import transformers
+        import transformers  # here, not at the top: this module stays light for --help
 
         transformers.utils.logging.set_verbosity_error()
         if not progress:
@@ -37,13 +39,13 @@ def quiet_libraries(progress: bool = True) -> None:
     if not progress:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         try:
-            import huggingface_hub.utils
+            import huggingface_hub.utils  # as transformers above
 
             huggingface_hub.utils.disable_progress_bars()
         except ImportError:  # pragma: no cover
             pass
         try:
-            import datasets
+            import datasets  # heavy (~0.8 s), and only its progress bars are touched
 
             datasets.disable_progress_bars()
         except ImportError:
@@ -71,8 +73,8 @@ def fit_batch_size(model_config: Any, dtype: Any, seqlen: int, batch: int | None
     """The batch size to score with: ``batch`` if given and it fits in the memory available (else one
     line that names the largest that does), or the largest up to ``default`` that fits. Checked from the
     config alone, before the weights are loaded (the memory preflight of ``slice``, for ``ppl``/``eval``)."""
+    # imported when used: cli commands import this module for --help, where torch is not needed
     from slicelm.core.resources import available_memory_bytes
-    from slicelm.errors import SlicelmError
     from slicelm.io.memory import estimate_forward_bytes, forward_bytes_per_token
 
     available = available_memory_bytes()

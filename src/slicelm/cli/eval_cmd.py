@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from slicelm.cli.common import add_device_argument, quiet_libraries
+from slicelm.cli.common import add_device_argument, fit_batch_size, quiet_libraries
 from slicelm.errors import SlicelmError
 
 DATA_DIR_ENV = "SLICELM_DATA_DIR"
@@ -36,6 +36,7 @@ DEFAULT_EVAL_BATCH = 8
 
 def add_common_arguments(parser: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
     """Flags shared by ``eval`` and ``sweep`` (where the lm-eval batch size is ``--eval-batch-size``)."""
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.measure.evaluation.tasks import PAPER_TASKS
 
     parser.add_argument(
@@ -74,6 +75,7 @@ def add_parser(subparsers) -> None:
         description="Run lm-evaluation-harness zero-shot tasks on a dense or sliced model and print, as one "
         "JSON object, the metric the SliceGPT paper reports for each task and their average.",
     )
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.io.models import DEFAULT_MODEL
 
     parser.add_argument(
@@ -90,6 +92,7 @@ def add_parser(subparsers) -> None:
 
 def data_dir_from(args: argparse.Namespace) -> str | None:
     """``--data-dir``, else ``$SLICELM_DATA_DIR``, else ``../shared/data`` beside a checkout, else None (the hub)."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.data import resolve_data_dir
 
     found = resolve_data_dir(args.data_dir)
@@ -98,6 +101,7 @@ def data_dir_from(args: argparse.Namespace) -> str | None:
 
 def pick_device(name: str | None):
     """``--device``: default cuda when available, else cpu; an unavailable device is one line."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.devices import resolve_device
 
     return resolve_device(name)
@@ -111,7 +115,7 @@ def fit_eval_batch(args: argparse.Namespace, device) -> int:
     fit is refused before loading; the default is lowered to what fits (CPU only; GPUs untested)."""
     if getattr(device, "type", str(device).split(":")[0]) != "cpu":
         return args.eval_batch_size
-    from slicelm.cli.common import fit_batch_size
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.models import load_config, parse_dtype, resolve_source
 
     model_config = load_config(resolve_source(args.model))
@@ -123,7 +127,9 @@ def fit_eval_batch(args: argparse.Namespace, device) -> int:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.models import load_model
+    from slicelm.io.outputs import check_output_file, to_json, write_result_file
     from slicelm.measure.evaluation import evaluate_zeroshot, resolve_tasks
     from slicelm.measure.evaluation.tasks import check_local_data
 
@@ -137,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     output = None
     if args.output is not None:  # checked now: finding out after the evaluation would lose it
-        from slicelm.io.outputs import check_output_file
-
         output = check_output_file(args.output, args.overwrite)
 
     args.eval_batch_size = fit_eval_batch(args, device)
@@ -155,7 +159,6 @@ def run(args: argparse.Namespace) -> int:
             data_dir=data_dir,
             model_name=args.model,
         )
-    from slicelm.io.outputs import to_json, write_result_file
 
     print(to_json(summary), flush=True)  # first: whatever happens to --output, the result is not lost
     if output is not None:

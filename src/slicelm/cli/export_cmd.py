@@ -13,6 +13,7 @@ from slicelm.cli.common import quiet_libraries
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.export import CONVERTER_TYPES, LLAMA_CPP_ENV, QUANTIZE_TYPES
 
     p = sub.add_parser(
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.export import export_gguf, quantization_notes, vllm_command
 
     if args.gguf is None:  # vllm_command checks the folder first

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
-from slicelm.cli.common import add_device_argument, quiet_libraries
+from slicelm.cli.common import add_device_argument, disk_refusal, quiet_libraries
 from slicelm.errors import SlicelmError
 
 
@@ -92,6 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from(args: argparse.Namespace):
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.recover.config import FinetuneConfig
 
     extra = tuple(t.strip() for t in args.lora_extra.split(",") if t.strip())
@@ -116,9 +120,12 @@ def config_from(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(progress=not args.quiet)
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.devices import resolve_device
     from slicelm.io.models import resolve_source
     from slicelm.io.outputs import OutputClaim
+    from slicelm.layouts.checkpoint import FINETUNED_KIND
+    from slicelm.layouts.decilm import is_decilm_folder
     from slicelm.recover.parallel import Processes, launched
 
     check_flags_have_effect(args)
@@ -129,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
     source = resolve_source(args.model)
-    from slicelm.layouts.decilm import is_decilm_folder
 
     if not source.gguf_file and is_decilm_folder(source.path):
         raise SlicelmError(
@@ -137,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
             "sliced with --format slicelm instead"
         )
     work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
-    from slicelm.layouts.checkpoint import FINETUNED_KIND  # torch and transformers: not on `slicelm --help`
 
     def claim_folders(processes: int) -> OutputClaim:
         if config.batch_size % processes:
@@ -197,9 +202,6 @@ def check_flags_have_effect(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, processes: int) -> int:
     """This command on ``processes`` data-parallel processes, through accelerate's own launcher (torchrun
     underneath: gloo on CPUs, NCCL on GPUs)."""
-    import socket
-    import subprocess
-
     argv, skip = [], False
     for arg in getattr(args, "argv", None) or sys.argv[1:]:
         if skip or arg == "--num-processes" or arg.startswith("--num-processes="):
@@ -219,8 +221,7 @@ def _check_work_dir(work: Path, resume: bool, restart: bool = False, processes: 
     """A work folder is slicelm's own (created with the first checkpoint); resuming needs one, and
     without --resume or --restart an existing one is never silently reused or discarded. A
     checkpoint resumes with the number of processes that took it."""
-    import json
-
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.outputs import read_manifest
     from slicelm.recover.checkpoints import CHECKPOINT, WORK_KIND, check_processes
 
@@ -242,8 +243,11 @@ def _check_work_dir(work: Path, resume: bool, restart: bool = False, processes: 
 
 
 def _run(args, config, source, claim, work: Path, device, processes) -> int:
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.data import resolve_data_dir
     from slicelm.io.models import DTYPES, load_model, load_tokenizer
+    from slicelm.io.outputs import to_json
+    from slicelm.layouts.checkpoint import save_finetuned
     from slicelm.recover import recovery
     from slicelm.recover.loop import Diverged
     from slicelm.recover.windows import training_windows
@@ -292,12 +296,10 @@ def _run(args, config, source, claim, work: Path, device, processes) -> int:
     report.teacher = teacher_name
     if not processes.main:
         return 0  # rank 0 writes
-    from slicelm.layouts.checkpoint import save_finetuned
 
     out = _disk_checked(work, save_finetuned)(model, claim, tokenizer, source.path, report.to_dict())
     shutil.rmtree(work, ignore_errors=True)  # slicelm's own work folder (checked when claimed)
     print(summary(report, out), file=sys.stderr)
-    from slicelm.io.outputs import to_json
 
     last = report.curve[-1] if report.curve else {}
     print(to_json({"out": str(out), "steps": report.steps, "tokens": report.tokens, **last}, indent=None))
@@ -307,7 +309,7 @@ def _run(args, config, source, claim, work: Path, device, processes) -> int:
 def _disk_checked(work: Path, function):
     """``function`` whose failed writes on a full (or read-only) disk are one line naming the way on:
     continue from the work folder's last checkpoint, or run again when there is none."""
-    from slicelm.cli.common import disk_refusal
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.recover.checkpoints import CHECKPOINT
 
     def call(*args, **kwargs):
@@ -328,6 +330,7 @@ def _disk_checked(work: Path, function):
 
 def load_teacher(args: argparse.Namespace, tokenizer, source):
     """The KD teacher, ``--teacher`` or the source recorded in the folder, and its name."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.models import DTYPES, load_model
     from slicelm.recover.teacher import recorded_source
 
@@ -349,6 +352,7 @@ def load_teacher(args: argparse.Namespace, tokenizer, source):
 
 def ppl_monitor(tokenizer, data_dir, windows: int, device):
     """WikiText-2 test perplexity on the first ``windows`` windows of 2048 (for training curves)."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.data import load_eval_ids
     from slicelm.measure.perplexity import perplexity
 

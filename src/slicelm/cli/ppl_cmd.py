@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from slicelm.cli.common import add_device_argument, quiet_libraries
+from slicelm.cli.common import add_device_argument, fit_batch_size, quiet_libraries
 from slicelm.errors import SlicelmError
 
 DEFAULT_SEQLEN = 2048
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.io.data import DATA_DIR_ENV, EVAL_SETS
     from slicelm.io.models import DEFAULT_MODEL, DTYPES
 
@@ -58,6 +59,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(progress=not args.quiet)
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.devices import resolve_device
     from slicelm.io.data import EVAL_SETS, load_eval_ids, resolve_data_dir
     from slicelm.io.models import load_config, load_model, parse_dtype, resolve_source
@@ -84,8 +86,6 @@ def run(args: argparse.Namespace) -> int:
             f"--seqlen {args.seqlen} is longer than the model's {max_positions} positions; lower --seqlen"
         )
     if device.type == "cpu":  # the memory preflight; on a GPU the device's memory decides (untested)
-        from slicelm.cli.common import fit_batch_size
-
         args.batch_size = fit_batch_size(model_config, dtype, args.seqlen, args.batch_size, 1, "--batch-size")
     args.batch_size = args.batch_size or 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ DEFAULT_SEQLEN = 2048
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.io.models import DEFAULT_MODEL
     from slicelm.layouts.checkpoint import FORMATS
 
@@ -101,6 +103,7 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 
     ``sweep``: the sweep sets the stream sparsity per point itself.
     """
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.config import BASES, DEFAULT_SCHEDULE, LAYOUTS, SCHEDULES
 
     if not sweep:
@@ -176,6 +179,7 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
 
 def validate_slicing_arguments(args: argparse.Namespace) -> None:
     """Check the shared calibration/slicing flags (no files opened)."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.data import CALIBRATION_SETS
 
     for flag in ("calib_samples", "calib_seqlen", "calib_batch_size", "round_to"):
@@ -198,7 +202,9 @@ def validate_slicing_arguments(args: argparse.Namespace) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Check every flag before any work is done, so a mistake costs nothing and writes nothing."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.config import DEFAULT_SCHEDULE
+    from slicelm.core.plan import SlicingPlan
 
     args.followed_plan = None
     if args.schedule is not None and args.target_params is None:
@@ -211,8 +217,6 @@ def validate(args: argparse.Namespace) -> None:
     if args.ppl_seqlen is not None and not args.ppl_windows:
         raise SlicelmError("--ppl-seqlen is the window of --ppl-windows, which is 0 (skip); give --ppl-windows N")
     if args.plan is not None:
-        from slicelm.core.plan import SlicingPlan
-
         if args.plan_only:
             raise SlicelmError("--plan follows a plan and --plan-only writes one; give one of them")
         if args.target_params is not None or args.sparsity is not None or args.mlp_sparsity:
@@ -253,6 +257,9 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def _validate_run_flags(args: argparse.Namespace) -> None:
+    # imported when the command runs: building the parser (--help) needs none of this
+    from slicelm.core.offload import parse_bytes
+
     if args.plan_only and (args.ppl_windows or args.stream):
         raise SlicelmError("--plan-only writes a plan and slices nothing; drop --ppl-windows/--stream")
     _validate_format(args)
@@ -268,8 +275,6 @@ def _validate_run_flags(args: argparse.Namespace) -> None:
         check_offload_dir(Path(args.offload_dir).expanduser())
     args.max_memory_bytes = None
     if args.max_memory:
-        from slicelm.core.offload import parse_bytes
-
         try:
             args.max_memory_bytes = parse_bytes(args.max_memory)
         except ValueError as exc:
@@ -279,8 +284,6 @@ def _validate_run_flags(args: argparse.Namespace) -> None:
 def check_offload_dir(folder: Path) -> None:
     """--offload-dir must be a folder slicelm can create files in (probed in the nearest existing
     folder with a temporary entry removed at once, so nothing is left)."""
-    import tempfile
-
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -330,6 +333,7 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
     """What the config alone can refuse: the architecture and layout, the widths or the budget (or a
     plan made for another model), sequences beyond its positions. Nothing is loaded (structures are
     built on the meta device)."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.allocate.checks import check_against_config, check_plan_against_config
     from slicelm.layouts.checkpoint import choose_format
     from slicelm.layouts.decilm import family_refusal
@@ -367,6 +371,7 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
 def forced_untie(model_config: Any, config: Any) -> tuple[str, int] | None:
     """(in words, parameters added) when slicing must untie a tied head: a LayerNorm family's embedding
     cannot stay the head once the stream is centred, so the head gets its own vocab x width weight."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.arch import spec_for
 
     if not getattr(model_config, "tie_word_embeddings", False) or config.untie_head:
@@ -406,6 +411,7 @@ def check_stream_width(model_config: Any, sparsity: float, round_to: int, flag: 
 def run(args: argparse.Namespace) -> int:
     validate(args)
     quiet_libraries(progress=not args.quiet)
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.devices import resolve_device
     from slicelm.io.models import resolve_source
     from slicelm.io.outputs import OutputClaim
@@ -429,6 +435,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, source, claim) -> int:
+    # imported when the command runs: building the parser (--help) needs none of this
     import torch
 
     from slicelm.io.data import load_calibration, load_eval_ids, resolve_data_dir
@@ -556,6 +563,7 @@ def rounding_note(report: dict[str, Any], round_to: int) -> str | None:
 
 def _plan_only(args: argparse.Namespace, source) -> int:
     """``--plan-only``: decide every width on the loaded model and write the plan; slice nothing."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.allocate.planning import plan
     from slicelm.io.data import load_calibration, resolve_data_dir
     from slicelm.io.models import load_config, load_model, load_tokenizer
@@ -600,6 +608,7 @@ def _is_slicelm_plan(path: Path) -> bool:
 
 def slice_config_from(args: argparse.Namespace):
     """The :class:`~slicelm.config.SliceConfig` the flags describe."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.config import SliceConfig
 
     return SliceConfig(
@@ -625,6 +634,7 @@ def slice_config_summary(config) -> dict[str, Any]:
 
 def calibration_source(name: str, data_dir: Path | None) -> str:
     """Which text calibration read, in words (for the report)."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.io.data import describe_calibration_source
 
     return describe_calibration_source(name, data_dir)
@@ -632,6 +642,7 @@ def calibration_source(name: str, data_dir: Path | None) -> str:
 
 def _should_stream(args: argparse.Namespace, source, model_config, samples) -> bool:
     """Stream by itself when the model and its calibration activations would not fit in memory."""
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.resources import available_memory_bytes
     from slicelm.io.memory import estimate_in_memory_bytes
     from slicelm.io.models import parse_dtype
@@ -660,6 +671,9 @@ def _should_stream(args: argparse.Namespace, source, model_config, samples) -> b
 
 def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, config, metadata, extra, claim):
     """Streamed slicing straight from the safetensors files into the claimed output folder."""
+    # imported when the command runs: building the parser (--help) needs none of this
+    from huggingface_hub import snapshot_download
+
     from slicelm.io.models import parse_dtype
     from slicelm.streaming import slice_streaming
 
@@ -667,8 +681,6 @@ def _slice_streaming(args: argparse.Namespace, source, tokenizer, samples, confi
         raise SlicelmError("--stream needs safetensors weights; GGUF files are dequantised whole (drop --stream)")
     folder = source.path
     if not Path(folder).is_dir():  # a hub id: fetch the files once, then stream from the local cache
-        from huggingface_hub import snapshot_download
-
         try:
             folder = snapshot_download(folder, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
         except Exception as exc:  # offline, unknown repo, gated...: one line for the user

@@ -42,6 +42,7 @@ def add_parser(subparsers) -> None:
         "Every measurement is stored as soon as it is made: rerunning the same command resumes an "
         "interrupted sweep, or only redraws the table and plots of a finished one.",
     )
+    # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.io.models import DEFAULT_MODEL
 
     parser.add_argument(
@@ -113,6 +114,7 @@ def check_recovery_flags(args: argparse.Namespace) -> None:
 def recovery_options(args: argparse.Namespace) -> dict | None:
     if args.recover is None:
         return None
+    # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.recover.config import FinetuneConfig
 
     options = {
@@ -133,6 +135,9 @@ def default_out(model: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries()
+    # imported when the command runs: building the parser (--help) needs none of this
+    from slicelm.io.data import EVAL_SETS
+    from slicelm.io.models import load_config, resolve_source
     from slicelm.measure.evaluation import resolve_tasks
     from slicelm.measure.evaluation.tasks import check_local_data
     from slicelm.measure.sweep import SweepConfig, run_sweep
@@ -144,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
             check_local_data(task, data_dir)
     validate_slicing_arguments(args)
     check_recovery_flags(args)
-    from slicelm.io.models import load_config, resolve_source
 
     model_config = load_config(resolve_source(args.model))
     fit_seqlens(model_config, args, ("calib_seqlen",))
@@ -157,8 +161,6 @@ def run(args: argparse.Namespace) -> int:
         raise SlicelmError("--ppl-windows must be a positive integer")
     ppl_dataset = None if args.ppl_dataset.lower() == "none" else args.ppl_dataset.lower()
     if ppl_dataset is not None:
-        from slicelm.io.data import EVAL_SETS
-
         if ppl_dataset not in EVAL_SETS:
             raise SlicelmError(f"unknown --ppl-dataset {args.ppl_dataset!r}; use {', '.join(EVAL_SETS)} or none")
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slicelm.errors import SlicelmError
+from slicelm.io.outputs import remove_stale, temp_name
+
 OFFLOAD_PREFIX = "slicelm-offload"  # + host, pid and a random part: see slicelm.io.outputs.remove_stale
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
@@ -69,8 +72,6 @@ class ActivationStore:
 
     def _spill(self, index: Hashable, tensor: torch.Tensor) -> torch.Tensor:
         if self._dir is None:
-            from slicelm.io.outputs import remove_stale, temp_name
-
             root = self._root if self._root is not None else Path(tempfile.gettempdir())
             root.mkdir(parents=True, exist_ok=True)
             remove_stale(root, OFFLOAD_PREFIX)  # left by runs that were killed
@@ -98,8 +99,6 @@ class ActivationStore:
 def reserve(path: Path, size: int, root: Path) -> None:
     """Allocate ``size`` bytes for ``path`` before it is memory-mapped: a full disk then fails here
     with one line instead of killing the process with SIGBUS when a mapped page cannot be stored."""
-    from slicelm.errors import SlicelmError
-
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         if size and hasattr(os, "posix_fallocate"):

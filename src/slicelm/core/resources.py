@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
 import torch
 from torch import nn
 
+from slicelm.core.offload import parse_bytes
 from slicelm.errors import SlicelmError
 
 
@@ -48,12 +50,8 @@ AVAILABLE_MEMORY_ENV = "SLICELM_AVAILABLE_MEMORY"  # e.g. "8GiB": pretend only t
 def available_memory_bytes() -> int | None:
     """Memory this process can still use without swapping: ``$SLICELM_AVAILABLE_MEMORY`` if set,
     else the kernel's MemAvailable (Linux), else None (unknown)."""
-    import os
-
     override = os.environ.get(AVAILABLE_MEMORY_ENV)
     if override:
-        from slicelm.core.offload import parse_bytes  # offload imports torch helpers this module does not need
-
         try:
             return parse_bytes(override)
         except ValueError as exc:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import safetensors.torch
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -81,13 +82,11 @@ class ModelStatistics:
 
     def save(self, folder: str | Path) -> None:
         """Write the statistics (safetensors + JSON), so runs on the same model and calibration reuse them."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"moment.{p}": self.moment(p).contiguous() for p in self.points if ("moment", p) in self.store}
         tensors |= {f"mlp_cost.{i}": c.contiguous() for i, c in self.mlp_cost.items()}
-        save_file(tensors, folder / "statistics.safetensors")
+        safetensors.torch.save_file(tensors, folder / "statistics.safetensors")
         meta = {
             "points": self.points,
             "traces": self.traces,
@@ -97,12 +96,10 @@ class ModelStatistics:
 
     @classmethod
     def load(cls, folder: str | Path, store: ActivationStore) -> ModelStatistics:
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         meta = json.loads((folder / "statistics.json").read_text())
         stats = cls(store, list(meta["points"]), dict(meta["traces"]))
-        for name, tensor in load_file(folder / "statistics.safetensors").items():
+        for name, tensor in safetensors.torch.load_file(folder / "statistics.safetensors").items():
             kind, key = name.split(".", 1)
             if kind == "moment":
                 store[("moment", key)] = tensor

@@ -27,6 +27,7 @@ import torch
 
 from slicelm.errors import SlicelmError, first_line
 from slicelm.io.fingerprint import check_not_eval_text
+from slicelm.io.hub import prepare_hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -133,11 +134,9 @@ def _local_file(data_dir: Path, relative: str, what: str, hub: _HubSplit | None)
 
 def _hub_column(hub: _HubSplit, limit: int | None = None) -> list[str]:
     """One text column of a hub dataset; any failure (offline, gated, renamed) becomes one line."""
-    from slicelm.io.hub import prepare_hub
-
     online = prepare_hub()
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # heavy (~0.8 s): imported when hub data is used
 
         ds = load_dataset(hub.path, hub.name, split=hub.split, data_files=hub.data_files)
         if limit is not None:
@@ -178,7 +177,7 @@ def ptb_sentences(path: str | Path) -> list[str]:
 
 def c4_sample_documents(path: str | Path) -> list[str]:
     """The ``text`` column of the local C4 sample parquet, in file order."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # heavy: imported when the local C4 sample is read
 
     return pq.read_table(path, columns=["text"]).column("text").to_pylist()
 

@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from slicelm.core.meta import meta_model  # noqa: F401  (re-exported: slicelm.io.models.meta_model)
 from slicelm.errors import SlicelmError, first_line
+from slicelm.io.hub import prepare_hub
+from slicelm.io.streaming_io import check_finite
+from slicelm.layouts.checkpoint import load_sliced
+from slicelm.layouts.decilm import is_decilm_folder, load_decilm, load_decilm_config
+from slicelm.modeling.modeling_slicelm import loading_problems
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -104,7 +111,6 @@ def resolve_source(spec: str) -> ModelSource:
 
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SlicelmError(f"model path {spec} does not exist")
-    from slicelm.io.hub import prepare_hub
 
     prepare_hub()  # offline: cached hub models still load, others fail at once instead of after retries
     return ModelSource(spec, description=spec)  # a hub id; transformers reports if it cannot be fetched
@@ -141,10 +147,6 @@ def _check_safetensors(folder: Path, spec: str) -> None:
 
 def load_config(source: ModelSource):
     """The model's config alone (cheap): lets callers refuse unsupported models before loading weights."""
-    from transformers import AutoConfig
-
-    from slicelm.layouts.decilm import is_decilm_folder, load_decilm_config
-
     if not source.gguf_file and is_decilm_folder(source.path):  # slicelm's own copy of its config class
         return load_decilm_config(source.path)
 
@@ -155,10 +157,6 @@ def load_config(source: ModelSource):
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-
-    from slicelm.layouts.decilm import is_decilm_folder, load_decilm_config
-
     extra = {}
     if not source.gguf_file and is_decilm_folder(source.path):  # else transformers asks to run the folder's code
         extra["config"] = load_decilm_config(source.path)
@@ -179,25 +177,17 @@ def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str
     GGUF checkpoints are dequantised by transformers; their quantization config is dropped so that
     the model can be modified and saved like any float model.
     """
-    from transformers import AutoModelForCausalLM
-
     source = spec if isinstance(spec, ModelSource) else resolve_source(spec)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     tokenizer = load_tokenizer(source)
     if source.is_sliced:
-        from slicelm.layouts.checkpoint import load_sliced
-
         return load_sliced(source.path, dtype=dtype), tokenizer
-    from slicelm.layouts.decilm import is_decilm_folder, load_decilm
 
     if not source.gguf_file and is_decilm_folder(source.path):
         model = load_decilm(source.path, dtype=dtype)
         check_finite_parameters(model, source.description)
         model.config.name_or_path = source.description
         return model, tokenizer
-    from safetensors import SafetensorError
-
-    from slicelm.modeling.modeling_slicelm import loading_problems
 
     try:
         # Mis-shaped tensors are reported (and refused below) rather than raised without their names.
@@ -223,8 +213,6 @@ def load_model(spec: str | ModelSource = DEFAULT_MODEL, dtype: torch.dtype | str
 
 def check_finite_parameters(model, description: str) -> None:
     """Refuse a model with NaN/inf weights: slicing would turn them into a model of NaN logits."""
-    from slicelm.io.streaming_io import check_finite
-
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         check_finite(name, tensor, f"fix the checkpoint {description}")
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from slicelm.errors import SlicelmError
+from slicelm.version import __version__
 
 MANIFEST = "slicelm_output.json"
 _TAG = "slicelm"
@@ -95,8 +96,6 @@ def temp_name(prefix: str) -> str:
 
 def write_manifest(folder: Path, kind: str, extra: dict[str, Any] | None = None) -> None:
     """Record that slicelm wrote ``folder`` and which entries it holds (call when it is complete)."""
-    from slicelm.version import __version__
-
     entries = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
     manifest = {"created_by": _TAG, "version": __version__, "kind": kind, "entries": entries, **(extra or {})}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig
 
 from slicelm.core.plan import SlicingPlan
 from slicelm.errors import SlicelmError, first_line
@@ -310,10 +313,6 @@ def load_sliced(path: str | Path, dtype: torch.dtype | None = torch.float32, dev
     A folder whose config section was edited, or whose tensors are missing, unexpected or
     mis-shaped, is refused with one line (the same checks the folder's own modeling file makes).
     """
-    import transformers
-    from safetensors import SafetensorError
-    from transformers import AutoConfig
-
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     info = getattr(config, SLICELM_KEY, None)

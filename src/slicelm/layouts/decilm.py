@@ -36,6 +36,7 @@ What the two engines can hold, and how the writer maps the model onto it (exactl
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from slicelm.errors import SlicelmError
@@ -432,8 +434,6 @@ def decilm_structure(model: nn.Module, source: Any) -> nn.Module:
 # --------------------------------------------------------------------------------------------------
 def is_decilm_folder(folder: str | Path) -> bool:
     """A DeciLM / Nemotron-NAS folder (``model_type: "nemotron-nas"`` in its config.json)."""
-    import json
-
     try:
         return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == DeciLMConfig.model_type
     except (OSError, ValueError, AttributeError):
@@ -450,8 +450,6 @@ def load_decilm_config(folder: str | Path) -> DeciLMConfig:
 
 def load_decilm(folder: str | Path, dtype: torch.dtype | None = torch.float32) -> nn.Module:
     """A DeciLM folder loaded with slicelm's copy of its modeling file (the folder's own code is not run)."""
-    from safetensors import SafetensorError
-
     config = load_decilm_config(folder)
     try:
         model = modeling_decilm.DeciLMForCausalLM.from_pretrained(folder, config=config, dtype=dtype)

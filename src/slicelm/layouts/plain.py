@@ -188,7 +188,7 @@ def to_stock_model(model: nn.Module) -> nn.Module:
     ``model`` was sliced with ``layout="plain"``: one width, identity shortcuts, and for a tied head
     a diagonal final projection. Shortcuts are checked to be identities (else this is not plain).
     """
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # heavy dependency: imported when used
 
     info = getattr(model.config, SLICELM_KEY, None)
     if not isinstance(info, dict) or info.get("kind") != "plain":
@@ -236,7 +236,7 @@ def to_shaped_model(model: nn.Module) -> nn.Module:
     writers that describe each layer themselves (:func:`slicelm.layouts.decilm.save_decilm`), not for
     ``save_pretrained``.
     """
-    from accelerate import init_empty_weights
+    from accelerate import init_empty_weights  # heavy dependency: imported when used
 
     info = getattr(model.config, SLICELM_KEY, None)
     if not isinstance(info, dict) or info.get("kind") != "plain":

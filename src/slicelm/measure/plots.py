@@ -86,10 +86,10 @@ def _param_scale(points: list[dict[str, Any]]) -> tuple[float, str]:
 
 def plot_sweep(summary: dict[str, Any], out: str | Path) -> list[Path]:
     """Write ``sweep_<metric>.png`` for every metric (+ ``sweep_overview.png``); returns the paths."""
-    import matplotlib
+    import matplotlib  # optional dependency (the eval extra), slow to import: imported when plotting
 
     matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot picks its backend when imported
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

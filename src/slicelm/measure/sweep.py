@@ -22,7 +22,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from slicelm.config import SliceConfig
+from slicelm.core.resources import count_parameters
 from slicelm.errors import SlicelmError
+from slicelm.io import models  # looked up when called (as models.load_model), so tests can replace it
+from slicelm.io.data import load_calibration, load_eval_ids
+from slicelm.io.outputs import MANIFEST, read_manifest, write_manifest
+from slicelm.layouts.checkpoint import save_finetuned, save_sliced
+from slicelm.measure import evaluation  # looked up when called, as models above
+from slicelm.measure.perplexity import perplexity
+from slicelm.measure.plots import plot_sweep
+from slicelm.recover.config import FinetuneConfig
+from slicelm.recover.recovery import finetune
+from slicelm.slicing import slice_model
 
 SCHEMA = 1
 
@@ -171,8 +185,6 @@ def claim_sweep_folder(out: Path) -> list[Path]:
     Anything else is refused, so a mistyped ``--out`` never writes into (or over) a user's folder.
     Returns the folders this call created (``out`` and missing parents, outermost first).
     """
-    from slicelm.io.outputs import read_manifest, write_manifest
-
     if out.exists() and not out.is_dir():
         raise SlicelmError(f"sweep output {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
@@ -189,8 +201,6 @@ def claim_sweep_folder(out: Path) -> list[Path]:
 def release_unused_sweep_folder(out: Path, created: list[Path]) -> None:
     """Remove the folders :func:`claim_sweep_folder` created while they hold nothing but its manifest
     (and empty subfolders): a sweep refused before it stored anything leaves nothing behind."""
-    from slicelm.io.outputs import MANIFEST
-
     if not created or not out.is_dir():
         return
     entries = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
@@ -218,21 +228,15 @@ class _Resources:
 
     def model(self):
         """A fresh copy of the dense model (slicing works in place), on the chosen device."""
-        from slicelm.io.models import load_model
-
-        model, tokenizer = load_model(self.config.model, dtype=self.config.dtype)
+        model, tokenizer = models.load_model(self.config.model, dtype=self.config.dtype)
         self._tokenizer = self._tokenizer or tokenizer
         return model.to(self.device()), self._tokenizer
 
     def device(self):
-        import torch
-
         return torch.device(self.config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def calibration(self, tokenizer):
         if self._calibration is None:
-            from slicelm.io.data import load_calibration
-
             c = self.config
             self.log(f"calibration: {c.calib}, {c.calib_samples} x {c.calib_seqlen} tokens")
             self._calibration = load_calibration(
@@ -247,16 +251,11 @@ class _Resources:
 
     def eval_ids(self, tokenizer):
         if self._eval_ids is None:
-            from slicelm.io.data import load_eval_ids
-
             self._eval_ids = load_eval_ids(self.config.ppl_dataset, tokenizer, data_dir=self.config.data_dir)
         return self._eval_ids
 
 
 def _slice(model, tokenizer, sparsity: float, config: SweepConfig, resources: _Resources) -> dict[str, Any]:
-    from slicelm.config import SliceConfig
-    from slicelm.slicing import slice_model
-
     samples = resources.calibration(tokenizer)
     slice_config = SliceConfig(
         sparsity=sparsity,
@@ -283,15 +282,11 @@ def _measure_point(
     config: SweepConfig,
     resources: _Resources,
 ) -> dict[str, Any]:
-    from slicelm.core.resources import count_parameters
-
     label = point_label(sparsity)
     model_dir = out / "models" / label
     if sparsity > 0 and config.save_models and (model_dir / "config.json").is_file():
-        from slicelm.io.models import load_model
-
         resources.log(f"{label}: loading the saved slice {model_dir}")
-        model, tokenizer = load_model(str(model_dir), dtype=config.dtype)
+        model, tokenizer = models.load_model(str(model_dir), dtype=config.dtype)
         model = model.to(resources.device())
     else:
         model, tokenizer = resources.model()
@@ -302,8 +297,6 @@ def _measure_point(
                 raise RuntimeError(f"{label}: re-slicing gave {info['params']} parameters, stored {point['params']}")
             point.update(info)
             if config.save_models:
-                from slicelm.layouts.checkpoint import save_sliced
-
                 save_sliced(model, model_dir, tokenizer, overwrite=True)
         else:
             point["params"] = count_parameters(model)
@@ -322,8 +315,6 @@ def _measure(model, tokenizer, record: dict[str, Any], config: SweepConfig, reso
     """Fill ``record``'s missing perplexity and task measurements, storing each as it is made."""
     need_ppl, tasks = missing_work(record, config)
     if need_ppl:
-        from slicelm.measure.perplexity import perplexity
-
         resources.log(f"{label}: perplexity on {config.ppl_dataset}")
         start = time.perf_counter()
         result = perplexity(
@@ -343,10 +334,8 @@ def _measure(model, tokenizer, record: dict[str, Any], config: SweepConfig, reso
         }
         save()
     for task in tasks:
-        from slicelm.measure.evaluation import evaluate_zeroshot
-
         resources.log(f"{label}: {task}")
-        summary = evaluate_zeroshot(
+        summary = evaluation.evaluate_zeroshot(
             model,
             tokenizer,
             [task],
@@ -361,13 +350,9 @@ def _measure(model, tokenizer, record: dict[str, Any], config: SweepConfig, reso
 
 def _recovered_model(model, tokenizer, record: dict[str, Any], folder: Path, config: SweepConfig, resources):
     """The recovered slice: reloaded when saved, else fine-tuned now (distilling the dense model)."""
-    from slicelm.io.models import load_model
-
     if config.save_models and (folder / "config.json").is_file():
         resources.log(f"{folder.name}: loading the saved recovery")
-        return load_model(str(folder), dtype=config.dtype)[0].to(resources.device())
-    from slicelm.recover.config import FinetuneConfig
-    from slicelm.recover.recovery import finetune
+        return models.load_model(str(folder), dtype=config.dtype)[0].to(resources.device())
 
     options = dict(config.recovery)
     data = options.pop("data", "c4")
@@ -379,8 +364,6 @@ def _recovered_model(model, tokenizer, record: dict[str, Any], folder: Path, con
     )
     record["finetune"] = {k: report.to_dict()[k] for k in ("steps", "tokens", "seconds", "trainable_params")}
     if config.save_models:
-        from slicelm.layouts.checkpoint import save_finetuned
-
         save_finetuned(
             model, folder, tokenizer, str(folder.parent / folder.name.removesuffix("-recovered")), report.to_dict()
         )
@@ -468,8 +451,6 @@ def summarize_sweep(config: SweepConfig, points: list[dict[str, Any]]) -> dict[s
 
 def write_outputs(summary: dict[str, Any], out: Path) -> list[Path]:
     """``sweep.json``, ``sweep.md`` and the PNG plots; returns the paths written."""
-    from slicelm.measure.plots import plot_sweep
-
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "sweep.json", summary)
     (out / "sweep.md").write_text(markdown_table(summary))

@@ -23,6 +23,7 @@ KV cache, generation), which is why no transformers version is pinned by copying
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 from typing import Any, Literal
@@ -549,8 +550,6 @@ class SlicedCheckpointError(ValueError):
 
 def section_checksum(info: dict[str, Any]) -> str:
     """sha256 of the ``slicelm`` config section (without its checksum), canonical JSON."""
-    import hashlib
-
     body = {k: v for k, v in info.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -75,7 +75,7 @@ class Accelerated(Processes):
     """Data-parallel processes through ``accelerate.Accelerator`` (DDP, or FSDP as configured)."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        from accelerate import Accelerator
+        from accelerate import Accelerator  # heavy dependency: only multi-process runs need it
 
         self.accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
         self.rank = self.accelerator.process_index
@@ -107,7 +107,7 @@ class Accelerated(Processes):
         return self.accelerator.gather(torch.tensor([value], device=self.device)).tolist()
 
     def broadcast(self, value: Any) -> Any:
-        from accelerate.utils import broadcast_object_list
+        from accelerate.utils import broadcast_object_list  # heavy dependency: only multi-process runs need it
 
         return broadcast_object_list([value])[0] if self.world > 1 else value
 

@@ -53,7 +53,7 @@ def _hub_rows(task: str, data: Path) -> list[dict[str, Any]]:
             )
         return rows
     if task == "boolq":
-        import pyarrow as pa
+        import pyarrow as pa  # heavy: imported when the boolq file is read
 
         path = data / "boolq/validation/data-00000-of-00001.arrow"
         table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
@@ -69,7 +69,7 @@ def _hub_rows(task: str, data: Path) -> list[dict[str, Any]]:
 
 def write_reference_tasks(folder: str | Path, data_dir: str | Path, tasks: list[str]) -> Path:
     """Write ``<folder>/<task>.yaml`` (+ converted data) for ``tasks``; returns ``folder``."""
-    import yaml
+    import yaml  # imported when used: only writing reference tasks needs it
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,6 +102,6 @@ def write_reference_tasks(folder: str | Path, data_dir: str | Path, tasks: list[
 
 def reference_task_manager(folder: str | Path):
     """A TaskManager indexing only the reference folder (its names shadow nothing else)."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional dependency (the eval extra): imported when used
 
     return TaskManager(include_defaults=False, include_path=str(folder))

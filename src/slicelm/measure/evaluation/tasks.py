@@ -96,18 +96,18 @@ def resolve_tasks(names: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def lm_eval_tasks_dir() -> Path:
-    import lm_eval.tasks
+    import lm_eval.tasks  # optional dependency (the eval extra): imported when used
 
     return Path(lm_eval.tasks.__file__).parent
 
 
 def stock_task_config(task: str) -> dict[str, Any]:
     """lm-eval's own config dict for ``task`` (includes and ``!function`` entries resolved)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks._yaml_loader import load_yaml  # optional dependency (the eval extra): imported when used
 
     path = lm_eval_tasks_dir() / STOCK_YAMLS[task]
     if not path.is_file():  # lm-eval moved its files: fall back to its (slow) full index
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # optional dependency (the eval extra): imported when used
 
         entry = TaskManager().task_index.get(task)
         if entry is None or entry.yaml_path is None:
@@ -121,7 +121,7 @@ def stock_task_config(task: str) -> dict[str, Any]:
 
 def stock_task_manager(tasks: list[str]):
     """A TaskManager that indexes only the folders holding ``tasks`` (fast), for hub runs."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional dependency (the eval extra): imported when used
 
     root = lm_eval_tasks_dir()
     folders = sorted({str((root / STOCK_YAMLS[t]).parent) for t in tasks})
@@ -151,7 +151,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_saved(path: Path):
-    import datasets
+    import datasets  # heavy (~0.8 s): imported when task documents are read
 
     # In memory, so that lm-eval's ``.map`` (hellaswag's process_docs) never writes cache files
     # into the (possibly shared or read-only) data folder.
@@ -295,7 +295,7 @@ def load_local_dataset(task: str, data_dir: str, /, **_metadata: Any):
     lm-eval calls it with the task's metadata as keyword arguments; they are not needed here
     (``task``/``data_dir`` are positional-only so that metadata keys can never collide with them).
     """
-    import datasets
+    import datasets  # heavy (~0.8 s): imported when task documents are read
 
     source = check_local_data(task, data_dir)
     docs = source.read(Path(data_dir).expanduser())

@@ -32,7 +32,7 @@ def task_specs(tasks: list[str], data_dir: str | Path | None) -> tuple[list[Any]
     With a data folder, inline configs that read local files (checked now, so a missing file fails
     before the model runs); without one, lm-eval's stock task names (documents from the hub).
     """
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional dependency (the eval extra): imported when used
 
     if data_dir is None:
         return list(tasks), stock_task_manager(tasks)
@@ -43,7 +43,7 @@ def task_specs(tasks: list[str], data_dir: str | Path | None) -> tuple[list[Any]
 
 def make_lm(model: torch.nn.Module, tokenizer, *, batch_size: int = 1, max_length: int | None = None):
     """Wrap a loaded causal LM for lm-eval (its device is the model's)."""
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.models.huggingface import HFLM  # optional dependency (the eval extra): imported when used
 
     return HFLM(
         pretrained=model,
@@ -67,6 +67,7 @@ def run_lm_eval(
 
     ``log_samples`` keeps every request and its log-likelihoods in ``results["samples"]``.
     """
+    # optional dependency (the eval extra): imported when used
     import lm_eval
     import lm_eval.evaluator
 
@@ -139,7 +140,7 @@ def evaluate_zeroshot(
     its stock datasets from the Hugging Face hub. ``limit`` is lm-eval's: the first N documents of
     each task (or a fraction if < 1).
     """
-    import lm_eval
+    import lm_eval  # optional dependency (the eval extra): imported when used
 
     names = resolve_tasks(tasks)
     check_limit(limit)
