@@ -16,9 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch  # called through the module, so tests can make the disk fail
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from slicelm.errors import SlicelmError, first_line
@@ -77,7 +77,7 @@ def save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneR
     tmp = work / f".{CHECKPOINT}.tmp{os.getpid()}"
     try:
         tmp.mkdir(exist_ok=True)
-        save_file(tensors, tmp / "state.safetensors")
+        safetensors.torch.save_file(tensors, tmp / "state.safetensors")
         (tmp / "state.json").write_text(to_json(meta) + "\n")
     except BaseException:  # a full disk: the last good checkpoint stays; a work folder without one goes
         shutil.rmtree(work if created else tmp, ignore_errors=True)
@@ -158,7 +158,7 @@ def load_checkpoint(
         if recorded.get(key) != identity[key]:
             raise SlicelmError(f"--resume: the checkpoint was taken with {what}; resume the same run, or --restart")
     try:
-        tensors = load_file(folder / "state.safetensors")
+        tensors = safetensors.torch.load_file(folder / "state.safetensors")
     except (OSError, SafetensorError) as exc:
         raise damaged(f"state.safetensors: {first_line(exc)}") from None
     names = {n: p for n, p in student.named_parameters() if p.requires_grad}
