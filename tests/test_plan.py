@@ -48,6 +48,33 @@ def test_every_plan_basis_is_a_registered_basis():
     assert set(PLAN_BASES) == set(BASES) == set(get_args(Basis))
 
 
+def test_every_layout_is_a_registered_stream_layout():
+    from typing import get_args
+
+    from slicelm.config import LayoutKind
+    from slicelm.core.plan import LAYOUTS, STREAM_LAYOUTS
+
+    assert set(LAYOUTS) == set(STREAM_LAYOUTS) == set(get_args(LayoutKind))
+    for name, layout in STREAM_LAYOUTS.items():
+        assert layout.name == name and layout.shortcuts is not layout.one_basis
+
+
+@pytest.mark.parametrize("layout", ["slicegpt", "plain"])
+def test_the_executor_writes_what_the_stream_layout_says(layout):
+    """Shortcut matrices exactly where the layout has them; the config records a one-basis layout."""
+    from slicelm.core.plan import STREAM_LAYOUTS
+    from slicelm.modeling.modeling_slicelm import SLICELM_KEY
+
+    model = build_tiny_model("llama")
+    report = slice_model(model, calibration(96), SliceConfig(sparsity=0.25, layout=layout), progress=False)
+    stream = STREAM_LAYOUTS[layout]
+    shortcuts = [n for n, _ in model.named_parameters() if "shortcut" in n]
+    assert bool(shortcuts) is stream.shortcuts
+    info = getattr(model.config, SLICELM_KEY)
+    assert {k: info.get(k) for k in stream.config_info()} == stream.config_info()
+    assert report.layout == layout
+
+
 def test_plan_round_trips_through_json():
     plan = SlicingPlan(
         64,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from slicelm.core.plan import BASES, LAYOUTS
+from slicelm.core.plan import BASES, LAYOUTS, STREAM_LAYOUTS, StreamLayout
 from slicelm.errors import SlicelmError
 
 Basis = Literal["pca", "random", "identity", "channels"]
@@ -90,6 +90,11 @@ class SliceConfig:
             raise SlicelmError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if int(self.batch_size) < 1:
             raise SlicelmError(f"batch size must be a positive integer, got {self.batch_size}")
+
+    @property
+    def stream(self) -> StreamLayout:
+        """The registered stream layout ``layout`` names."""
+        return STREAM_LAYOUTS[self.layout]
 
     @property
     def prunes_mlp(self) -> bool:

@@ -49,7 +49,7 @@ def stream_costs(stats: Any, ctx: PlanContext) -> dict[int, float]:
     """
     hidden = ctx.hidden
     tails = torch.zeros(hidden + 1, dtype=torch.float64)  # tails[k]: energy share lost keeping k
-    q = global_basis(stats)[1] if ctx.kind == "plain" else None
+    q = global_basis(stats)[1] if ctx.stream.one_basis else None
     for point in stats.points:
         moment = stats.moment(point).to(torch.float64)
         if q is None:
@@ -161,8 +161,8 @@ def _search(request: PlanRequest, schedule: str) -> tuple[SlicingPlan, dict]:
     widths = _stream_widths(ctx, step) if schedule in ("uniform", "proxy") else [ctx.hidden]
     stream_cost = stream_costs(stats, ctx) if schedule == "proxy" else None
     mlp_cost = mlp_relative_costs(stats) if schedule in ("mlp-global", "proxy") else None
-    # proxy keeps a plain model stock-shaped (one MLP width); mlp-global always spends per layer.
-    uniform_mlp = schedule == "mlp" or (schedule == "proxy" and ctx.kind == "plain")
+    # proxy keeps a stock layout stock-shaped (one MLP width); mlp-global always spends per layer.
+    uniform_mlp = schedule == "mlp" or (schedule == "proxy" and ctx.stream.stock)
     candidates = []
     for width in widths:
         plan = stream_plan(ctx, width, config)

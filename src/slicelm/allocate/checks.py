@@ -30,14 +30,14 @@ def check_against_config(model_config: Any, config: SliceConfig) -> None:
     """Everything the config alone can refuse, before any weight is loaded: the architecture, the
     layout, MLP pruning of a MoE, widths rounded to nothing, an impossible ``target_params``."""
     spec = spec_for(model_config)
-    if config.layout == "plain":
+    if config.stream.one_basis:
         check_plain(spec.norm, model_config.model_type)
     if config.prunes_mlp:
         check_prunable(spec.mlp_chunks, model_config.model_type)
     ctx, params = context_from_config(model_config, config)
     if config.target_params is None:
         plan = explicit_plan(ctx, config)  # widths rounded to nothing are refused here
-        if ctx.kind == "plain":
+        if ctx.stream.stock:
             plain_config(ctx.model_config, ctx.layout, plan)  # and widths the stock config refuses
         return
     smallest = minimal_plan_params(ctx, config)

@@ -18,7 +18,7 @@ from typing import Any
 from slicelm.config import SliceConfig
 from slicelm.core.arch import Layout, resolve
 from slicelm.core.meta import meta_model
-from slicelm.core.plan import LayerWidths, SlicingPlan, round_width, uniform_width
+from slicelm.core.plan import STREAM_LAYOUTS, LayerWidths, SlicingPlan, StreamLayout, round_width, uniform_width
 from slicelm.errors import SlicelmError
 from slicelm.modeling.modeling_slicelm import get_module
 from slicelm.steps.channels import intermediate_width
@@ -30,9 +30,13 @@ class PlanContext:
 
     layout: Layout
     model_config: Any  # the config as it will be sliced (a head untied by slicing is untied here)
-    kind: str  # slicegpt | plain
+    kind: str  # the stream layout's name (core.plan.STREAM_LAYOUTS)
     tied: bool  # the tie is kept: head and embedding share one matrix
     intermediate: int  # the MLP's intermediate width
+
+    @property
+    def stream(self) -> StreamLayout:
+        return STREAM_LAYOUTS[self.kind]
 
     @property
     def hidden(self) -> int:
@@ -47,7 +51,7 @@ class PlanContext:
         number of attention heads — a stock config with another ``hidden_size`` is refused by
         transformers (``LlamaConfig`` validates it) and misread by runtimes that derive ``head_dim``
         from it."""
-        if self.kind != "plain":
+        if not self.stream.stock:
             return round_to
         return math.lcm(round_to, int(getattr(self.model_config, "num_attention_heads", None) or 1))
 
@@ -66,7 +70,7 @@ def stream_plan(ctx: PlanContext, width: int, config: SliceConfig) -> SlicingPla
     """A plan with stream width ``width`` everywhere the layout allows, MLPs unchanged."""
     hidden, parallel = ctx.hidden, ctx.layout.parallel
     common = {"layout": ctx.kind, "tied": ctx.tied}
-    if ctx.kind == "plain":  # one basis, one width: the head reads it too
+    if ctx.stream.one_basis:  # one basis, one width: the head reads it too
         layers = tuple(LayerWidths(None if parallel else width, width) for _ in range(ctx.num_layers))
         return SlicingPlan(hidden, width, layers, **common)
     slice_head = config.slice_head

@@ -21,9 +21,7 @@ from slicelm.modeling.modeling_slicelm import apply_sliced_structure, get_module
 def written_format(ctx: PlanContext, plan: SlicingPlan) -> str:
     """The output format ``plan`` is written in, which is what is counted: ``stock``, ``decilm`` or
     ``slicelm`` (checkpoint.OUTPUT_FORMATS, as ``auto`` picks it)."""
-    if ctx.kind != "plain":
-        return "slicelm"
-    return choose_format(replace(plan, layout="plain"), ctx.model_config).name
+    return choose_format(replace(plan, layout=ctx.kind), ctx.model_config).name
 
 
 class ParameterCounter:
@@ -39,8 +37,7 @@ class ParameterCounter:
             return meta_model(plain_config(ctx.model_config, ctx.layout, plan))
         model = meta_model(ctx.model_config)
         info = {"layout": ctx.layout.to_dict(), "plan": plan.to_dict(), "norm_eps": 1e-6}
-        if ctx.kind == "plain":  # one basis, but widths a stock config cannot hold: no shortcuts
-            info["one_basis"] = True
+        info |= ctx.stream.config_info()  # one basis, but widths a stock config cannot hold: no shortcuts
         if ctx.tied:
             info["tied_head"] = {"bias": False}
         apply_sliced_structure(model, info)  # new tensors follow the meta ones (not init_empty_weights: it unties)

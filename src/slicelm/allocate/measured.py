@@ -46,7 +46,7 @@ from slicelm.allocate.counting import ParameterCounter
 from slicelm.core.calibration import capture_layer_inputs
 from slicelm.core.offload import ActivationStore
 from slicelm.core.pca import CovarianceAccumulator
-from slicelm.core.plan import SlicingPlan, round_width
+from slicelm.core.plan import WHOLE_STREAM_LAYOUT, SlicingPlan, round_width
 from slicelm.errors import SlicelmError
 from slicelm.modeling.modeling_slicelm import get_module, stream_weight
 from slicelm.steps.blocks import remove_attention
@@ -82,7 +82,7 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
     sensitivity: list[float] | None = None
     uniform_mlp = candidates.get("uniform-mlp")
     # --layout plain asks for the stock architecture, which holds one MLP width: only uniform candidates.
-    shaped = uniform_mlp is not None and request.ctx.kind != "plain"
+    shaped = uniform_mlp is not None and not request.ctx.stream.stock
     if shaped and measure is None:  # an injected scorer: a deterministic stand-in for the measurement
         sensitivity = [1.0 + i for i in range(request.ctx.num_layers)]
     elif shaped and _can_measure_layers(request) and uniform_mlp.layers[0].mlp is not None:
@@ -94,7 +94,7 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
                 candidates[f"mlp-shaped-{beta:g}"] = shaped
     candidates |= head_candidates(request)
     attention_sensitivity: list[float] | None = None
-    if uniform_mlp is not None and request.ctx.kind != "plain":  # sub-block removal is not stock-shaped
+    if uniform_mlp is not None and not request.ctx.stream.stock:  # sub-block removal is not stock-shaped
         if measure is None:
             attention_sensitivity = [1.0 + ((i * 7) % 5) for i in range(request.ctx.num_layers)]
         elif isinstance(request.ctx.layout.attn, str):
@@ -186,10 +186,10 @@ def _rotation_allowed(request: PlanRequest) -> bool:
 def _mlp_only_request(request: PlanRequest) -> PlanRequest:
     """The request as planned for a stream that stays whole: one basis (the identity), no shortcuts,
     the stock architecture — wherever the family admits the plain layout."""
-    if request.ctx.kind == "plain" or request.ctx.layout.norm != "rms":
+    if request.ctx.stream.one_basis or request.ctx.layout.norm != "rms":
         return request
-    ctx = replace(request.ctx, kind="plain")
-    config = replace(request.config, layout="plain")
+    ctx = replace(request.ctx, kind=WHOLE_STREAM_LAYOUT)
+    config = replace(request.config, layout=WHOLE_STREAM_LAYOUT)
     return replace(request, ctx=ctx, config=config, counter=ParameterCounter(ctx))
 
 

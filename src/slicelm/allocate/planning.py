@@ -26,7 +26,7 @@ from slicelm.core.calibration import WeightAccess, capture_layer_inputs
 from slicelm.core.devices import DeviceAccess, move_buffers_outside
 from slicelm.core.fuse import is_tied
 from slicelm.core.offload import ActivationStore
-from slicelm.core.plan import SlicingPlan
+from slicelm.core.plan import WHOLE_STREAM_LAYOUT, SlicingPlan
 from slicelm.core.resources import count_parameters
 from slicelm.core.statistics import ModelStatistics, collect_statistics
 from slicelm.errors import SlicelmError
@@ -65,10 +65,10 @@ def plan_with_statistics(
         raise SlicelmError("this model is already sliced; load the original model to slice it again")
     layout = resolve(model)
     # A stream that stays whole needs no shortcuts: the stock architecture, whatever --layout says.
-    whole_stream = config.layout == "slicegpt" and layout.norm == "rms" and keeps_stream(config)
+    whole_stream = not config.stream.one_basis and layout.norm == "rms" and keeps_stream(config)
     if whole_stream:
-        config = replace(config, layout="plain")
-    if config.layout == "plain":
+        config = replace(config, layout=WHOLE_STREAM_LAYOUT)
+    if config.stream.one_basis:
         check_plain(layout.norm, layout.model_type)
     if config.prunes_mlp:
         check_prunable(layout.mlp_chunks, layout.model_type)

@@ -105,6 +105,7 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
     """
     # imported when the parser is built, not when this module is: the module itself stays free of torch
     from slicelm.config import BASES, DEFAULT_SCHEDULE, LAYOUTS, SCHEDULES
+    from slicelm.core.plan import STREAM_LAYOUTS
 
     if not sweep:
         parser.add_argument(
@@ -139,8 +140,7 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         "--layout",
         choices=LAYOUTS,
         default="slicegpt",
-        help="slicegpt: a basis per point with shortcut matrices (remote code); plain: one basis, no shortcuts, "
-        "the original architecture with smaller widths (stock transformers, vLLM, llama.cpp). Default slicegpt",
+        help="; ".join(f"{name}: {layout.help}" for name, layout in STREAM_LAYOUTS.items()) + ". Default slicegpt",
     )
     parser.add_argument(
         "--basis",
@@ -299,6 +299,8 @@ def check_offload_dir(folder: Path) -> None:
 def _validate_format(args: argparse.Namespace) -> None:
     """Refuse a --format that the flags alone show cannot hold the plan (the model's family is
     checked with its config, a followed plan in full, see check_model_config)."""
+    from slicelm.core.plan import STREAM_LAYOUTS  # light (no torch), but kept with the command's other imports
+
     fmt = getattr(args, "format", "auto")
     if fmt == "auto":
         return
@@ -308,7 +310,7 @@ def _validate_format(args: argparse.Namespace) -> None:
         raise SlicelmError("--stream writes the format auto picks (stock, decilm or slicelm); drop --format")
     if fmt not in ("stock", "decilm") or args.followed_plan is not None:
         return
-    if args.layout == "slicegpt" and args.sparsity > 0:
+    if STREAM_LAYOUTS[args.layout].shortcuts and args.sparsity > 0:
         raise SlicelmError(f"--format {fmt} cannot hold the slicegpt layout's shortcut matrices; add --layout plain")
     if fmt == "stock" and args.target_params is not None and args.schedule == "mlp-global":
         raise SlicelmError(
@@ -413,6 +415,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(progress=not args.quiet)
     # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.core.devices import resolve_device
+    from slicelm.core.plan import STREAM_LAYOUTS
     from slicelm.io.models import resolve_source
     from slicelm.io.outputs import OutputClaim
     from slicelm.layouts.checkpoint import OUTPUT_KIND
@@ -429,7 +432,7 @@ def run(args: argparse.Namespace) -> int:
         return _plan_only(args, source)
     # Claimed before any work: a refused or busy --out costs nothing, and no other run can take it.
     layout = args.followed_plan.layout if args.followed_plan is not None else args.layout
-    kind = PLAIN_KIND if layout == "plain" else OUTPUT_KIND
+    kind = PLAIN_KIND if STREAM_LAYOUTS[layout].one_basis else OUTPUT_KIND
     with OutputClaim(args.out, args.overwrite, kind=kind, protect=[source.local_path]) as claim:
         return _run(args, source, claim)
 

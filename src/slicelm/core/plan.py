@@ -59,7 +59,60 @@ class LayerWidths:
         return (self.kv_heads, self.q_per_kv)
 
 
-LAYOUTS = ("slicegpt", "plain")
+@dataclass(frozen=True)
+class StreamLayout:
+    """How a plan slices the residual stream (``SlicingPlan.layout``), and what follows from it.
+
+    one_basis: one basis for the whole stream, so every residual stays the identity and no shortcut
+    matrix is stored (a stock or DeciLM folder can hold the model); otherwise a basis per point of
+    the stream, each chosen from that point's covariance, and a shortcut ``Q_in^T Q_out`` on every
+    residual (slicelm's own folder, remote code). stock: asking for this layout asks for the stock
+    architecture, so allocators plan stock-shaped widths only (one MLP width, uniform heads) and
+    stream widths a stock config accepts (multiples of the attention heads).
+    A new layout is one :func:`register_layout` call; the executor reads these fields.
+    """
+
+    name: str
+    one_basis: bool
+    stock: bool
+    help: str
+
+    @property
+    def shortcuts(self) -> bool:
+        """Residuals carry shortcut matrices (a basis per point)."""
+        return not self.one_basis
+
+    def config_info(self) -> dict[str, Any]:
+        """What a sliced model's config records of the layout (read back when a folder loads)."""
+        return {"kind": self.name, "one_basis": True} if self.one_basis else {}
+
+
+STREAM_LAYOUTS: dict[str, StreamLayout] = {}
+
+
+def register_layout(layout: StreamLayout) -> None:
+    STREAM_LAYOUTS[layout.name] = layout
+
+
+register_layout(
+    StreamLayout(
+        "slicegpt",
+        one_basis=False,
+        stock=False,
+        help="a PCA basis per point of the stream and a shortcut matrix on every residual (the paper; remote code)",
+    )
+)
+register_layout(
+    StreamLayout(
+        "plain",
+        one_basis=True,
+        stock=True,
+        help="one basis for the whole stream, no shortcuts: the original architecture (or DeciLM per layer)",
+    )
+)
+LAYOUTS = tuple(STREAM_LAYOUTS)
+# The layout a stream that stays whole is planned in: nothing to rotate, so no shortcuts.
+WHOLE_STREAM_LAYOUT = "plain"
 BASES = ("pca", "random", "identity", "channels")
 # What a refit writer matches. ``branch``: its own branch's output on the inputs it receives
 # (structured OBS, the error of this step alone). ``dense``: the dense model's stream after the
@@ -132,9 +185,14 @@ class SlicingPlan:
         return {self.embedding} | {w for lw in self.layers for w in (lw.mid, lw.out) if w is not None}
 
     @property
+    def stream(self) -> StreamLayout:
+        """The registered layout this plan slices the stream with."""
+        return STREAM_LAYOUTS[self.layout]
+
+    @property
     def one_basis(self) -> bool:
         """One basis for the whole stream: no shortcut matrices (the plain layout)."""
-        return self.layout == "plain"
+        return self.stream.one_basis
 
     @property
     def is_stock_shaped(self) -> bool:

@@ -214,7 +214,7 @@ def execute(
     memory = PeakMemory()
     params_before = count_parameters(model)
     start = time.perf_counter()
-    plain = plan.one_basis
+    stream = plan.stream  # one basis for the whole stream, or a basis per point with shortcuts
 
     for path in layout.embeddings:
         access.load(model, path)
@@ -227,7 +227,7 @@ def execute(
 
     ctx = PlanContext(layout, model.config, plan.layout, fused.keep_tie, _intermediate(model, layout))
     fixed = None
-    if plain:
+    if stream.one_basis:
         basis = BASES[plan.basis]
         if basis.full_width_identity and plan.keeps_stream:  # a whole stream: any such basis is the same function
             basis = BASES["identity"]
@@ -264,7 +264,7 @@ def execute(
             store[("d", i)] = store[("x", i)]
         store[("x", i)] = _project(store[("x", i)].to(device), q_in)
 
-    roles = block_roles(layout.to_dict()) | {"shortcuts": not plain}  # one basis: no shortcuts
+    roles = block_roles(layout.to_dict()) | {"shortcuts": stream.shortcuts}
     errors: dict[str, dict[str, float]] = {"mlp": {}, "heads": {}}
     t_layers = time.perf_counter()
     for index, layer in enumerate(tqdm(layers, desc="slice layers", disable=not progress)):
@@ -281,9 +281,7 @@ def execute(
         access.load(model, layout.head)
     fuse_final(model, layout, fused)
     info = {"version": __version__, "layout": layout.to_dict(), "plan": plan.to_dict(), "norm_eps": fused.eps}
-    if plain:
-        info["kind"] = "plain"
-        info["one_basis"] = True  # no shortcut matrices
+    info |= plan.stream.config_info()  # one basis: no shortcut matrices
     if fused.keep_tie:
         info["tied_head"] = _keep_tie(model, layout, fused, q_in, q_embedding)
     else:
@@ -303,7 +301,7 @@ def execute(
     timings["total"] = time.perf_counter() - start
     memory.sample()
     # The plain layout is saved in the stock architecture (norm weights back, no shortcuts): count that.
-    params_after = ParameterCounter(ctx).count(plan) if plain else count_parameters(model)
+    params_after = ParameterCounter(ctx).count(plan) if stream.one_basis else count_parameters(model)
     return SliceReport(
         params_before=params_before,
         params_after=params_after,

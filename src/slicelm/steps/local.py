@@ -85,7 +85,7 @@ def serves_locally(layout: Layout, config: SliceConfig) -> bool:
     # Experts only when channels go (at zero removal the rotation path is exact too); a plain LayerNorm
     # model always (the rotation path cannot write one).
     return (layout.experts is not None and removes_mlp) or (
-        layout.norm == "layer" and (removes_mlp or config.layout == "plain")
+        layout.norm == "layer" and (removes_mlp or config.stream.one_basis)
     )
 
 
