@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from slicelm.config import SliceConfig
 from slicelm.io.data import resolve_data_dir
 from slicelm.io.models import load_model
 from slicelm.measure.evaluation import PAPER_METRICS, PAPER_TASKS, evaluate_zeroshot, make_lm, run_lm_eval
@@ -184,8 +185,7 @@ def main() -> None:
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
-        seed=42,
-        slice_batch_size=4,
+        slicing=SliceConfig(seed=42, batch_size=4),
         ppl_dataset="wikitext2" if args.ppl_windows else None,
         ppl_windows=args.ppl_windows or None,
     )

@@ -9,6 +9,7 @@ import pytest
 from conftest import build_tiny_model
 
 from slicelm.cli import main
+from slicelm.config import SliceConfig
 from slicelm.errors import SlicelmError
 from slicelm.measure.sweep import SweepConfig, run_sweep
 
@@ -48,7 +49,7 @@ def tiny_config(folder, data_dir, **overrides) -> SweepConfig:
         calib="c4",
         calib_samples=4,
         calib_seqlen=64,
-        slice_batch_size=2,
+        slicing=SliceConfig(batch_size=2, seed=42),
         ppl_dataset="wikitext2",
         ppl_seqlen=64,
         ppl_windows=2,

@@ -85,17 +85,21 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def extra_slice_options(args: argparse.Namespace) -> dict:
-    """Slicing settings beyond the sweep's own, only where they differ from the defaults (so sweeps
-    stored before an option existed stay valid)."""
-    options = {
-        "untie_head": args.untie_head,
-        "mlp_sparsity": args.mlp_sparsity,
-        "layout": args.layout,
-        "basis": args.basis,
-    }
-    defaults = {"untie_head": False, "mlp_sparsity": 0.0, "layout": "slicegpt", "basis": "pca"}
-    return {k: v for k, v in options.items() if v != defaults[k]}
+def slice_config(args: argparse.Namespace):
+    """How every point is sliced (its sparsity is set per point); validated on construction."""
+    # imported when the command runs: building the parser (--help) needs none of this
+    from slicelm.config import SliceConfig
+
+    return SliceConfig(
+        round_to=args.round_to,
+        slice_head=args.slice_head,
+        untie_head=args.untie_head,
+        basis=args.basis,
+        batch_size=args.calib_batch_size,
+        seed=args.seed,
+        mlp_sparsity=args.mlp_sparsity,
+        layout=args.layout,
+    )
 
 
 RECOVERY_DEFAULTS = {"recover_tokens": 131072, "recover_data": "c4", "recover_full": False, "recover_seqlen": 512}
@@ -111,21 +115,19 @@ def check_recovery_flags(args: argparse.Namespace) -> None:
         raise SlicelmError(f"{flag} configures recovery, and no --recover is given; add --recover lm|kd or drop it")
 
 
-def recovery_options(args: argparse.Namespace) -> dict | None:
+def recovery_config(args: argparse.Namespace):
+    """The --recover fine-tuning (None without it), validated now rather than after slicing."""
     if args.recover is None:
         return None
     # imported when the command runs: building the parser (--help) needs none of this
     from slicelm.recover.config import FinetuneConfig
 
-    options = {
-        "loss": args.recover,
-        "tokens": args.recover_tokens,
-        "seqlen": args.recover_seqlen,
-        "lora_rank": None if args.recover_full else 32,
-        "data": args.recover_data,
-    }
-    FinetuneConfig(**{k: v for k, v in options.items() if k != "data"})  # validates now, not after slicing
-    return options
+    return FinetuneConfig(
+        loss=args.recover,
+        tokens=args.recover_tokens,
+        seqlen=args.recover_seqlen,
+        lora_rank=None if args.recover_full else 32,
+    )
 
 
 def default_out(model: str) -> Path:
@@ -176,17 +178,13 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
-        seed=args.seed,
-        slice_batch_size=args.calib_batch_size,
-        round_to=args.round_to,
-        slice_head=args.slice_head,
+        slicing=slice_config(args),
         ppl_dataset=ppl_dataset,
         ppl_seqlen=args.ppl_seqlen,
         ppl_windows=args.ppl_windows,
         save_models=args.save_models,
-        # Only when set, so that sweeps stored before the option existed stay valid.
-        extra_slice_options=extra_slice_options(args),
-        recovery=recovery_options(args),
+        recovery=recovery_config(args),
+        recovery_data=args.recover_data,
     )
     out = args.out or default_out(args.model)
 

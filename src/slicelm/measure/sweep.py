@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,25 @@ from slicelm.slicing import slice_model
 SCHEMA = 1
 
 
+# Slicing settings the stored slices do not depend on: the sparsity is set per point, and the
+# calibration batch size only groups the same sequences into forward passes.
+_NOT_IN_SLICE_KEY = ("sparsity", "batch_size")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from a point file (tuples become lists), so stored keys compare equal."""
+    return json.loads(json.dumps(value))
+
+
 @dataclass(frozen=True)
 class SweepConfig:
     """What to slice and measure. Only ``sparsities`` and ``tasks`` may change between resumes
-    without invalidating stored points (settings of each measurement are checked separately)."""
+    without invalidating stored points (settings of each measurement are checked separately).
+
+    ``slicing`` is how every point is sliced; its ``sparsity`` is replaced by each point's, and its
+    ``seed`` also draws the calibration sample. ``recovery`` (None: none) fine-tunes each slice on
+    ``recovery_data``. Both validate themselves on construction.
+    """
 
     model: str
     sparsities: tuple[float, ...] = (0.1, 0.2, 0.25, 0.3)
@@ -54,23 +69,20 @@ class SweepConfig:
     data_dir: str | None = None
     dtype: str = "float32"
     device: str | None = None
-    # slicing
+    # calibration: the data the slices are computed from (not SliceConfig settings)
     calib: str = "c4"
     calib_samples: int = 128
     calib_seqlen: int = 2048
-    seed: int = 42
-    slice_batch_size: int = 8
-    round_to: int = 8
-    slice_head: bool = False
+    # seed 42: the CLI's --seed default, which sweeps have always sampled their calibration with
+    slicing: SliceConfig = field(default_factory=lambda: SliceConfig(seed=42))
     # perplexity (None: skip)
     ppl_dataset: str | None = "wikitext2"
     ppl_seqlen: int = 2048
     ppl_windows: int | None = None
     ppl_batch_size: int = 1
     save_models: bool = False
-    extra_slice_options: dict[str, Any] = field(default_factory=dict)
-    # optional recovery of each slice: FinetuneConfig fields plus "data" (None: no recovery)
-    recovery: dict[str, Any] | None = None
+    recovery: FinetuneConfig | None = None
+    recovery_data: str = "c4"
 
     def __post_init__(self) -> None:
         for s in self.sparsities:
@@ -78,21 +90,32 @@ class SweepConfig:
                 raise SlicelmError(f"sparsities must be in [0, 1), got {s}")
         if self.ppl_dataset is None and not self.tasks:
             raise SlicelmError("nothing to measure: give --tasks or a perplexity dataset")
+        # Type checks: the fields were a dict and loose options once, and a dict would fail only after slicing.
+        if not isinstance(self.slicing, SliceConfig):
+            raise SlicelmError(f"slicing must be a SliceConfig, got {type(self.slicing).__name__}")
+        if self.recovery is not None and not isinstance(self.recovery, FinetuneConfig):
+            raise SlicelmError(f"recovery must be a FinetuneConfig or None, got {type(self.recovery).__name__}")
+        if self.slicing.target_params is not None:
+            # A parameter budget chooses the widths itself: every point would be the same model.
+            raise SlicelmError("a sweep sets the sparsity of each point; slicing.target_params must be None")
+
+    def slice_config(self, sparsity: float) -> SliceConfig:
+        """How the point at ``sparsity`` is sliced."""
+        return replace(self.slicing, sparsity=sparsity)
 
     # Settings each kind of measurement depends on (stored beside it, compared on resume).
     def slice_key(self) -> dict[str, Any]:
-        return {
+        slicing = {k: v for k, v in asdict(self.slicing).items() if k not in _NOT_IN_SLICE_KEY}
+        key = {
             "model": self.model,
             "dtype": self.dtype,
             "calib": self.calib,
             "calib_samples": self.calib_samples,
             "calib_seqlen": self.calib_seqlen,
-            "seed": self.seed,
-            "round_to": self.round_to,
-            "slice_head": self.slice_head,
-            **self.extra_slice_options,
+            **slicing,
             "data_dir": self.data_dir,
         }
+        return _jsonable(key)
 
     def ppl_key(self) -> dict[str, Any]:
         return {"dataset": self.ppl_dataset, "seqlen": self.ppl_seqlen, "max_windows": self.ppl_windows}
@@ -101,7 +124,9 @@ class SweepConfig:
         return {"limit": self.limit, "batch_size": self.eval_batch_size, "data_dir": self.data_dir}
 
     def recovery_key(self) -> dict[str, Any] | None:
-        return None if self.recovery is None else {**self.recovery, "data_dir": self.data_dir}
+        if self.recovery is None:
+            return None
+        return _jsonable({**asdict(self.recovery), "data": self.recovery_data, "data_dir": self.data_dir})
 
 
 def point_label(sparsity: float) -> str:
@@ -244,7 +269,7 @@ class _Resources:
                 tokenizer,
                 n_samples=c.calib_samples,
                 seqlen=c.calib_seqlen,
-                seed=c.seed,
+                seed=c.slicing.seed,
                 data_dir=c.data_dir,
             )
         return self._calibration
@@ -257,15 +282,7 @@ class _Resources:
 
 def _slice(model, tokenizer, sparsity: float, config: SweepConfig, resources: _Resources) -> dict[str, Any]:
     samples = resources.calibration(tokenizer)
-    slice_config = SliceConfig(
-        sparsity=sparsity,
-        round_to=config.round_to,
-        slice_head=config.slice_head,
-        batch_size=config.slice_batch_size,
-        seed=config.seed,
-        **config.extra_slice_options,
-    )
-    report = slice_model(model, samples, slice_config, pad_token_id=tokenizer.pad_token_id)
+    report = slice_model(model, samples, config.slice_config(sparsity), pad_token_id=tokenizer.pad_token_id)
     return {
         "params": report.params_after,
         "params_before": report.params_before,
@@ -354,13 +371,17 @@ def _recovered_model(model, tokenizer, record: dict[str, Any], folder: Path, con
         resources.log(f"{folder.name}: loading the saved recovery")
         return models.load_model(str(folder), dtype=config.dtype)[0].to(resources.device())
 
-    options = dict(config.recovery)
-    data = options.pop("data", "c4")
-    finetune_config = FinetuneConfig(**options)
+    finetune_config = config.recovery
     teacher = resources.model()[0] if finetune_config.loss == "kd" else None
     resources.log(f"{folder.name}: recovering ({finetune_config.loss}, {finetune_config.total_steps()} steps)")
     model, report = finetune(
-        model, tokenizer, data, finetune_config, teacher=teacher, data_dir=config.data_dir, device=resources.device()
+        model,
+        tokenizer,
+        config.recovery_data,
+        finetune_config,
+        teacher=teacher,
+        data_dir=config.data_dir,
+        device=resources.device(),
     )
     record["finetune"] = {k: report.to_dict()[k] for k in ("steps", "tokens", "seconds", "trainable_params")}
     if config.save_models:
@@ -444,6 +465,7 @@ def summarize_sweep(config: SweepConfig, points: list[dict[str, Any]]) -> dict[s
     for row in rows:
         row["params_ratio"] = row["params"] / dense["params"]
     settings = asdict(config)
+    del settings["slicing"]["sparsity"]  # each point's own, listed in "sparsities"
     settings["sparsities"] = [r["sparsity"] for r in rows[1:]]
     settings["tasks"] = list(config.tasks)
     return {"settings": settings, "dense": dense, "points": rows}
@@ -503,16 +525,17 @@ def markdown_table(summary: dict[str, Any]) -> str:
     if s.get("recovery"):
         r = s["recovery"]
         lines.append(
-            f"Recovered rows: `slicelm finetune`-style {r.get('loss', 'kd')} on {r.get('data', 'c4')}, "
-            f"{r.get('tokens')} tokens, {'full' if r.get('lora_rank', 32) is None else 'LoRA'}; parameters unchanged."
+            f"Recovered rows: `slicelm finetune`-style {r['loss']} on {s['recovery_data']}, "
+            f"{r['tokens']} tokens, {'full' if r['lora_rank'] is None else 'LoRA'}; parameters unchanged."
         )
     return "\n".join(lines) + "\n"
 
 
 def _settings_line(s: dict[str, Any]) -> str:
+    slicing = s["slicing"]
     parts = [
-        f"Calibration: {s['calib']}, {s['calib_samples']} x {s['calib_seqlen']} tokens, seed {s['seed']}; "
-        f"widths rounded to {s['round_to']}{', head sliced' if s['slice_head'] else ''}."
+        f"Calibration: {s['calib']}, {s['calib_samples']} x {s['calib_seqlen']} tokens, seed {slicing['seed']}; "
+        f"widths rounded to {slicing['round_to']}{', head sliced' if slicing['slice_head'] else ''}."
     ]
     if s["ppl_dataset"] is not None:
         windows = "all windows" if s["ppl_windows"] is None else f"first {s['ppl_windows']} windows"
