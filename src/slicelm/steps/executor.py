@@ -555,8 +555,8 @@ def _prune_mlp(
     eye = torch.eye(channels, dtype=torch.float64, device=device)
     # The ridge pulls towards the writer as it is, not towards zero: W0 = W + (C + damp I)^-1 (X - C W).
     # Where the target is what the writer already writes (nothing changed upstream), X = C W and W0 = W.
-    current = weight.to(torch.float64)
-    best = current + torch.linalg.solve(cov + damp * eye, cross - cov @ current)  # (I, D)
+    written = weight.to(torch.float64)
+    best = written + torch.linalg.solve(cov + damp * eye, cross - cov @ written)  # (I, D)
     result = obs_prune(best, cov, width)
     c_kk = cov[result.keep][:, result.keep]
     residual = energy / acc.count - 2 * (result.weight * cross[result.keep]).sum()
