@@ -619,15 +619,17 @@ def _is_slicelm_plan(path: Path) -> bool:
 
 
 def slice_config_from(args: argparse.Namespace):
-    """The :class:`~slicelm.config.SliceConfig` the flags describe."""
+    """The :class:`~slicelm.config.SliceConfig` the flags describe (``slice``'s, or the slicing flags
+    ``sweep`` shares; a flag the command lacks keeps the config's default, and a sweep sets the
+    sparsity of each point itself)."""
     # imported when the command runs: building the parser (--help) needs none of this
-    from slicelm.config import SliceConfig
+    from slicelm.config import DEFAULT_SCHEDULE, SliceConfig
 
     return SliceConfig(
-        sparsity=args.sparsity,
+        sparsity=getattr(args, "sparsity", 0.0),
         mlp_sparsity=args.mlp_sparsity,
         target_params=getattr(args, "target_params", None),
-        schedule=args.schedule,
+        schedule=getattr(args, "schedule", DEFAULT_SCHEDULE),
         layout=args.layout,
         basis=args.basis,
         round_to=args.round_to,

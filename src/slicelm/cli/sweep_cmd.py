@@ -15,6 +15,7 @@ from slicelm.cli.slice_cmd import (
     add_slicing_arguments,
     check_stream_width,
     fit_seqlens,
+    slice_config_from,
     validate_slicing_arguments,
 )
 from slicelm.errors import SlicelmError
@@ -83,23 +84,6 @@ def add_parser(subparsers) -> None:
         "--recover-seqlen", type=int, default=RECOVERY_DEFAULTS["recover_seqlen"], help="training window (default 512)"
     )
     parser.set_defaults(run=run)
-
-
-def slice_config(args: argparse.Namespace):
-    """How every point is sliced (its sparsity is set per point); validated on construction."""
-    # imported when the command runs: building the parser (--help) needs none of this
-    from slicelm.config import SliceConfig
-
-    return SliceConfig(
-        round_to=args.round_to,
-        slice_head=args.slice_head,
-        untie_head=args.untie_head,
-        basis=args.basis,
-        batch_size=args.calib_batch_size,
-        seed=args.seed,
-        mlp_sparsity=args.mlp_sparsity,
-        layout=args.layout,
-    )
 
 
 RECOVERY_DEFAULTS = {"recover_tokens": 131072, "recover_data": "c4", "recover_full": False, "recover_seqlen": 512}
@@ -178,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_seqlen=args.calib_seqlen,
-        slicing=slice_config(args),
+        slicing=slice_config_from(args),
         ppl_dataset=ppl_dataset,
         ppl_seqlen=args.ppl_seqlen,
         ppl_windows=args.ppl_windows,

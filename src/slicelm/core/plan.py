@@ -7,8 +7,9 @@ the result, where the bases come from and whether the head stays tied. It is JSO
 model (so a checkpoint can be rebuilt from its config alone), written by ``slicelm slice
 --plan-only``, edited by hand or made by another tool, and followed by ``slicelm slice --plan``.
 
-Deciding (:func:`slicelm.allocate.planning.plan`, the allocators of :mod:`slicelm.allocators`) produces a
-plan; doing (:func:`slicelm.slicing.slice_model`) follows one and knows nothing of schedules.
+Deciding (:func:`slicelm.allocate.planning.plan`, the allocators of :mod:`slicelm.allocate.budget`
+and :mod:`slicelm.allocate.measured`) produces a plan; doing (:func:`slicelm.steps.executor.execute`)
+follows one and knows nothing of schedules.
 """
 
 from __future__ import annotations
