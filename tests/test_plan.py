@@ -155,6 +155,29 @@ def test_the_measured_allocator_keeps_the_best_scored_candidate(favourite):
         assert 0.79 * request.params_before <= candidate["params"] <= request.target, candidate
 
 
+@pytest.mark.parametrize("heads_win", [True, False])
+def test_the_second_round_shapes_the_mlps_of_the_winning_structure(heads_win):
+    """When a head removal and a shaped MLP plan each beat the uniform MLP plan, the head removal is
+    scored again with shaped MLP widths (and can be chosen); when no structure wins, nothing is added."""
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    ranks = {"uniform-mlp": 1.0, "heads-2x1+mlp": 0.9 if heads_win else 1.2, "mlp-shaped-1": 0.8}
+
+    def scorer(name: str, plan: SlicingPlan) -> float:
+        return 0.5 if name.endswith("+shaped-1") else ranks.get(name, 2.0)
+
+    request = _request(model)
+    plan, report = measured_allocator(request, scorer=scorer)
+    names = [c["name"] for c in report["candidates"]]
+    if not heads_win:
+        assert not any(n.endswith("+shaped-1") for n in names) and report["chosen"] == "mlp-shaped-1"
+        return
+    assert names[-1] == report["chosen"] == "heads-2x1+mlp+shaped-1"
+    assert all((lw.kv_heads, lw.q_per_kv) == (2, 1) for lw in plan.layers)
+    widths = [lw.mlp for lw in plan.layers]
+    assert len(set(widths)) > 1, widths  # shaped: the deterministic sensitivities differ by layer
+    assert 0.79 * request.params_before <= report["candidates"][-1]["params"] <= request.target
+
+
 def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
     model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
     config = SliceConfig(target_params=0.8, schedule="auto", round_to=1)

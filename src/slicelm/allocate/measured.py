@@ -21,7 +21,10 @@ the model's own next-token distribution:
    the rest from every MLP.
    With ``layout="plain"`` (the stock architecture, one MLP width) only the stock-shaped
    candidates (uniform widths and heads) are scored: a layout the user asked for is honoured.
-4. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
+4. A second round combines what won: when a structural candidate (heads, sub-blocks) and a shaped
+   MLP allocation each beat the uniform MLP plan, the best structural one is scored again with its
+   MLP widths shaped by the best exponent.
+5. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
    candidates, so the choice never scores worse than they do.
 
 Nothing is tuned to a model: the widths come from measurements on the calibration data, and the
@@ -56,7 +59,7 @@ from slicelm.steps.heads import head_geometry
 
 SCORE_TOKENS = 2048  # held-out calibration tokens every candidate is scored on
 SEARCH_TOKENS = 8192  # calibration tokens the candidates' refits use during the search
-SHAPES = (0.5, 1.0)  # exponents of the sensitivity-shaped MLP allocations tried
+SHAPES = (0.5, 1.0, 2.0)  # exponents of the sensitivity-shaped MLP allocations tried
 ATTENTION_REMOVAL_SHARES = (16, 8, 4)  # attention sub-blocks removed: 1/16, 1/8, 1/4 of the layers
 
 Scorer = Callable[[str, SlicingPlan], float]  # (candidate name, plan) -> score, lower is better
@@ -109,6 +112,9 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
     scored = []
     for name, plan in tqdm(list(candidates.items()), desc="score candidates", disable=not request.progress):
         scored.append((scorer(name, plan), name, plan))
+    if sensitivity is not None:  # second round: the best structural removal with the best MLP shaping
+        for name, plan in combined_candidates(request, scored, sensitivity).items():
+            scored.append((scorer(name, plan), name, plan))
     best_score, best_name, best = min(scored, key=lambda s: s[0])  # ties keep the simpler, earlier plan
     report = {
         "chosen": best_name,
@@ -224,7 +230,8 @@ def _combined(request: PlanRequest) -> SlicingPlan | None:
 def shaped_plan(
     request: PlanRequest, uniform: SlicingPlan, sensitivity: Sequence[float], beta: float
 ) -> SlicingPlan | None:
-    """Per-layer MLP widths at the budget, removal proportional to ``sensitivity ** -beta``.
+    """``uniform`` (any plan; its heads and sub-blocks kept) with per-layer MLP widths at the budget,
+    removal proportional to ``sensitivity ** -beta``.
 
     Channels removed per layer are ``min(I - step, lam * s_i ** -beta)`` rounded to the step, with
     ``lam`` found by bisection: the largest plan within the budget (counted as it is written).
@@ -240,9 +247,9 @@ def shaped_plan(
 
     def plan_at(lam: float) -> SlicingPlan:
         widths = []
-        for w in weights.tolist():
+        for w, base in zip(weights.tolist(), uniform.layers, strict=True):
             removed = min(inter - step, round_width(lam * w, step))
-            widths.append(inter - removed if removed > 0 else None)
+            widths.append(0 if base.mlp_removed else inter - removed if removed > 0 else None)
         return uniform.with_mlp(widths)
 
     lo, hi = 0.0, float(inter) * float(weights.max().item() ** -1) * 4 + inter
@@ -255,6 +262,33 @@ def shaped_plan(
         else:
             hi = mid
     return plan_at(hi)
+
+
+STRUCTURAL = ("heads-", "no-attn-")  # name prefixes of the candidates that remove heads or sub-blocks
+
+
+def combined_candidates(
+    request: PlanRequest, scored: Sequence[tuple[float, str, SlicingPlan]], sensitivity: Sequence[float]
+) -> dict[str, SlicingPlan]:
+    """The second round of the search: the best-scored structural candidate (heads or attention
+    sub-blocks removed, MLPs filled uniformly) with its MLP widths shaped by the best-scored exponent
+    instead, when each of the two beat the uniform MLP plan on its own. Empty otherwise."""
+    score = {name: value for value, name, _ in scored}
+    plans = {name: plan for _, name, plan in scored}
+    if "uniform-mlp" not in score:
+        return {}
+    baseline = score["uniform-mlp"]
+    structural = [n for n in score if n.startswith(STRUCTURAL) and score[n] < baseline]
+    shapes = [n for n in score if n.startswith("mlp-shaped-") and score[n] < baseline]
+    if not structural or not shapes:
+        return {}
+    base = min(structural, key=score.get)
+    shape = min(shapes, key=score.get)
+    beta = float(shape.removeprefix("mlp-shaped-"))
+    plan = shaped_plan(request, plans[base], sensitivity, beta)
+    if plan is None or any(plan.layers == p.layers for p in plans.values()):
+        return {}
+    return {f"{base}+shaped-{beta:g}": plan}
 
 
 def _mlp_filled(mlp_request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
