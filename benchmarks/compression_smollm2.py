@@ -14,6 +14,10 @@ everything else that is stored are counted — and measures WikiText-2 test perp
   proxy             stream (per-point bases) and per-layer MLP channels by the proxy (the old default)
   auto              the default command: the measured allocator (candidates scored end to end)
   auto-plain        the measured allocator with --layout plain
+  heads             the head-removal step alone with the MLPs (one query head fewer per KV group,
+                    the rest of the budget from every MLP alike)
+  attn-blocks       the sub-block step alone with the MLPs (attention of the least sensitive 1/16 of
+                    the layers removed, the rest from every MLP alike)
 
 Peers (benchmark code, not slicelm): MLP channels only, the same number in every layer as ``mlp`` at
 the same target, no refit of the output projection:
@@ -59,6 +63,8 @@ METHODS: dict[str, dict] = {
     "proxy": {"schedule": "proxy", "layout": "slicegpt"},
     "auto": {"schedule": "auto", "layout": "slicegpt"},
     "auto-plain": {"schedule": "auto", "layout": "plain"},
+    "heads": {"schedule": "heads", "layout": "slicegpt"},
+    "attn-blocks": {"schedule": "attn-blocks", "layout": "slicegpt"},
 }
 # Peers: uniform MLP-channel removal at the width `mlp` plans for the target, no refit.
 PEERS = ("activation", "torch-pruning")
