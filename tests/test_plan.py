@@ -133,7 +133,8 @@ def _request(model, target: float = 0.8, layout: str = "slicegpt") -> PlanReques
 
 
 @pytest.mark.parametrize(
-    "favourite", ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1", "heads-2x1+mlp", "no-attn-1+mlp"]
+    "favourite",
+    ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1", "mlp-levels", "heads-2x1+mlp", "no-attn-1+mlp"],
 )
 def test_the_measured_allocator_keeps_the_best_scored_candidate(favourite):
     """With a deterministic scorer the chosen plan is the best scored, and the uniform plans are
@@ -178,6 +179,32 @@ def test_the_second_round_shapes_the_mlps_of_the_winning_structure(heads_win):
     assert 0.79 * request.params_before <= report["candidates"][-1]["params"] <= request.target
 
 
+def test_removal_curves_are_convex_and_levels_spend_where_kl_grows_least():
+    """Each layer's curve is the lower convex hull of its measured points from (0, 0); the levels plan
+    takes channels from the layer whose KL grows least per channel, and lands on the budget."""
+    from slicelm.allocate.budget import counter_for
+    from slicelm.allocate.context import stream_plan
+    from slicelm.allocate.measured import levels_plan, removal_curves
+
+    # layer 0: KL 0.1 at 32 removed, 1.0 at 64 (steep); layer 1: a point above the chord (dropped)
+    curves = removal_curves(128, {96: [0.1, 0.5, 0.2, 0.2], 64: [1.0, 0.6, 0.4, 0.4], 112: [0.04, 0.4, 0.1, 0.1]})
+    assert curves[0] == [(0, 0.0), (16, 0.04), (32, 0.1), (64, 1.0)]
+    assert curves[1] == [(0, 0.0), (64, 0.6)]  # (16, 0.4) and (32, 0.5) lie above the chord
+    slopes = [[(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(c, c[1:], strict=False)] for c in curves]
+    assert all(x <= y + 1e-12 for s in slopes for x, y in zip(s, s[1:], strict=False))
+
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    request = _request(model, target=0.9)
+    base = stream_plan(request.ctx, request.ctx.hidden, request.config)  # the whole stream, MLPs whole
+    cheap = [[(0, 0.0), (64, 0.01)], [(0, 0.0), (64, 10.0)], [(0, 0.0), (64, 10.0)], [(0, 0.0), (64, 10.0)]]
+    plan = levels_plan(request, base, cheap)
+    widths = [lw.mlp for lw in plan.layers]
+    assert widths[0] == 64, widths  # the cheap layer gives everything its curve reaches first
+    count = counter_for(request, plan).count(plan)
+    assert count <= request.target and count >= 0.89 * request.params_before
+    assert levels_plan(request, base, [[(0, 0.0), (1, 1.0)]] * 4) is None  # the curves cannot reach the budget
+
+
 def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
     model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
     config = SliceConfig(target_params=0.8, schedule="auto", round_to=1)
@@ -188,7 +215,10 @@ def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
     assert all(s >= -1e-6 and s == s for s in scores.values())  # KL: finite, non-negative (float32 rounding)
     assert len(report["layer_sensitivity"]) == 4 and min(report["layer_sensitivity"]) > 0
     assert len(report["attention_sensitivity"]) == 4 and min(report["attention_sensitivity"]) > 0
-    assert {"heads-2x1+mlp", "heads-1x2+mlp", "no-attn-1+mlp"} <= set(scores)
+    assert {"heads-2x1+mlp", "heads-1x2+mlp", "no-attn-1+mlp", "mlp-levels"} <= set(scores)
+    assert len(report["removal_curves"]) == 4 and all(
+        c[0] == [0, 0.0] or c[0] == (0, 0.0) for c in report["removal_curves"]
+    )
     dense = sum(p.numel() for p in model.parameters())
     assert 0.79 * dense <= report["planned_count"] <= 0.8 * dense
     # The held-out scoring windows are disjoint from the refit samples.

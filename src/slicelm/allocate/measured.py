@@ -14,7 +14,9 @@ the model's own next-token distribution:
    refit sees the signals of the already-compressed layers before it) and scored by the same KL:
    the uniform MLP plan, the uniform stream plan (SliceGPT), their combination, and per-layer MLP
    widths shaped by the measured sensitivities (removal proportional to ``s_i ** -beta`` for each
-   beta in :data:`SHAPES`; beta = 0 would be the uniform plan); the mildest uniform head removals
+   beta in :data:`SHAPES`; beta = 0 would be the uniform plan), and per-layer MLP widths from
+   measured removal curves (each layer's KL also measured at the removals of :data:`LEVELS`; the
+   channels go where the summed KL grows least, along each layer's convex curve); the mildest uniform head removals
    (one query head fewer per KV group, one KV group fewer; o_proj refit) with the rest of the
    budget from every MLP; and the attention sub-blocks of the least sensitive layers removed
    (their sensitivity measured like the MLPs': one layer at a time, KL on the held-out windows),
@@ -60,6 +62,7 @@ from slicelm.steps.heads import head_geometry
 SCORE_TOKENS = 2048  # held-out calibration tokens every candidate is scored on
 SEARCH_TOKENS = 8192  # calibration tokens the candidates' refits use during the search
 SHAPES = (0.5, 1.0, 2.0)  # exponents of the sensitivity-shaped MLP allocations tried
+LEVELS = (0.5, 1.5)  # further MLP removals measured per layer, as multiples of the uniform plan's
 ATTENTION_REMOVAL_SHARES = (16, 8, 4)  # attention sub-blocks removed: 1/16, 1/8, 1/4 of the layers
 
 Scorer = Callable[[str, SlicingPlan], float]  # (candidate name, plan) -> score, lower is better
@@ -90,11 +93,23 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
         sensitivity = [1.0 + i for i in range(request.ctx.num_layers)]
     elif shaped and _can_measure_layers(request) and uniform_mlp.layers[0].mlp is not None:
         sensitivity = measure.layer_sensitivity(uniform_mlp.layers[0].mlp)
-    if sensitivity is not None:
+    curves: list[list[tuple[int, float]]] | None = None
+    if sensitivity is not None and uniform_mlp.layers[0].mlp is not None:
         for beta in SHAPES:
             shaped = shaped_plan(request, uniform_mlp, sensitivity, beta)
             if shaped is not None and all(shaped.layers != c.layers for c in candidates.values()):
                 candidates[f"mlp-shaped-{beta:g}"] = shaped
+        removed = request.ctx.intermediate - uniform_mlp.layers[0].mlp
+        widths = _level_widths(request, removed)
+        if measure is None:  # the stand-in: KL growing with the square of the removal, by layer
+            levels = {w: [s * ((request.ctx.intermediate - w) / removed) ** 2 for s in sensitivity] for w in widths}
+        else:
+            levels = {w: measure.layer_sensitivity(w) for w in widths}
+        levels[uniform_mlp.layers[0].mlp] = list(sensitivity)
+        curves = removal_curves(request.ctx.intermediate, levels)
+        leveled = levels_plan(request, uniform_mlp, curves)
+        if leveled is not None and all(leveled.layers != c.layers for c in candidates.values()):
+            candidates["mlp-levels"] = leveled
     candidates |= head_candidates(request)
     attention_sensitivity: list[float] | None = None
     if uniform_mlp is not None and not request.ctx.stream.stock:  # sub-block removal is not stock-shaped
@@ -112,8 +127,13 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
     scored = []
     for name, plan in tqdm(list(candidates.items()), desc="score candidates", disable=not request.progress):
         scored.append((scorer(name, plan), name, plan))
-    if sensitivity is not None:  # second round: the best structural removal with the best MLP shaping
-        for name, plan in combined_candidates(request, scored, sensitivity).items():
+    if sensitivity is not None:  # second round: the best structural removal with the best MLP allocation
+        allocations = {
+            f"mlp-shaped-{beta:g}": (lambda base, b=beta: shaped_plan(request, base, sensitivity, b)) for beta in SHAPES
+        }
+        if curves is not None:
+            allocations["mlp-levels"] = lambda base: levels_plan(request, base, curves)
+        for name, plan in combined_candidates(scored, allocations).items():
             scored.append((scorer(name, plan), name, plan))
     best_score, best_name, best = min(scored, key=lambda s: s[0])  # ties keep the simpler, earlier plan
     report = {
@@ -124,10 +144,12 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
         ],
         "score": "KL(dense || candidate) per held-out token" if measure is not None else "injected scorer",
         "evaluations": len(scored)
-        + sum(len(v) for v in (sensitivity, attention_sensitivity) if v is not None and measure is not None),
+        + sum(len(v) for v in (sensitivity, attention_sensitivity) if v is not None and measure is not None)
+        + (len(LEVELS) * request.ctx.num_layers if curves is not None and measure is not None else 0),
         "score_tokens": sum(len(s) for s in held),
         "search_tokens": sum(len(s) for s in search),
         "layer_sensitivity": sensitivity,
+        "removal_curves": curves,
         "attention_sensitivity": attention_sensitivity,
         "search_seconds": time.perf_counter() - start,
         "stream_width": best.embedding if best.keeps_stream else min(lw.out for lw in best.layers),
@@ -268,27 +290,102 @@ STRUCTURAL = ("heads-", "no-attn-")  # name prefixes of the candidates that remo
 
 
 def combined_candidates(
-    request: PlanRequest, scored: Sequence[tuple[float, str, SlicingPlan]], sensitivity: Sequence[float]
+    scored: Sequence[tuple[float, str, SlicingPlan]],
+    allocations: dict[str, Callable[[SlicingPlan], SlicingPlan | None]],
 ) -> dict[str, SlicingPlan]:
     """The second round of the search: the best-scored structural candidate (heads or attention
-    sub-blocks removed, MLPs filled uniformly) with its MLP widths shaped by the best-scored exponent
-    instead, when each of the two beat the uniform MLP plan on its own. Empty otherwise."""
+    sub-blocks removed, MLPs filled uniformly) with its MLPs allocated instead as the best-scored
+    per-layer MLP allocation did (``allocations``: candidate name -> how it allocates on a base plan),
+    when each of the two beat the uniform MLP plan on its own. Empty otherwise."""
     score = {name: value for value, name, _ in scored}
     plans = {name: plan for _, name, plan in scored}
     if "uniform-mlp" not in score:
         return {}
     baseline = score["uniform-mlp"]
     structural = [n for n in score if n.startswith(STRUCTURAL) and score[n] < baseline]
-    shapes = [n for n in score if n.startswith("mlp-shaped-") and score[n] < baseline]
-    if not structural or not shapes:
+    allocated = [n for n in score if n in allocations and score[n] < baseline]
+    if not structural or not allocated:
         return {}
     base = min(structural, key=score.get)
-    shape = min(shapes, key=score.get)
-    beta = float(shape.removeprefix("mlp-shaped-"))
-    plan = shaped_plan(request, plans[base], sensitivity, beta)
+    allocation = min(allocated, key=score.get)
+    plan = allocations[allocation](plans[base])
     if plan is None or any(plan.layers == p.layers for p in plans.values()):
         return {}
-    return {f"{base}+shaped-{beta:g}": plan}
+    return {f"{base}+{allocation.removeprefix('mlp-')}": plan}
+
+
+def _level_widths(request: PlanRequest, removed: int) -> list[int]:
+    """The MLP widths of :data:`LEVELS` (multiples of the uniform plan's ``removed`` channels), on the
+    step grid and keeping at least one step."""
+    inter, step = request.ctx.intermediate, request.config.round_to
+    widths = []
+    for level in LEVELS:
+        width = inter - round_width(level * removed, step)
+        if step <= width < inter and width != inter - removed and width not in widths:
+            widths.append(width)
+    return widths
+
+
+def removal_curves(intermediate: int, levels: dict[int, Sequence[float]]) -> list[list[tuple[int, float]]]:
+    """Per layer, the lower convex hull of (channels removed, measured KL) from (0, 0) through the
+    measured widths: the marginal KL per channel grows along each curve. levels: width -> KL by layer."""
+    layers = len(next(iter(levels.values())))
+    curves = []
+    for i in range(layers):
+        points = sorted([(0, 0.0)] + [(intermediate - w, max(float(kl[i]), 0.0)) for w, kl in levels.items()])
+        hull: list[tuple[int, float]] = []
+        for point in points:  # monotone chain, lower hull
+            while len(hull) >= 2 and _cross(hull[-2], hull[-1], point) <= 0:
+                hull.pop()
+            hull.append(point)
+        curves.append(hull)
+    return curves
+
+
+def _cross(o: tuple[int, float], a: tuple[int, float], b: tuple[int, float]) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+
+def levels_plan(
+    request: PlanRequest, base: SlicingPlan, curves: Sequence[Sequence[tuple[int, float]]]
+) -> SlicingPlan | None:
+    """``base`` (its heads and sub-blocks kept) with per-layer MLP removals that minimise the summed
+    measured KL at the budget: the segments of every layer's convex removal curve are taken in order
+    of their KL per channel, the last one partly (on the step grid), up to the furthest measured
+    removal. None when the budget needs more than the curves reach."""
+    inter, step = request.ctx.intermediate, request.config.round_to
+    counter = counter_for(request, base)
+    segments = []  # (KL per channel, layer, channels at its start, channels at its end)
+    for layer, hull in enumerate(curves):
+        for (r0, k0), (r1, k1) in zip(hull, hull[1:], strict=False):
+            segments.append(((k1 - k0) / (r1 - r0), layer, r0, r1))
+    segments.sort()
+
+    def plan_at(taken: float) -> SlicingPlan:
+        removed = [0] * len(curves)
+        left = taken
+        for _, layer, r0, r1 in segments:
+            if left <= 0:
+                break
+            removed[layer] = r0 + min(r1 - r0, left)
+            left -= r1 - r0
+        widths = []
+        for r, lw in zip(removed, base.layers, strict=True):
+            r = min(inter - step, round_width(r, step))
+            widths.append(0 if lw.mlp_removed else inter - r if r > 0 else None)
+        return base.with_mlp(widths)
+
+    total = float(sum(r1 - r0 for _, _, r0, r1 in segments))
+    if counter.count(plan_at(total)) > request.target:
+        return None
+    lo, hi = 0.0, total
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if counter.count(plan_at(mid)) > request.target:
+            lo = mid
+        else:
+            hi = mid
+    return plan_at(hi)
 
 
 def _mlp_filled(mlp_request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
