@@ -67,7 +67,9 @@ def main() -> None:
                 sys.exit(done.stderr[-3000:])
             result = json.loads(done.stdout) | {"wall_seconds": time.perf_counter() - start}
             record.write_text(json.dumps(result, indent=2) + "\n")
-        rows.append({"name": name, "model": spec, "params": parameters(spec), **json.loads(record.read_text())})
+        stored = json.loads(record.read_text())
+        # A folder removed since its record was written keeps the count the record holds.
+        rows.append({"name": name, "model": spec, **stored, "params": parameters(spec) or stored.get("params")})
     write(rows, args)
 
 
