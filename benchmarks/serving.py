@@ -429,6 +429,14 @@ def llama_perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int
     return float(match.group(1))
 
 
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF file's header (``llama``, ``deci`` ...)."""
+    from gguf import GGUFReader  # llama.cpp's own reader, a slicelm dependency
+
+    field = GGUFReader(path).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
 def llama_bench(binary: Path, gguf: Path, threads: int, prompt: int, gen: int) -> dict[str, float]:
     done = sh([binary, "-m", gguf, "-p", prompt, "-n", gen, "-r", 1, "-t", threads, "-o", "json"])
     out = {}
