@@ -16,8 +16,10 @@ $SLICELM_VLLM_PYTHON), one engine per folder held open by ``benchmarks/serving_v
   vLLM's prompt log-probabilities, against ``slicelm ppl --seqlen S --max-windows W`` (target 0.5%);
 * offline throughput: ``--batch-sizes`` prompts of ``--tp-prompt-len`` tokens x ``--tp-new-tokens``
   generated tokens per call, output tokens/s;
-* server: ``vllm serve FOLDER`` on 127.0.0.1 answers the ``openai`` client's completion request
-  (temperature 0, the same prompts and token counts) with the text of the transformers tokens.
+* server: the command ``slicelm export FOLDER`` prints (``python -m vllm.entrypoints.openai.api_server
+  --model FOLDER ...``; the CPU wheel's ``vllm serve`` entry point does not start) on 127.0.0.1 answers
+  the ``openai`` client's completion request (temperature 0, the same prompts and token counts) with
+  the text of the transformers tokens.
 
 llama.cpp (``benchmarks/llama_cpp_build.sh``; ``--llama-cpp`` or $LLAMA_CPP_DIR):
 
@@ -62,6 +64,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slicelm.errors import SlicelmError
+from slicelm.export import vllm_command
 from slicelm.io.data import eval_text, load_eval_ids
 from slicelm.io.models import load_model, resolve_source
 
@@ -260,13 +264,19 @@ print(json.dumps(texts))
 def vllm_server_check(
     python: str, folder: Path, prompts: list[str], new_tokens: int, max_model_len: int, timeout: float
 ) -> dict:
-    """``vllm serve FOLDER`` on 127.0.0.1; the ``openai`` client's greedy completions of ``prompts``."""
+    """vLLM's OpenAI-compatible server on 127.0.0.1, started with the command ``slicelm export`` prints
+    (run by the vLLM venv's ``python``, its ``--dtype`` replaced by float32, the reference's); the
+    ``openai`` client's greedy completions of ``prompts``."""
+    try:
+        printed = shlex.split(vllm_command(folder))
+    except SlicelmError as exc:
+        return {"ok": False, "error": f"slicelm export refuses the folder: {exc}"}
+    if "--dtype" in printed:
+        at = printed.index("--dtype")
+        del printed[at : at + 2]
     port = free_port()
-    vllm = str(Path(python).parent / "vllm")
-    cmd = [vllm, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    cmd = [python, *printed[1:], "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     cmd += ["--max-model-len", str(max_model_len), "--seed", "0", "--served-model-name", "model"]
-    if needs_remote_code(folder):
-        cmd.append("--trust-remote-code")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -280,7 +290,7 @@ def vllm_server_check(
         while True:
             if server.poll() is not None:
                 tail = [x for x in server.stderr.read().splitlines() if x.strip()]
-                return {"ok": False, "error": f"vllm serve exited {server.returncode}: {tail[-1] if tail else ''}"}
+                return {"ok": False, "error": f"the vLLM server exited {server.returncode}: {tail[-1] if tail else ''}"}
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
@@ -288,7 +298,7 @@ def vllm_server_check(
             except OSError:
                 pass
             if time.monotonic() - start > timeout:
-                return {"ok": False, "error": f"vllm serve was not ready after {timeout:.0f} s"}
+                return {"ok": False, "error": f"the vLLM server was not ready after {timeout:.0f} s"}
             time.sleep(3)
         ready = time.monotonic() - start
         done = subprocess.run(
@@ -298,7 +308,8 @@ def vllm_server_check(
         if done.returncode != 0:
             tail = [x for x in done.stderr.splitlines() if x.strip()]
             return {"ok": False, "error": f"openai client failed: {tail[-1] if tail else done.returncode}"}
-        return {"ok": True, "ready_seconds": round(ready, 1), "texts": json.loads(done.stdout.strip().splitlines()[-1])}
+        texts = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"ok": True, "ready_seconds": round(ready, 1), "command": shlex.join(printed), "texts": texts}
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)
@@ -412,7 +423,7 @@ def run_vllm(args, folders: dict[str, Path], refs: dict[str, dict], eval_ids: li
                 mismatches = [{"prompt": i, "expected": e, "got": g} for i, (e, g) in pairs if e != g]
                 check["first_mismatch"] = mismatches[0] if mismatches else None
             result["folders"][name]["server"] = check
-            log(f"vllm serve {name}: {check.get('identical', check.get('error'))}")
+            log(f"vLLM server {name}: {check.get('identical', check.get('error'))}")
     result["settings"] = {"max_model_len": max_model_len, "dtype": "float32", "prefix_caching": False}
     return result
 
@@ -536,7 +547,8 @@ def write_report(result: dict, out: Path) -> None:
             f"{s['ppl_windows']} WikiText-2 test windows of {s['ppl_seqlen']} tokens, every prediction scored, "
             "from vLLM's prompt "
             f"log-probabilities, against `slicelm ppl --seqlen {s['ppl_seqlen']} --max-windows {s['ppl_windows']}`. "
-            "Server: `vllm serve FOLDER --dtype float32` on 127.0.0.1, the `openai` client's completions of the same "
+            "Server: the command `slicelm export FOLDER` prints (`python -m vllm.entrypoints.openai.api_server --model "
+            "FOLDER`), with `--dtype float32`, on 127.0.0.1; the `openai` client's completions of the same "
             "prompts (temperature 0), compared with the decoded transformers tokens.",
             "",
             "| name | loads | greedy identical | first divergence | ppl vLLM | ppl slicelm | gap | server text same |",

@@ -7,7 +7,7 @@ removed, MLP 192) go through the engines the way `benchmarks/serving.py` drives 
 
 * vLLM (``$SLICELM_VLLM_PYTHON``, made by ``benchmarks/vllm_setup.sh``): greedy tokens equal a
   transformers loop token for token; the NLL from prompt log-probabilities equals transformers';
-  ``vllm serve`` answers the ``openai`` client with the same greedy text;
+  the server command ``slicelm export`` prints answers the ``openai`` client with the same greedy text;
 * llama.cpp (``$LLAMA_CPP_DIR``, made by ``benchmarks/llama_cpp_build.sh``): ``slicelm export`` to
   f16 / q8_0 / q4_k_m, ``llama-perplexity`` equal to slicelm's perplexity (second half of each window),
   ``llama-bench`` measures both phases; the DeciLM folder written for llama.cpp (MLP widths zero-padded
@@ -186,7 +186,7 @@ def test_llama_cpp_runs_the_pruned_folder_with_slicelm_perplexity(folders, refer
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert gguf.read_bytes()[:4] == b"GGUF"
-        assert f"vllm serve {folders['mlp25']}" in done.stderr
+        assert f"vllm.entrypoints.openai.api_server --model {folders['mlp25']}" in done.stderr
         if outtype == "q4_k_m":  # the 128-wide stream is not a multiple of 256: said in one note line
             assert "hidden_size 128 is not a multiple of 256" in done.stderr
         ppl = serving.llama_perplexity(tools / "llama-perplexity", gguf, text, 128, 2, 2)

