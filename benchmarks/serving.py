@@ -522,6 +522,10 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"Produced by `benchmarks/serving.py` on {s['machine']} ({s['threads']} threads). Command: `{s['command']}`.",
         "",
+        f"The machine was shared with other jobs: 1-minute load average {s['load_average_start']} at the start, "
+        f"{s.get('load_average_end', '?')} at the end, on {os.cpu_count()} cores. Speed ratios are therefore noisy; "
+        "the spreads below say how much.",
+        "",
         "Folders (the first is the reference; the limits are dense/compressed stored parameters for generation, "
         "and matmul weights for prompt processing):",
         "",
@@ -748,7 +752,8 @@ def main() -> None:
                 folder, args.llama_ctx, args.llama_chunks, args.llama_ctx // 2, args.data_dir
             )
     settings = {k: v for k, v in vars(args).items()}
-    settings["command"] = "python benchmarks/serving.py " + " ".join(args.folders)
+    settings["command"] = "python benchmarks/serving.py " + shlex.join(sys.argv[1:])
+    settings["load_average_start"] = round(os.getloadavg()[0], 2)
     settings["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     result["settings"] = settings
     if "vllm" in engines:
@@ -760,6 +765,7 @@ def main() -> None:
         write_report(result, Path(args.out))  # keep what was measured if llama.cpp fails later
     if "llama.cpp" in engines:
         result["llama_cpp"] = run_llama_cpp(args, folders, refs, work)
+    settings["load_average_end"] = round(os.getloadavg()[0], 2)
     write_report(result, Path(args.out))
     log(f"wrote {Path(args.out).with_suffix('.md')} and .json")
 
