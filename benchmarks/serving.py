@@ -39,7 +39,11 @@ of the weights used in matmuls (every linear, the head included, the embedding l
 Writes ``--out``.json and .md (default docs/results/serving_smollm2). Budgets are small by default
 and stated in the page.
 
-    python benchmarks/serving.py dense=smollm2-135m mlp25=runs/mlp25 --llama-cpp /work/llama.cpp-build
+    slicelm slice smollm2-135m --mlp-sparsity 0.25 --layout plain --round-to 32 --out RUNS/mlp25
+    slicelm slice smollm2-135m --target-params 0.85 --schedule mlp-global --layout plain --format decilm \
+        --round-to 256 --out RUNS/decilm   # per-layer MLP widths; multiples of 256 for llama.cpp's deci
+    python benchmarks/serving.py dense=smollm2-135m mlp25=RUNS/mlp25 decilm=RUNS/decilm \
+        --llama-cpp /work/llama.cpp-build --work RUNS/serving
 """
 
 from __future__ import annotations
@@ -122,6 +126,28 @@ def materialise(name: str, spec: str, work: Path) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def made_by(folder: Path) -> str:
+    """How slicelm wrote ``folder``, from its ``slicelm_report.json`` (format, plan, calibration)."""
+    path = folder / "slicelm_report.json"
+    if not folder.is_dir():
+        return "unknown (the folder is gone)"
+    if not path.is_file():
+        return "not by slicelm (the dense model as transformers saves it)"
+    report = json.loads(path.read_text())
+    parts = [f"{report.get('format', '?')} format, {report.get('layout', '?')} layout"]
+    planning = report.get("planning") or {}
+    if planning.get("schedule"):
+        parts.append(f"--target-params {planning.get('target_params')} --schedule {planning['schedule']}")
+    blocks = report.get("blocks") or report.get("plan", {}).get("layers", [])
+    widths = [b["mlp"] for b in blocks if b.get("mlp") is not None]
+    if widths:
+        parts.append(f"MLP width {widths[0]}" if len(set(widths)) == 1 else f"MLP widths {min(widths)}-{max(widths)}")
+    c = report.get("calibration") or {}
+    if c:
+        parts.append(f"calibration {c.get('dataset')} {c.get('samples')}x{c.get('max_seqlen')}")
+    return "; ".join(parts)
 
 
 def needs_remote_code(folder: Path) -> bool:
@@ -522,20 +548,22 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"Produced by `benchmarks/serving.py` on {s['machine']} ({s['threads']} threads). Command: `{s['command']}`.",
         "",
-        f"The machine was shared with other jobs: 1-minute load average {s['load_average_start']} at the start, "
-        f"{s.get('load_average_end', '?')} at the end, on {os.cpu_count()} cores. Speed ratios are therefore noisy; "
-        "the spreads below say how much.",
+        "The machine was shared with other jobs: 1-minute load average "
+        f"{s.get('load_average_start', '?')} at the start and {s.get('load_average_end', '?')} at the end. Speed "
+        "ratios are therefore noisy; the spreads below say how much.",
         "",
         "Folders (the first is the reference; the limits are dense/compressed stored parameters for generation, "
         "and matmul weights for prompt processing):",
         "",
-        "| name | folder | parameters | stored ratio | generation limit | prompt limit |",
-        "|---|---|---:|---:|---:|---:|",
+        "| name | folder | made by slicelm | parameters | stored ratio | generation limit | prompt limit |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for n in names:
         c, d = counts[n], counts[reference]
+        row = result["folders"][n]
+        made = row.get("made_by") or made_by(Path(row["folder"]))
         lines.append(
-            f"| {n} | `{result['folders'][n]['folder']}` | {c['stored'] / 1e6:.2f}M | "
+            f"| {n} | `{row['folder']}` | {made} | {c['stored'] / 1e6:.2f}M | "
             f"{c['stored'] / d['stored']:.3f} | {d['stored'] / c['stored']:.3f}x | {d['matmul'] / c['matmul']:.3f}x |"
         )
     targets: list[tuple[str, dict, float]] = []  # (what, ratio summary, limit) for the summary below
@@ -687,7 +715,7 @@ def target_lines(result: dict, targets: list[tuple[str, dict, float]]) -> list[s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", nargs="+", help="NAME=FOLDER or FOLDER; the first is the reference (dense)")
+    p.add_argument("folders", nargs="*", help="NAME=FOLDER or FOLDER; the first is the reference (dense)")
     p.add_argument("--engines", default="vllm,llama.cpp", help="comma-separated: vllm, llama.cpp")
     p.add_argument("--vllm-python", default=os.environ.get("SLICELM_VLLM_PYTHON", str(REPO / ".venv-vllm/bin/python")))
     p.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"))
@@ -710,8 +738,18 @@ def main() -> None:
     p.add_argument("--bench-prompt", type=int, default=256)
     p.add_argument("--bench-gen", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true", help="rewrite --out's .md from its .json; run nothing")
     p.add_argument("--timeout", type=float, default=900, help="seconds for an engine to load")
     args = p.parse_args()
+    if args.report_only:
+        measured = Path(args.out).with_suffix(".json")
+        if not measured.is_file():
+            p.error(f"--report-only needs {measured}")
+        write_report(json.loads(measured.read_text()), Path(args.out))
+        log(f"rewrote {Path(args.out).with_suffix('.md')} from {measured}")
+        return
+    if not args.folders:
+        p.error("give at least one folder: NAME=FOLDER or FOLDER, the first the reference")
     engines = set(args.engines.split(","))
     if not engines <= {"vllm", "llama.cpp"}:
         p.error(f"unknown engine in --engines {args.engines}")
@@ -739,6 +777,7 @@ def main() -> None:
         refs[name] = {"tokenizer": tokenizer, "prompt_ids": prompt_ids, "greedy": greedy}
         row = result["folders"][name] = {
             "folder": str(folder),
+            "made_by": made_by(folder),
             "weights": weight_counts(model),
             "greedy_text": [tokenizer.decode(t) for t in greedy],
         }
