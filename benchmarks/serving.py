@@ -550,7 +550,13 @@ def write_report(result: dict, out: Path) -> None:
         "",
         "The machine was shared with other jobs: 1-minute load average "
         f"{s.get('load_average_start', '?')} at the start and {s.get('load_average_end', '?')} at the end. Speed "
-        "ratios are therefore noisy; the spreads below say how much.",
+        "ratios are therefore noisy; the spreads below say how much."
+        + "".join(
+            f" The {engine} run, concurrent with it: {run.get('load_average_start', '?')} and "
+            f"{run.get('load_average_end', '?')}."
+            for engine, run in ((e, s.get(f"{section}_run")) for e, (section, _) in ENGINE_SECTIONS.items())
+            if run
+        ),
         "",
         "Folders (the first is the reference; the limits are dense/compressed stored parameters for generation, "
         "and matmul weights for prompt processing):",
@@ -713,6 +719,34 @@ def target_lines(result: dict, targets: list[tuple[str, dict, float]]) -> list[s
     return lines
 
 
+ENGINE_SECTIONS = {"vllm": ("vllm", "ppl_vllm_protocol"), "llama.cpp": ("llama_cpp", "ppl_llama_protocol")}
+
+
+def merge_runs(result: dict, other: dict) -> dict:
+    """``result`` with the engine sections that only ``other`` measured (each engine can run on its own,
+    ``--engines``, and then concurrently): the same folders, and every other setting equal."""
+    if {n: f["folder"] for n, f in result["folders"].items()} != {n: f["folder"] for n, f in other["folders"].items()}:
+        raise SystemExit("serving.py: error: --merge needs a run on the same NAME=FOLDER list")
+    per_run = ("engines", "command", "vllm_version", "out", "report_only", "merge")
+    own = {k: v for k, v in result["settings"].items() if k not in per_run and not k.startswith("load_average")}
+    theirs = {k: other["settings"].get(k) for k in own}
+    if own != theirs:
+        differ = sorted(k for k in own if own[k] != theirs[k])
+        raise SystemExit(f"serving.py: error: --merge needs the same settings; these differ: {', '.join(differ)}")
+    merged = json.loads(json.dumps(result))
+    for section, ppl_key in ENGINE_SECTIONS.values():
+        if section in merged or section not in other:
+            continue
+        merged[section] = other[section]
+        for name, row in merged["folders"].items():
+            row[ppl_key] = other["folders"][name][ppl_key]
+        merged["settings"]["command"] += f"` and, concurrently, `{other['settings']['command']}"
+        for key in ("vllm_version", "load_average_start", "load_average_end"):
+            if key in other["settings"]:
+                merged["settings"].setdefault(f"{section}_run", {})[key] = other["settings"][key]
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="*", help="NAME=FOLDER or FOLDER; the first is the reference (dense)")
@@ -739,13 +773,20 @@ def main() -> None:
     p.add_argument("--bench-gen", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true", help="rewrite --out's .md from its .json; run nothing")
+    p.add_argument(
+        "--merge", metavar="JSON", help="with --report-only: add the engine sections only this other run's JSON has"
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds for an engine to load")
     args = p.parse_args()
     if args.report_only:
         measured = Path(args.out).with_suffix(".json")
         if not measured.is_file():
             p.error(f"--report-only needs {measured}")
-        write_report(json.loads(measured.read_text()), Path(args.out))
+        result = json.loads(measured.read_text())
+        if args.merge:
+            result = merge_runs(result, json.loads(Path(args.merge).read_text()))
+            measured.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_report(result, Path(args.out))
         log(f"rewrote {Path(args.out).with_suffix('.md')} from {measured}")
         return
     if not args.folders:
