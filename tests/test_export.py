@@ -151,3 +151,33 @@ def test_rough_12_export_names_what_a_remote_code_folder_is(section, fragment, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and "--layout slicegpt" not in err[0], err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "tokenizer", "refused"),
+    [
+        (49152, {"model": {"type": "BPE", "byte_fallback": False}, "decoder": {"type": "ByteLevel"}}, True),
+        (128256, {"model": {"type": "BPE", "byte_fallback": False}, "decoder": {"type": "ByteLevel"}}, False),
+        (32000, {"model": {"type": "BPE", "byte_fallback": True}, "decoder": {"type": "Sequence"}}, False),
+    ],
+)
+def test_a_decilm_folder_whose_tokenizer_the_deci_converter_cannot_read_is_refused_in_one_line(
+    tmp_path, capsys, vocab_size, tokenizer, refused
+):
+    """llama.cpp's deci converter reads a GPT-2-style BPE only at Llama 3's 128,256 tokens, else a
+    Llama-2-style byte-fallback BPE (SmolLM2's tokenizer is neither: 'Cannot find Llama BPE tokenizer')."""
+    from conftest import build_tiny_model
+
+    from slicelm.layouts.decilm import save_decilm
+
+    folder = save_decilm(build_tiny_model("llama"), tmp_path / "deci", llama_cpp=True)  # widths it reads
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"vocab_size": vocab_size}))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'outfile.write_bytes(b"GGUF deci")\n')
+    code, err = run_export(folder, tmp_path / "m.gguf", tools, capsys)
+    if refused:
+        assert code == 2 and len(err) == 1 and not (tmp_path / "m.gguf").exists()
+        assert "deci converter cannot read this DeciLM folder" in err[0] and "vocab_size 49152" in err[0]
+    else:
+        assert code == 0 and (tmp_path / "m.gguf").read_bytes() == b"GGUF deci"

@@ -2,8 +2,9 @@
 
 A tiny Llama saved with stock transformers (SmolLM2's tokenizer, so that llama.cpp's converter
 recognises it), the same model with a quarter of its MLP channels pruned (``--layout plain``), and a
-hand-made non-uniform DeciLM folder of it (layer 0: full attention, MLP 128 of 256; layer 1: attention
-removed, MLP 192) go through the engines the way `benchmarks/serving.py` drives them on the real model:
+hand-made non-uniform DeciLM folder (layer 0: full attention, MLP 128 of 256; layer 1: attention
+removed, MLP 192; Llama 3's vocabulary size, the only one at which llama.cpp's deci converter reads a
+BPE tokenizer) go through the engines the way `benchmarks/serving.py` drives them on the real model:
 
 * vLLM (``$SLICELM_VLLM_PYTHON``, made by ``benchmarks/vllm_setup.sh``): greedy tokens equal a
   transformers loop token for token; the NLL from prompt log-probabilities equals transformers';
@@ -30,6 +31,7 @@ import pytest
 import torch
 from helpers import calibration
 
+from slicelm.export import DECI_BPE_VOCAB_SIZE
 from slicelm.layouts.checkpoint import save_sliced
 from slicelm.layouts.decilm import save_decilm
 from slicelm.measure.perplexity import perplexity
@@ -82,9 +84,9 @@ def keep_mlp_channels(mlp: torch.nn.Module, width: int) -> None:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
     """dense: a tiny stock Llama (widths multiples of 32, decisive logits); mlp25: 25% of its MLP
-    channels pruned by slicelm, plain layout; decilm: per-layer widths (layer 0 MLP 128, layer 1 no
-    attention and MLP 192), and decilm_llama_cpp, the same written for llama.cpp (MLPs zero-padded to
-    256). All float32 with the SmolLM2 tokenizer."""
+    channels pruned by slicelm, plain layout; decilm: a tiny Llama of Llama 3's vocabulary size with
+    per-layer widths (layer 0 MLP 128, layer 1 no attention and MLP 192), and decilm_llama_cpp, the same
+    written for llama.cpp (MLPs zero-padded to 256). All float32 with the SmolLM2 tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     root = tmp_path_factory.mktemp("serving")
@@ -109,13 +111,18 @@ def folders(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
     slice_model(
         pruned,
         calibration(config.vocab_size, lengths=(64,) * 8),
-        SliceConfig(mlp_sparsity=0.25, layout="plain", round_to=32),
+        SliceConfig(sparsity=0.0, mlp_sparsity=0.25, layout="plain", round_to=32),
         progress=False,
     )
     save_sliced(pruned, root / "mlp25", smollm2_tokenizer)
     assert json.loads((root / "mlp25" / "config.json").read_text())["intermediate_size"] == 192
 
-    deci = AutoModelForCausalLM.from_pretrained(root / "dense", dtype=torch.float32).eval()
+    # llama.cpp's deci converter reads a BPE vocabulary only at Llama 3's size: SmolLM2's tokens, then padding.
+    torch.manual_seed(1)
+    deci_config = config.to_dict() | {"vocab_size": DECI_BPE_VOCAB_SIZE}
+    deci = AutoModelForCausalLM.from_config(LlamaConfig(**deci_config), dtype=torch.float32).eval()
+    with torch.no_grad():  # the padding tokens' rows (tied head): logit 0, never the argmax; text stays decodable
+        deci.get_input_embeddings().weight[len(smollm2_tokenizer) :] = 0
     keep_mlp_channels(deci.model.layers[0].mlp, 128)
     deci.model.layers[1].self_attn = NoOpAttention()
     keep_mlp_channels(deci.model.layers[1].mlp, 192)
