@@ -16,8 +16,10 @@ $SLICELM_VLLM_PYTHON), one engine per folder held open by ``benchmarks/serving_v
   vLLM's prompt log-probabilities, against ``slicelm ppl --seqlen S --max-windows W`` (target 0.5%);
 * offline throughput: ``--batch-sizes`` prompts of ``--tp-prompt-len`` tokens x ``--tp-new-tokens``
   generated tokens per call, output tokens/s;
-* server: ``vllm serve FOLDER`` on 127.0.0.1 answers the ``openai`` client's completion request
-  (temperature 0, the same prompts and token counts) with the text of the transformers tokens.
+* server: the command ``slicelm export FOLDER`` prints (``python -m vllm.entrypoints.openai.api_server
+  --model FOLDER ...``; the CPU wheel's ``vllm serve`` entry point does not start) on 127.0.0.1 answers
+  the ``openai`` client's completion request (temperature 0, the same prompts and token counts) with
+  the text of the transformers tokens.
 
 llama.cpp (``benchmarks/llama_cpp_build.sh``; ``--llama-cpp`` or $LLAMA_CPP_DIR):
 
@@ -37,7 +39,11 @@ of the weights used in matmuls (every linear, the head included, the embedding l
 Writes ``--out``.json and .md (default docs/results/serving_smollm2). Budgets are small by default
 and stated in the page.
 
-    python benchmarks/serving.py dense=smollm2-135m mlp25=runs/mlp25 --llama-cpp /work/llama.cpp-build
+    slicelm slice smollm2-135m --mlp-sparsity 0.25 --layout plain --round-to 32 --out RUNS/mlp25
+    slicelm slice smollm2-135m --target-params 0.85 --schedule mlp-global --layout plain --format decilm \
+        --round-to 256 --out RUNS/decilm   # per-layer MLP widths; multiples of 256 for llama.cpp's deci
+    python benchmarks/serving.py dense=smollm2-135m mlp25=RUNS/mlp25 decilm=RUNS/decilm \
+        --llama-cpp /work/llama.cpp-build --work RUNS/serving
 """
 
 from __future__ import annotations
@@ -62,6 +68,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slicelm.errors import SlicelmError
+from slicelm.export import vllm_command
 from slicelm.io.data import eval_text, load_eval_ids
 from slicelm.io.models import load_model, resolve_source
 
@@ -118,6 +126,28 @@ def materialise(name: str, spec: str, work: Path) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return out
+
+
+def made_by(folder: Path) -> str:
+    """How slicelm wrote ``folder``, from its ``slicelm_report.json`` (format, plan, calibration)."""
+    path = folder / "slicelm_report.json"
+    if not folder.is_dir():
+        return "unknown (the folder is gone)"
+    if not path.is_file():
+        return "not by slicelm (the dense model as transformers saves it)"
+    report = json.loads(path.read_text())
+    parts = [f"{report.get('format', '?')} format, {report.get('layout', '?')} layout"]
+    planning = report.get("planning") or {}
+    if planning.get("schedule"):
+        parts.append(f"--target-params {planning.get('target_params')} --schedule {planning['schedule']}")
+    blocks = report.get("blocks") or report.get("plan", {}).get("layers", [])
+    widths = [b["mlp"] for b in blocks if b.get("mlp") is not None]
+    if widths:
+        parts.append(f"MLP width {widths[0]}" if len(set(widths)) == 1 else f"MLP widths {min(widths)}-{max(widths)}")
+    c = report.get("calibration") or {}
+    if c:
+        parts.append(f"calibration {c.get('dataset')} {c.get('samples')}x{c.get('max_seqlen')}")
+    return "; ".join(parts)
 
 
 def needs_remote_code(folder: Path) -> bool:
@@ -219,7 +249,9 @@ class VllmEngine:
             if self.proc.poll() is not None and not self.selector.get_map():
                 break
         tail = next((x for x in reversed(self.stderr_tail) if x.strip()), "no output")
-        return {"ok": False, "error": f"vLLM worker gave no answer (exit {self.proc.poll()}): {tail}"}
+        if self.proc.poll() is None:  # still running: a timeout, not a failure
+            return {"ok": False, "error": f"vLLM worker gave no answer within {timeout:.0f} s (last log: {tail})"}
+        return {"ok": False, "error": f"vLLM worker exited {self.proc.poll()} without an answer: {tail}"}
 
     def ask(self, command: dict, timeout: float = 1800) -> dict:
         self.proc.stdin.write(json.dumps(command) + "\n")
@@ -260,13 +292,19 @@ print(json.dumps(texts))
 def vllm_server_check(
     python: str, folder: Path, prompts: list[str], new_tokens: int, max_model_len: int, timeout: float
 ) -> dict:
-    """``vllm serve FOLDER`` on 127.0.0.1; the ``openai`` client's greedy completions of ``prompts``."""
+    """vLLM's OpenAI-compatible server on 127.0.0.1, started with the command ``slicelm export`` prints
+    (run by the vLLM venv's ``python``, its ``--dtype`` replaced by float32, the reference's); the
+    ``openai`` client's greedy completions of ``prompts``."""
+    try:
+        printed = shlex.split(vllm_command(folder))
+    except SlicelmError as exc:
+        return {"ok": False, "error": f"slicelm export refuses the folder: {exc}"}
+    if "--dtype" in printed:
+        at = printed.index("--dtype")
+        del printed[at : at + 2]
     port = free_port()
-    vllm = str(Path(python).parent / "vllm")
-    cmd = [vllm, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
+    cmd = [python, *printed[1:], "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32"]
     cmd += ["--max-model-len", str(max_model_len), "--seed", "0", "--served-model-name", "model"]
-    if needs_remote_code(folder):
-        cmd.append("--trust-remote-code")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
@@ -280,7 +318,7 @@ def vllm_server_check(
         while True:
             if server.poll() is not None:
                 tail = [x for x in server.stderr.read().splitlines() if x.strip()]
-                return {"ok": False, "error": f"vllm serve exited {server.returncode}: {tail[-1] if tail else ''}"}
+                return {"ok": False, "error": f"the vLLM server exited {server.returncode}: {tail[-1] if tail else ''}"}
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
@@ -288,7 +326,7 @@ def vllm_server_check(
             except OSError:
                 pass
             if time.monotonic() - start > timeout:
-                return {"ok": False, "error": f"vllm serve was not ready after {timeout:.0f} s"}
+                return {"ok": False, "error": f"the vLLM server was not ready after {timeout:.0f} s"}
             time.sleep(3)
         ready = time.monotonic() - start
         done = subprocess.run(
@@ -298,7 +336,8 @@ def vllm_server_check(
         if done.returncode != 0:
             tail = [x for x in done.stderr.splitlines() if x.strip()]
             return {"ok": False, "error": f"openai client failed: {tail[-1] if tail else done.returncode}"}
-        return {"ok": True, "ready_seconds": round(ready, 1), "texts": json.loads(done.stdout.strip().splitlines()[-1])}
+        texts = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"ok": True, "ready_seconds": round(ready, 1), "command": shlex.join(printed), "texts": texts}
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGINT)
@@ -406,13 +445,14 @@ def run_vllm(args, folders: dict[str, Path], refs: dict[str, dict], eval_ids: li
                 args.vllm_python, folder, list(PROMPTS[: args.prompts]), args.new_tokens, max_model_len, args.timeout
             )
             if check["ok"]:
-                expected = [ref["tokenizer"].decode(t) for t in ref["greedy"]]
+                # the server's text skips special tokens (<|im_end|> ...), as its users see it
+                expected = [ref["tokenizer"].decode(t, skip_special_tokens=True) for t in ref["greedy"]]
                 check["identical"] = check["texts"] == expected
                 pairs = enumerate(zip(expected, check["texts"], strict=True))
                 mismatches = [{"prompt": i, "expected": e, "got": g} for i, (e, g) in pairs if e != g]
                 check["first_mismatch"] = mismatches[0] if mismatches else None
             result["folders"][name]["server"] = check
-            log(f"vllm serve {name}: {check.get('identical', check.get('error'))}")
+            log(f"vLLM server {name}: {check.get('identical', check.get('error'))}")
     result["settings"] = {"max_model_len": max_model_len, "dtype": "float32", "prefix_caching": False}
     return result
 
@@ -427,6 +467,14 @@ def llama_perplexity(binary: Path, gguf: Path, text: Path, ctx: int, chunks: int
     if not match:
         raise RuntimeError(f"no final estimate in llama-perplexity's output for {gguf}")
     return float(match.group(1))
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` from a GGUF file's header (``llama``, ``deci`` ...)."""
+    from gguf import GGUFReader  # llama.cpp's own reader, a slicelm dependency
+
+    field = GGUFReader(path).fields["general.architecture"]
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 def llama_bench(binary: Path, gguf: Path, threads: int, prompt: int, gen: int) -> dict[str, float]:
@@ -503,16 +551,28 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"Produced by `benchmarks/serving.py` on {s['machine']} ({s['threads']} threads). Command: `{s['command']}`.",
         "",
+        "The machine was shared with other jobs: 1-minute load average "
+        f"{s.get('load_average_start', '?')} at the start and {s.get('load_average_end', '?')} at the end. Speed "
+        "ratios are therefore noisy; the spreads below say how much."
+        + "".join(
+            f" The {engine} run, concurrent with it: {run.get('load_average_start', '?')} and "
+            f"{run.get('load_average_end', '?')}."
+            for engine, run in ((e, s.get(f"{section}_run")) for e, (section, _) in ENGINE_SECTIONS.items())
+            if run
+        ),
+        "",
         "Folders (the first is the reference; the limits are dense/compressed stored parameters for generation, "
         "and matmul weights for prompt processing):",
         "",
-        "| name | folder | parameters | stored ratio | generation limit | prompt limit |",
-        "|---|---|---:|---:|---:|---:|",
+        "| name | folder | made by slicelm | parameters | stored ratio | generation limit | prompt limit |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for n in names:
         c, d = counts[n], counts[reference]
+        row = result["folders"][n]
+        made = row.get("made_by") or made_by(Path(row["folder"]))
         lines.append(
-            f"| {n} | `{result['folders'][n]['folder']}` | {c['stored'] / 1e6:.2f}M | "
+            f"| {n} | `{row['folder']}` | {made} | {c['stored'] / 1e6:.2f}M | "
             f"{c['stored'] / d['stored']:.3f} | {d['stored'] / c['stored']:.3f}x | {d['matmul'] / c['matmul']:.3f}x |"
         )
     targets: list[tuple[str, dict, float]] = []  # (what, ratio summary, limit) for the summary below
@@ -528,7 +588,8 @@ def write_report(result: dict, out: Path) -> None:
             f"{s['ppl_windows']} WikiText-2 test windows of {s['ppl_seqlen']} tokens, every prediction scored, "
             "from vLLM's prompt "
             f"log-probabilities, against `slicelm ppl --seqlen {s['ppl_seqlen']} --max-windows {s['ppl_windows']}`. "
-            "Server: `vllm serve FOLDER --dtype float32` on 127.0.0.1, the `openai` client's completions of the same "
+            "Server: the command `slicelm export FOLDER` prints (`python -m vllm.entrypoints.openai.api_server --model "
+            "FOLDER`), with `--dtype float32`, on 127.0.0.1; the `openai` client's completions of the same "
             "prompts (temperature 0), compared with the decoded transformers tokens.",
             "",
             "| name | loads | greedy identical | first divergence | ppl vLLM | ppl slicelm | gap | server text same |",
@@ -661,9 +722,37 @@ def target_lines(result: dict, targets: list[tuple[str, dict, float]]) -> list[s
     return lines
 
 
+ENGINE_SECTIONS = {"vllm": ("vllm", "ppl_vllm_protocol"), "llama.cpp": ("llama_cpp", "ppl_llama_protocol")}
+
+
+def merge_runs(result: dict, other: dict) -> dict:
+    """``result`` with the engine sections that only ``other`` measured (each engine can run on its own,
+    ``--engines``, and then concurrently): the same folders, and every other setting equal."""
+    if {n: f["folder"] for n, f in result["folders"].items()} != {n: f["folder"] for n, f in other["folders"].items()}:
+        raise SystemExit("serving.py: error: --merge needs a run on the same NAME=FOLDER list")
+    per_run = ("engines", "command", "vllm_version", "out", "report_only", "merge")
+    own = {k: v for k, v in result["settings"].items() if k not in per_run and not k.startswith("load_average")}
+    theirs = {k: other["settings"].get(k) for k in own}
+    if own != theirs:
+        differ = sorted(k for k in own if own[k] != theirs[k])
+        raise SystemExit(f"serving.py: error: --merge needs the same settings; these differ: {', '.join(differ)}")
+    merged = json.loads(json.dumps(result))
+    for section, ppl_key in ENGINE_SECTIONS.values():
+        if section in merged or section not in other:
+            continue
+        merged[section] = other[section]
+        for name, row in merged["folders"].items():
+            row[ppl_key] = other["folders"][name][ppl_key]
+        merged["settings"]["command"] += f"` and, concurrently, `{other['settings']['command']}"
+        for key in ("vllm_version", "load_average_start", "load_average_end"):
+            if key in other["settings"]:
+                merged["settings"].setdefault(f"{section}_run", {})[key] = other["settings"][key]
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folders", nargs="+", help="NAME=FOLDER or FOLDER; the first is the reference (dense)")
+    p.add_argument("folders", nargs="*", help="NAME=FOLDER or FOLDER; the first is the reference (dense)")
     p.add_argument("--engines", default="vllm,llama.cpp", help="comma-separated: vllm, llama.cpp")
     p.add_argument("--vllm-python", default=os.environ.get("SLICELM_VLLM_PYTHON", str(REPO / ".venv-vllm/bin/python")))
     p.add_argument("--llama-cpp", default=os.environ.get("LLAMA_CPP_DIR"))
@@ -686,8 +775,25 @@ def main() -> None:
     p.add_argument("--bench-prompt", type=int, default=256)
     p.add_argument("--bench-gen", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true", help="rewrite --out's .md from its .json; run nothing")
+    p.add_argument(
+        "--merge", metavar="JSON", help="with --report-only: add the engine sections only this other run's JSON has"
+    )
     p.add_argument("--timeout", type=float, default=900, help="seconds for an engine to load")
     args = p.parse_args()
+    if args.report_only:
+        measured = Path(args.out).with_suffix(".json")
+        if not measured.is_file():
+            p.error(f"--report-only needs {measured}")
+        result = json.loads(measured.read_text())
+        if args.merge:
+            result = merge_runs(result, json.loads(Path(args.merge).read_text()))
+            measured.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_report(result, Path(args.out))
+        log(f"rewrote {Path(args.out).with_suffix('.md')} from {measured}")
+        return
+    if not args.folders:
+        p.error("give at least one folder: NAME=FOLDER or FOLDER, the first the reference")
     engines = set(args.engines.split(","))
     if not engines <= {"vllm", "llama.cpp"}:
         p.error(f"unknown engine in --engines {args.engines}")
@@ -715,6 +821,7 @@ def main() -> None:
         refs[name] = {"tokenizer": tokenizer, "prompt_ids": prompt_ids, "greedy": greedy}
         row = result["folders"][name] = {
             "folder": str(folder),
+            "made_by": made_by(folder),
             "weights": weight_counts(model),
             "greedy_text": [tokenizer.decode(t) for t in greedy],
         }
@@ -728,7 +835,8 @@ def main() -> None:
                 folder, args.llama_ctx, args.llama_chunks, args.llama_ctx // 2, args.data_dir
             )
     settings = {k: v for k, v in vars(args).items()}
-    settings["command"] = "python benchmarks/serving.py " + " ".join(args.folders)
+    settings["command"] = "python benchmarks/serving.py " + shlex.join(sys.argv[1:])
+    settings["load_average_start"] = round(os.getloadavg()[0], 2)
     settings["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     result["settings"] = settings
     if "vllm" in engines:
@@ -740,6 +848,7 @@ def main() -> None:
         write_report(result, Path(args.out))  # keep what was measured if llama.cpp fails later
     if "llama.cpp" in engines:
         result["llama_cpp"] = run_llama_cpp(args, folders, refs, work)
+    settings["load_average_end"] = round(os.getloadavg()[0], 2)
     write_report(result, Path(args.out))
     log(f"wrote {Path(args.out).with_suffix('.md')} and .json")
 

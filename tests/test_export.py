@@ -88,10 +88,11 @@ def test_a_successful_export_publishes_the_file_and_prints_the_vllm_command(fold
     code = main(["export", str(folder), "--gguf", str(gguf), "--llama-cpp", str(tools)])
     captured = capsys.readouterr()
     assert code == 0 and gguf.read_bytes() == b"GGUF plain" and captured.out.strip() == str(gguf)
-    vllm = [line for line in captured.err.splitlines() if "vllm serve" in line]
+    vllm = [line for line in captured.err.splitlines() if "vllm.entrypoints.openai.api_server" in line]
     assert len(vllm) == 1
     command = shlex.split(vllm[0].split(": ", 2)[2])
-    assert command == ["vllm", "serve", str(folder), "--dtype", "float32"]
+    server = ["python", "-m", "vllm.entrypoints.openai.api_server"]  # the CPU wheel's `vllm serve` does not start
+    assert command == [*server, "--model", str(folder), "--dtype", "float32"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.cpp", "m.gguf", "plain"]
 
 
@@ -99,7 +100,8 @@ def test_export_without_gguf_only_prints_the_vllm_command(folder, tmp_path, caps
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(["export", str(folder)]) == 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"slicelm: serve it with vLLM: vllm serve {folder} --dtype float32"]
+    server = "python -m vllm.entrypoints.openai.api_server"
+    assert err == [f"slicelm: serve it with vLLM: {server} --model {folder} --dtype float32"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
@@ -149,3 +151,33 @@ def test_rough_12_export_names_what_a_remote_code_folder_is(section, fragment, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0] and "--layout slicegpt" not in err[0], err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "tokenizer", "refused"),
+    [
+        (49152, {"model": {"type": "BPE", "byte_fallback": False}, "decoder": {"type": "ByteLevel"}}, True),
+        (128256, {"model": {"type": "BPE", "byte_fallback": False}, "decoder": {"type": "ByteLevel"}}, False),
+        (32000, {"model": {"type": "BPE", "byte_fallback": True}, "decoder": {"type": "Sequence"}}, False),
+    ],
+)
+def test_a_decilm_folder_whose_tokenizer_the_deci_converter_cannot_read_is_refused_in_one_line(
+    tmp_path, capsys, vocab_size, tokenizer, refused
+):
+    """llama.cpp's deci converter reads a GPT-2-style BPE only at Llama 3's 128,256 tokens, else a
+    Llama-2-style byte-fallback BPE (SmolLM2's tokenizer is neither: 'Cannot find Llama BPE tokenizer')."""
+    from conftest import build_tiny_model
+
+    from slicelm.layouts.decilm import save_decilm
+
+    folder = save_decilm(build_tiny_model("llama"), tmp_path / "deci", llama_cpp=True)  # widths it reads
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"vocab_size": vocab_size}))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tools = fake_llama_cpp(tmp_path / "llama.cpp", 'outfile.write_bytes(b"GGUF deci")\n')
+    code, err = run_export(folder, tmp_path / "m.gguf", tools, capsys)
+    if refused:
+        assert code == 2 and len(err) == 1 and not (tmp_path / "m.gguf").exists()
+        assert "deci converter cannot read this DeciLM folder" in err[0] and "vocab_size 49152" in err[0]
+    else:
+        assert code == 0 and (tmp_path / "m.gguf").read_bytes() == b"GGUF deci"

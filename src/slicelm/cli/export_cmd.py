@@ -1,7 +1,8 @@
 """``slicelm export DIR [--gguf FILE]``: a plain (stock-architecture) model folder for llama.cpp and vLLM.
 
 With ``--gguf`` it converts the folder to GGUF; with or without it, it prints (on stderr, one line
-each) the widths llama.cpp cannot quantize as asked and the ``vllm serve`` command for the folder.
+each) the widths llama.cpp cannot quantize as asked and the command that serves the folder with vLLM's
+OpenAI-compatible server.
 """
 
 from __future__ import annotations
