@@ -313,9 +313,7 @@ def stock_config(model_config: Any, widths: dict[str, int]) -> Any:
             validate()
         except Exception as error:  # noqa: BLE001 - any refusal by the config class is the user's answer
             reason = str(error).strip().splitlines()[-1].strip()
-            raise SlicelmError(
-                f"stock {type(model_config).__name__} refuses {widths}: {reason}"
-            ) from None
+            raise SlicelmError(f"stock {type(model_config).__name__} refuses {widths}: {reason}") from None
     return new
 
 
@@ -576,7 +574,7 @@ def capture_all_layer_inputs(
     return batches, per_layer
 
 
-def _prune_heads(
+def prune_layer_heads(
     layer: nn.Module,
     layout: Layout,
     heads: HeadGeometry,
@@ -620,7 +618,9 @@ def prune_layers(
     details: dict[str, Any] = {"layers": {}, "heads": {}, "notes": []}
     for index, layer in enumerate(tqdm(layers, desc="prune layers", disable=not progress)):
         if heads is not None and head_geometry(layer, layout) != heads:
-            details["heads"][f"layer{index}"] = _prune_heads(layer, layout, heads, batches, layer_kwargs[index], store)
+            details["heads"][f"layer{index}"] = prune_layer_heads(
+                layer, layout, heads, batches, layer_kwargs[index], store
+            )
         units = [u for u in _units(layer, layout) if widths.get(u.field, u.width) < u.width]
         record: dict[str, Any] = {}
         if units:
