@@ -424,17 +424,30 @@ def test_local_heads_schedule_reloads_in_stock_transformers(tmp_path):
         assert report.planning["planned_ratio"] >= 0.85 - 0.01 or "note" in report.planning, model_type
 
 
-def test_local_heads_schedule_refuses_olmo2_in_one_line(tmp_path, smollm2_tokenizer, data_dir, capsys):
-    """olmo2's q_norm/k_norm normalise all heads together: removing one would change the others. The CLI
-    refuses in one line (exit 2) before loading, writing nothing; the default schedule is still served."""
+def test_local_heads_schedule_through_the_cli(tmp_path, smollm2_tokenizer, data_dir, capsys):
+    """gemma3_text: the heads and the MLPs share the budget, said in one warning; the folder is stock.
+    olmo2's q_norm/k_norm normalise all heads together, so removing one would change the others: the
+    CLI refuses in one line (exit 2) before loading, writing nothing."""
     from slicelm.cli import main
 
-    source = tmp_path / "olmo2"
-    build_tiny_model("olmo2", vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
-    smollm2_tokenizer.save_pretrained(source)
+    for model_type in ("gemma3_text", "olmo2"):
+        source = tmp_path / model_type
+        build_tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
+        smollm2_tokenizer.save_pretrained(source)
     capsys.readouterr()
+    out = tmp_path / "gemma3-heads"
+    argv = ["slice", tmp_path / "gemma3_text", "--target-params", 0.996, "--schedule", "heads", *CALIB, "--out", out]
+    assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 0
+    err = capsys.readouterr().err
+    assert "one query head fewer per KV group in every layer (4 -> 2, o_proj refit) and MLP channels" in err
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 2, 16)
+    assert "slicelm" not in config and "auto_map" not in config
+    report = json.loads((out / "slicelm_report.json").read_text())
+    assert report["planning"]["planned_count"] == report["params_after"] <= 0.996 * report["params_before"]
+
     out = tmp_path / "refused"
-    argv = ["slice", source, "--target-params", 0.996, "--schedule", "heads", *CALIB, "--out", out]
+    argv = ["slice", tmp_path / "olmo2", "--target-params", 0.996, "--schedule", "heads", *CALIB, "--out", out]
     assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "self_attn.q_norm" in err and "all query heads together" in err
