@@ -574,6 +574,7 @@ def capture_all_layer_inputs(
     return batches, per_layer
 
 
+@torch.no_grad()
 def prune_layer_heads(
     layer: nn.Module,
     layout: Layout,
