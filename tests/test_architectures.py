@@ -424,6 +424,20 @@ def test_local_heads_schedule_reloads_in_stock_transformers(tmp_path):
         assert report.planning["planned_ratio"] >= 0.85 - 0.01 or "note" in report.planning, model_type
 
 
+def test_local_heads_take_the_mildest_count_the_stock_config_accepts():
+    """Gemma 3 270M's shape: 4 query heads on 1 KV head, hidden 640. One head fewer (3) is what the
+    executor would take, but stock Gemma3TextConfig wants hidden_size a multiple of the heads even with
+    an explicit head_dim: 2 heads are kept, said in a warning; the count is exact for that structure."""
+    from slicelm.steps.local import head_fields, plan_local, stock_count
+
+    model = build_tiny_model("gemma3_text", hidden_size=80, num_key_value_heads=1)
+    layout, before = resolve(model), sum(p.numel() for p in model.parameters())
+    plan = plan_local(model, layout, SliceConfig(target_params=0.85, schedule="heads"), before)
+    assert (plan.heads.kv_heads, plan.heads.q_per_kv, plan.heads.head_dim) == (1, 2, 16)
+    assert any("refuses a milder removal" in w and "(3)" in w for w in plan.warnings)
+    assert plan.planning["planned_count"] == stock_count(model.config, plan.widths | head_fields(plan.heads))
+
+
 def test_local_heads_schedule_through_the_cli(tmp_path, smollm2_tokenizer, data_dir, capsys):
     """gemma3_text: the heads and the MLPs share the budget, said in one warning; the folder is stock.
     olmo2's q_norm/k_norm normalise all heads together, so removing one would change the others: the
@@ -439,7 +453,9 @@ def test_local_heads_schedule_through_the_cli(tmp_path, smollm2_tokenizer, data_
     argv = ["slice", tmp_path / "gemma3_text", "--target-params", 0.996, "--schedule", "heads", *CALIB, "--out", out]
     assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 0
     err = capsys.readouterr().err
-    assert "one query head fewer per KV group in every layer (4 -> 2, o_proj refit) and MLP channels" in err
+    assert (
+        "one query head fewer per KV group in every layer (4 -> 2 query heads, 2 -> 2 KV, o_proj refit) and MLP" in err
+    )
     config = json.loads((out / "config.json").read_text())
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 2, 16)
     assert "slicelm" not in config and "auto_map" not in config

@@ -141,10 +141,15 @@ def head_fields(geometry: HeadGeometry) -> dict[str, int]:
     }
 
 
-def plan_heads(model: nn.Module, layout: Layout) -> tuple[HeadGeometry, HeadGeometry]:
-    """(the heads now, the heads kept) of ``--schedule heads``: one query head fewer per KV group,
-    else one KV group fewer, in every layer (a stock config holds one head count). Refuses in one line
-    a family whose head removal would not leave the kept heads as they are."""
+def plan_heads(model: nn.Module, layout: Layout) -> tuple[HeadGeometry, HeadGeometry, str | None]:
+    """(the heads now, the heads kept, why a milder removal was not taken) of ``--schedule heads``.
+
+    The executor's mildest uniform removal: one query head fewer per KV group, else one KV group
+    fewer, in every layer (a stock config holds one head count). Where the stock config class refuses
+    that count (Gemma 2/3 want ``hidden_size`` a multiple of ``num_attention_heads`` even with an
+    explicit ``head_dim``), the next mildest it accepts, fewer query heads per group first. Refuses in
+    one line a family whose head removal would not leave the kept heads as they are.
+    """
     layers = get_module(model, layout.layers)
     for layer in layers:
         reason = head_refusal(layer, layout)
@@ -154,11 +159,20 @@ def plan_heads(model: nn.Module, layout: Layout) -> tuple[HeadGeometry, HeadGeom
     if len(geometries) != 1:
         raise SlicelmError(f"--schedule heads: the layers of this {layout.model_type} model differ in their heads")
     (now,) = geometries
-    if now.q_per_kv > 1:
-        return now, HeadGeometry(now.kv_heads, now.q_per_kv - 1, now.head_dim)
-    if now.kv_heads > 1:
-        return now, HeadGeometry(now.kv_heads - 1, 1, now.head_dim)
-    raise SlicelmError(f"--schedule heads: this {layout.model_type} model has one attention head per layer")
+    levels = [(k, q) for k in range(now.kv_heads, 0, -1) for q in range(now.q_per_kv, 0, -1)][1:]
+    levels.sort(key=lambda level: (-level[0] * level[1], level[0] != now.kv_heads))  # fewest heads removed first
+    refused: str | None = None
+    for kv_heads, q_per_kv in levels:
+        kept = HeadGeometry(kv_heads, q_per_kv, now.head_dim)
+        try:
+            stock_config(model.config, head_fields(kept))
+        except SlicelmError as error:
+            refused = refused or str(error).split(": ", 1)[-1]
+            continue
+        return now, kept, refused
+    if not levels:
+        raise SlicelmError(f"--schedule heads: this {layout.model_type} model has one attention head per layer")
+    raise SlicelmError(f"--schedule heads: the stock config accepts no fewer heads ({refused})")
 
 
 def _scaled(widths: dict[str, int], sparsity: float, round_to: int) -> dict[str, int]:
@@ -209,8 +223,13 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
         return LocalPlan(_scaled(original, config.mlp_sparsity, config.round_to), original, {}, warnings)
     heads, fixed, now = None, {}, None
     if "heads" in local_steps(config):
-        now, heads = plan_heads(model, layout)
+        now, heads, refused = plan_heads(model, layout)
         fixed = head_fields(heads)
+        if refused is not None:
+            warnings.append(
+                f"--schedule heads: stock {type(model.config).__name__} refuses a milder removal ({refused}): "
+                f"every layer keeps {heads.heads} query heads of {now.heads} ({heads.kv_heads} KV of {now.kv_heads})"
+            )
     if layout.rotation is not None:
         spent = "MLP channels only" if heads is None else f"{_heads_words(now, heads)} and MLP channels"
         warnings.append(
@@ -276,9 +295,13 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
 
 
 def _heads_words(now: HeadGeometry, kept: HeadGeometry) -> str:
+    counts = f"({now.heads} -> {kept.heads} query heads, {now.kv_heads} -> {kept.kv_heads} KV, o_proj refit)"
     if kept.kv_heads == now.kv_heads:
-        return f"one query head fewer per KV group in every layer ({now.heads} -> {kept.heads}, o_proj refit)"
-    return f"one KV group fewer in every layer ({now.kv_heads} -> {kept.kv_heads}, o_proj refit)"
+        fewer = now.q_per_kv - kept.q_per_kv
+        what = "one query head" if fewer == 1 else f"{fewer} query heads"
+        return f"{what} fewer per KV group in every layer {counts}"
+    fewer = now.kv_heads - kept.kv_heads
+    return f"{'one KV group' if fewer == 1 else f'{fewer} KV groups'} fewer in every layer {counts}"
 
 
 def check_local_config(model_config: Any, config: SliceConfig) -> bool:
