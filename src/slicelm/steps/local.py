@@ -26,7 +26,8 @@ kind of MLP, so every expert (and every layer) keeps the same number of channels
 
 ``--schedule heads`` adds the head-removal step of :mod:`slicelm.steps.heads` (:data:`LOCAL_STEPS`):
 every layer keeps the same mildest uniform removal as the executor's heads schedule (one query head
-fewer per KV group, else one KV group fewer), chosen by grouped OBS from the moment of o_proj's input
+fewer per KV group, else one KV group fewer; the next mildest where the stock config class refuses
+that count), chosen by grouped OBS from the moment of o_proj's input
 on the inputs the layer really receives, o_proj refit by least squares; then the layer's MLP
 statistics are taken with its heads already removed. RoPE and ``head_dim`` are untouched, so the stock
 config gets the new ``num_attention_heads`` / ``num_key_value_heads`` and an explicit ``head_dim``.
