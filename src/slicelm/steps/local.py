@@ -165,12 +165,10 @@ def plan_heads(model: nn.Module, layout: Layout) -> tuple[HeadGeometry, HeadGeom
     refused: str | None = None
     for kv_heads, q_per_kv in levels:
         kept = HeadGeometry(kv_heads, q_per_kv, now.head_dim)
-        try:
-            stock_config(model.config, head_fields(kept))
-        except SlicelmError as error:
-            refused = refused or str(error).split(": ", 1)[-1]
-            continue
-        return now, kept, refused
+        reason = config_refusal(model.config, head_fields(kept))
+        if reason is None:
+            return now, kept, refused
+        refused = refused or f"{kept.heads} query heads, {kept.kv_heads} KV: {reason}"
     if not levels:
         raise SlicelmError(f"--schedule heads: this {layout.model_type} model has one attention head per layer")
     raise SlicelmError(f"--schedule heads: the stock config accepts no fewer heads ({refused})")
@@ -325,8 +323,20 @@ def check_local_config(model_config: Any, config: SliceConfig) -> bool:
 def stock_config(model_config: Any, widths: dict[str, int]) -> Any:
     """The stock config with the pruned widths and head counts (checked by the config class, as at save
     and load)."""
+    new, reason = _stock_config(model_config, widths)
+    if reason is not None:
+        raise SlicelmError(f"stock {type(model_config).__name__} refuses {widths}: {reason}")
+    return new
+
+
+def config_refusal(model_config: Any, fields: dict[str, int]) -> str | None:
+    """Why the stock config class refuses these fields, in its own words (None: it accepts them)."""
+    return _stock_config(model_config, fields)[1]
+
+
+def _stock_config(model_config: Any, fields: dict[str, int]) -> tuple[Any, str | None]:
     new = copy.deepcopy(model_config)
-    for name, value in widths.items():
+    for name, value in fields.items():
         setattr(new, name, value)
     for key in (SLICELM_KEY, "auto_map"):
         if hasattr(new, key):
@@ -336,9 +346,8 @@ def stock_config(model_config: Any, widths: dict[str, int]) -> Any:
         try:
             validate()
         except Exception as error:  # noqa: BLE001 - any refusal by the config class is the user's answer
-            reason = str(error).strip().splitlines()[-1].strip()
-            raise SlicelmError(f"stock {type(model_config).__name__} refuses {widths}: {reason}") from None
-    return new
+            return new, str(error).strip().splitlines()[-1].strip()
+    return new, None
 
 
 # --------------------------------------------------------------------------------------------------
