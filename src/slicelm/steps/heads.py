@@ -24,14 +24,18 @@ groups, biases following their rows) and input columns of ``o_proj`` are deleted
 so they stay valid. The attention module's head-count attributes are updated generically.
 
 Applies to families whose attention has separate q/k/v projections and an output projection, listed
-in ``layout.attn_inputs`` as (q, k, v): llama, mistral, qwen2, qwen3, gemma, mixtral, phi, opt. Not
-to fused projections (phi3's qkv_proj, gpt2's c_attn, gpt_neox's query_key_value). Any layout:
-the step acts on the head axis, which no change of the stream's basis touches.
+in ``layout.attn_inputs`` as (q, k, v): llama, mistral, qwen2, qwen3, gemma, mixtral, phi, opt, and on
+the structure-local path gemma2, gemma3_text, qwen2_moe. Not to fused projections (phi3's qkv_proj,
+gpt2's c_attn, gpt_neox's query_key_value), nor to attentions with a module acting on all heads at
+once (olmo2's q_norm/k_norm normalise the whole projection): :func:`head_refusal` says why. Any
+layout: the step acts on the head axis, which no change of the stream's basis touches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +101,36 @@ def head_geometry(layer: nn.Module, layout: Layout) -> HeadGeometry:
     return HeadGeometry(kv_heads, q_rows // head_dim // kv_heads, head_dim)
 
 
+def head_refusal(layer: nn.Module, layout: Layout) -> str | None:
+    """Why removing heads from this block would change the kept heads' outputs (None: it would not).
+
+    A kept head's output depends only on its own rows when every module of the attention other than
+    the projections acts on one head at a time (qwen3's and gemma3's q_norm/k_norm hold ``head_dim``
+    weights). A parameter as wide as all query or all KV heads together (olmo2's q_norm/k_norm
+    normalise the whole projection) mixes heads: removing one changes the others.
+    """
+    try:
+        geometry = head_geometry(layer, layout)
+    except SlicelmError as error:
+        return str(error)
+    attn = get_module(layer, layout.attn)
+    prefix = layout.attn + "."
+    projections = {p.removeprefix(prefix) for p in (*layout.attn_inputs, *layout.attn_outputs)}
+    wide = {geometry.heads * geometry.head_dim: "query", geometry.kv_heads * geometry.head_dim: "KV"}
+    for name, module in attn.named_modules():
+        if name in projections:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            for size in param.shape:
+                if size in wide and size > geometry.head_dim:
+                    return (
+                        f"{layout.model_type}'s {prefix}{name}.{pname} ({size} = {size // geometry.head_dim} x "
+                        f"{geometry.head_dim}) acts on all {wide[size]} heads together, so removing a head would "
+                        "change the kept heads' outputs"
+                    )
+    return None
+
+
 @dataclass
 class HeadStatistics:
     """What head selection needs about one block: its geometry, o_proj and its input's second moment.
@@ -117,13 +151,19 @@ class HeadStatistics:
 
 @torch.no_grad()
 def head_statistics(
-    layer: nn.Module, layout: Layout, batches: list[Batch], store: ActivationStore, device: torch.device
+    layer: nn.Module,
+    layout: Layout,
+    batches: list[Batch],
+    store: ActivationStore,
+    device: torch.device,
+    forward: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> HeadStatistics:
     """Run the attention branch on every batch and accumulate o_proj's input moment (float64).
 
     ``store["x", i]`` (B, T, d) is the block's input for batch i in the basis its attention reads;
     ``batches[i].kwargs`` are the attention's keyword arguments, ``batches[i].mask`` the padding mask.
-    The layer needs ``slicelm_roles`` (as during slicing) for :func:`attention_half`.
+    forward(i, x): what runs batch i (anything that calls o_proj once on it); by default the
+    attention branch, :func:`attention_half`, which needs ``slicelm_roles`` (as during slicing).
     """
     geometry = head_geometry(layer, layout)
     o = _projections(layer, layout)[3]
@@ -133,7 +173,11 @@ def head_statistics(
     try:
         for i, b in enumerate(batches):
             current["mask"] = b.mask.to(device)
-            attention_half(layer, store[("x", i)].to(device), **b.kwargs)
+            x = store[("x", i)].to(device)
+            if forward is None:
+                attention_half(layer, x, **b.kwargs)
+            else:
+                forward(i, x)
     finally:
         handle.remove()
     cov = acc.covariance()

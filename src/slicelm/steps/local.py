@@ -23,6 +23,16 @@ An expert that receives fewer than ``REFIT_TOKENS_PER_CHANNEL`` routed tokens pe
 refit on noise: its channels are then chosen by their weight norms and kept unchanged (no refit),
 and a note says which experts and how many tokens they had. A stock config holds one width per
 kind of MLP, so every expert (and every layer) keeps the same number of channels.
+
+``--schedule heads`` adds the head-removal step of :mod:`slicelm.steps.heads` (:data:`LOCAL_STEPS`):
+every layer keeps the same mildest uniform removal as the executor's heads schedule (one query head
+fewer per KV group, else one KV group fewer; the next mildest where the stock config class refuses
+that count), chosen by grouped OBS from the moment of o_proj's input
+on the inputs the layer really receives, o_proj refit by least squares; then the layer's MLP
+statistics are taken with its heads already removed. RoPE and ``head_dim`` are untouched, so the stock
+config gets the new ``num_attention_heads`` / ``num_key_value_heads`` and an explicit ``head_dim``.
+A family whose attention mixes heads (olmo2's q_norm/k_norm over the whole projection) is refused
+in one line (:func:`slicelm.steps.heads.head_refusal`).
 """
 
 from __future__ import annotations
@@ -50,10 +60,14 @@ from slicelm.errors import SlicelmError
 from slicelm.modeling.modeling_slicelm import SLICELM_KEY, get_module, split_layer_call, stream_weight
 from slicelm.steps.channels import keep_mlp_channels, obs_prune, reconstruction_error
 from slicelm.steps.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport
+from slicelm.steps.heads import HeadGeometry, apply_heads, choose_heads, head_geometry, head_refusal, head_statistics
 from slicelm.version import __version__
 
 KIND = "local"  # the ``kind`` of the in-memory ``slicelm`` config section (removed when saved)
 MLP_ROLES = (("gate_proj", "up_proj"), "down_proj")  # a Llama-style MLP (shared experts, Qwen-MoE dense layers)
+# What a --target-params budget is spent on here, by --schedule, in the order the steps run in each layer;
+# a schedule not named here spends it on MLP channels only (the same width in every layer).
+LOCAL_STEPS: dict[str, tuple[str, ...]] = {"heads": ("heads", "mlp")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,12 +125,62 @@ def width_fields(model: nn.Module, layout: Layout) -> dict[str, int]:
     return fields
 
 
+def local_steps(config: SliceConfig) -> tuple[str, ...]:
+    """The structure-local steps a run takes (``mlp`` for explicit widths and most schedules)."""
+    if config.target_params is None:
+        return ("mlp",)
+    return LOCAL_STEPS.get(config.schedule, ("mlp",))
+
+
+def head_fields(geometry: HeadGeometry) -> dict[str, int]:
+    """The stock config's head fields for ``geometry`` (``head_dim`` explicit: configs derive it from
+    ``hidden_size / num_attention_heads`` otherwise)."""
+    return {
+        "num_attention_heads": geometry.heads,
+        "num_key_value_heads": geometry.kv_heads,
+        "head_dim": geometry.head_dim,
+    }
+
+
+def plan_heads(model: nn.Module, layout: Layout) -> tuple[HeadGeometry, HeadGeometry, str | None]:
+    """(the heads now, the heads kept, why a milder removal was not taken) of ``--schedule heads``.
+
+    The executor's mildest uniform removal: one query head fewer per KV group, else one KV group
+    fewer, in every layer (a stock config holds one head count). Where the stock config class refuses
+    that count (Gemma 2/3 want ``hidden_size`` a multiple of ``num_attention_heads`` even with an
+    explicit ``head_dim``), the next mildest it accepts, fewer query heads per group first. Refuses in
+    one line a family whose head removal would not leave the kept heads as they are.
+    """
+    layers = get_module(model, layout.layers)
+    for layer in layers:
+        reason = head_refusal(layer, layout)
+        if reason is not None:
+            raise SlicelmError(f"--schedule heads: {reason}; use --schedule mlp")
+    geometries = {head_geometry(layer, layout) for layer in layers}
+    if len(geometries) != 1:
+        raise SlicelmError(f"--schedule heads: the layers of this {layout.model_type} model differ in their heads")
+    (now,) = geometries
+    levels = [(k, q) for k in range(now.kv_heads, 0, -1) for q in range(now.q_per_kv, 0, -1)][1:]
+    levels.sort(key=lambda level: (-level[0] * level[1], level[0] != now.kv_heads))  # fewest heads removed first
+    refused: str | None = None
+    for kv_heads, q_per_kv in levels:
+        kept = HeadGeometry(kv_heads, q_per_kv, now.head_dim)
+        reason = config_refusal(model.config, head_fields(kept))
+        if reason is None:
+            return now, kept, refused
+        refused = refused or f"{kept.heads} query heads, {kept.kv_heads} KV: {reason}"
+    if not levels:
+        raise SlicelmError(f"--schedule heads: this {layout.model_type} model has one attention head per layer")
+    raise SlicelmError(f"--schedule heads: the stock config accepts no fewer heads ({refused})")
+
+
 def _scaled(widths: dict[str, int], sparsity: float, round_to: int) -> dict[str, int]:
     return {f: (mlp_width(w, sparsity, round_to) or w) for f, w in widths.items()}
 
 
 def stock_count(model_config: Any, widths: dict[str, int]) -> int:
-    """Parameters of the stock model with these MLP widths (built on the meta device, every expert)."""
+    """Parameters of the stock model with these config fields (MLP widths, head counts), built on the
+    meta device with every expert."""
 
     new = copy.deepcopy(model_config)
     for name, value in widths.items():
@@ -132,15 +196,22 @@ class LocalPlan:
     original: dict[str, int]  # config field -> width before
     planning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    heads: HeadGeometry | None = None  # the heads every layer keeps (None: heads untouched)
+
+    @property
+    def fields(self) -> dict[str, int]:
+        """Every config field the run sets: MLP widths, and head counts when heads go."""
+        return self.widths | (head_fields(self.heads) if self.heads is not None else {})
 
     @property
     def changes(self) -> bool:
-        return self.widths != self.original
+        return self.widths != self.original or self.heads is not None
 
 
 def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_before: int) -> LocalPlan:
     """The MLP widths of a structure-local run: ``mlp_sparsity`` of every kind of MLP, or for a budget
-    the smallest uniform sparsity (in ``round_to`` steps of the largest MLP kind) that meets it."""
+    the smallest uniform sparsity (in ``round_to`` steps of the largest MLP kind) that meets it, after
+    the heads that ``--schedule heads`` removes (:func:`plan_heads`; counted exactly, like the MLPs)."""
     original = width_fields(model, layout)
     warnings: list[str] = []
     if layout.note is not None:
@@ -149,10 +220,19 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
         warnings.append(f"--basis {config.basis} applies to the rotation; this run leaves the stream untouched")
     if config.target_params is None:
         return LocalPlan(_scaled(original, config.mlp_sparsity, config.round_to), original, {}, warnings)
+    heads, fixed, now = None, {}, None
+    if "heads" in local_steps(config):
+        now, heads, refused = plan_heads(model, layout)
+        fixed = head_fields(heads)
+        if refused is not None:
+            warnings.append(
+                f"--schedule heads: stock {type(model.config).__name__} refuses a milder removal ({refused}): "
+                f"every layer keeps {heads.heads} query heads of {now.heads} ({heads.kv_heads} KV of {now.kv_heads})"
+            )
     if layout.rotation is not None:
+        spent = "MLP channels only" if heads is None else f"{_heads_words(now, heads)} and MLP channels"
         warnings.append(
-            f"{layout.model_type} has no rotation ({layout.rotation.split(',')[0]}): the budget is spent on MLP "
-            "channels only"
+            f"{layout.model_type} has no rotation ({layout.rotation.split(',')[0]}): the budget is spent on {spent}"
         )
     elif config.schedule == "mlp-global":
         warnings.append("schedule mlp-global: a stock config holds one MLP width, so every layer keeps the same one")
@@ -161,28 +241,31 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
     # Main widths one round_to step apart, down to where the narrowest kind of MLP keeps one step.
     floor = max(config.round_to / w for w in original.values())
     steps = [w for w in range(original[main] - config.round_to, 0, -config.round_to) if w / original[main] >= floor]
+    options = [_scaled(original, 1.0 - w / original[main], config.round_to) for w in steps]
+    if heads is not None:  # the heads alone may meet the budget
+        options.insert(0, dict(original))
     counts: dict[int, int] = {}
 
     def count(index: int) -> int:
         if index not in counts:
-            sparsity = 1.0 - steps[index] / original[main]
-            counts[index] = stock_count(model.config, _scaled(original, sparsity, config.round_to))
+            counts[index] = stock_count(model.config, options[index] | fixed)
         return counts[index]
 
-    if not steps or count(len(steps) - 1) > target:
+    if not options or count(len(options) - 1) > target:
+        what = "pruning MLP channels" if heads is None else f"{_heads_words(now, heads)} and pruning MLP channels"
         raise SlicelmError(
-            f"--target-params {config.target_params} ({target:,} parameters) cannot be met by pruning MLP channels "
+            f"--target-params {config.target_params} ({target:,} parameters) cannot be met by {what} "
             f"of this {layout.model_type} model (its embeddings, attention and norms stay); raise it"
         )
-    low, high = 0, len(steps) - 1  # the first step whose count meets the target (counts fall with it)
+    low, high = 0, len(options) - 1  # the first option whose count meets the target (counts fall with it)
     while low < high:
         mid = (low + high) // 2
         if count(mid) <= target:
             high = mid
         else:
             low = mid + 1
-    widths = _scaled(original, 1.0 - steps[low] / original[main], config.round_to)
-    planned = counts[low]
+    widths = options[low]
+    planned = count(low)
     planning = {
         "target_params": config.target_params,
         "target_count": target,
@@ -193,13 +276,31 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
         "predicted_cost": None,
         "widths": widths,
     }
+    if heads is not None:
+        planning["heads"] = {"kv_heads": heads.kv_heads, "q_per_kv": heads.q_per_kv, "head_dim": heads.head_dim}
     shortfall = (target - planned) / max(target, 1)
-    if shortfall > 0.01:
+    if shortfall > 0.01 and heads is not None and low == 0:
+        planning["note"] = (
+            f"the plan has {planned:,} parameters, {shortfall:.1%} below the target: {_heads_words(now, heads)} "
+            "alone removes more than the budget asks (heads go whole, the same in every layer); use --schedule mlp "
+            "to land closer"
+        )
+    elif shortfall > 0.01:
         planning["note"] = (
             f"the plan has {planned:,} parameters, {shortfall:.1%} below the target: MLP widths move in steps of "
             f"--round-to {config.round_to}; lower it to land closer"
         )
-    return LocalPlan(widths, original, planning, warnings)
+    return LocalPlan(widths, original, planning, warnings, heads)
+
+
+def _heads_words(now: HeadGeometry, kept: HeadGeometry) -> str:
+    counts = f"({now.heads} -> {kept.heads} query heads, {now.kv_heads} -> {kept.kv_heads} KV, o_proj refit)"
+    if kept.kv_heads == now.kv_heads:
+        fewer = now.q_per_kv - kept.q_per_kv
+        what = "one query head" if fewer == 1 else f"{fewer} query heads"
+        return f"{what} fewer per KV group in every layer {counts}"
+    fewer = now.kv_heads - kept.kv_heads
+    return f"{'one KV group' if fewer == 1 else f'{fewer} KV groups'} fewer in every layer {counts}"
 
 
 def check_local_config(model_config: Any, config: SliceConfig) -> bool:
@@ -215,14 +316,27 @@ def check_local_config(model_config: Any, config: SliceConfig) -> bool:
     if not serves_locally(layout, config):
         return False
     plan = plan_local(model, layout, config, count_parameters(model))
-    stock_config(model_config, plan.widths)
+    stock_config(model_config, plan.fields)
     return True
 
 
 def stock_config(model_config: Any, widths: dict[str, int]) -> Any:
-    """The stock config with the pruned widths (checked by the config class, as at save and load)."""
+    """The stock config with the pruned widths and head counts (checked by the config class, as at save
+    and load)."""
+    new, reason = _stock_config(model_config, widths)
+    if reason is not None:
+        raise SlicelmError(f"stock {type(model_config).__name__} refuses {widths}: {reason}")
+    return new
+
+
+def config_refusal(model_config: Any, fields: dict[str, int]) -> str | None:
+    """Why the stock config class refuses these fields, in its own words (None: it accepts them)."""
+    return _stock_config(model_config, fields)[1]
+
+
+def _stock_config(model_config: Any, fields: dict[str, int]) -> tuple[Any, str | None]:
     new = copy.deepcopy(model_config)
-    for name, value in widths.items():
+    for name, value in fields.items():
         setattr(new, name, value)
     for key in (SLICELM_KEY, "auto_map"):
         if hasattr(new, key):
@@ -232,11 +346,8 @@ def stock_config(model_config: Any, widths: dict[str, int]) -> Any:
         try:
             validate()
         except Exception as error:  # noqa: BLE001 - any refusal by the config class is the user's answer
-            reason = str(error).strip().splitlines()[-1].strip()
-            raise SlicelmError(
-                f"stock {type(model_config).__name__} refuses the MLP widths {widths}: {reason}"
-            ) from None
-    return new
+            return new, str(error).strip().splitlines()[-1].strip()
+    return new, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -497,6 +608,28 @@ def capture_all_layer_inputs(
 
 
 @torch.no_grad()
+def prune_layer_heads(
+    layer: nn.Module,
+    layout: Layout,
+    heads: HeadGeometry,
+    batches: list[Batch],
+    kwargs: list[dict[str, Any]],
+    store: ActivationStore,
+) -> float:
+    """Keep ``heads`` in one layer, chosen on o_proj's input moment over the whole layer's call on its
+    real inputs (no sliced block needed); o_proj refit. Returns the refit's relative output error."""
+    device = next(layer.parameters()).device
+
+    def forward(i: int, x: torch.Tensor) -> None:
+        layer(x, **kwargs[i])
+
+    stats = head_statistics(layer, layout, batches, store, device, forward=forward)
+    choice = choose_heads(stats, heads.kv_heads, heads.q_per_kv)
+    apply_heads(layer, layout, choice)
+    return choice.relative
+
+
+@torch.no_grad()
 def prune_layers(
     model: nn.Module,
     layout: Layout,
@@ -505,16 +638,23 @@ def prune_layers(
     layer_kwargs: list[list[dict[str, Any]]],
     store: ActivationStore,
     progress: bool = False,
+    heads: HeadGeometry | None = None,
 ) -> dict[str, Any]:
-    """Prune every layer's MLP units to ``widths`` (config field -> channels), layer by layer.
+    """Prune every layer's MLP units to ``widths`` (config field -> channels), layer by layer, after
+    keeping ``heads`` in its attention (None: heads untouched).
 
-    Each layer sees the outputs of the already-pruned layers before it. Returns per-layer details:
-    routed token counts, fallbacks, relative refit errors, and notes.
+    Each layer sees the outputs of the already-pruned layers before it, and its MLPs the output of
+    its own pruned attention. Returns per-layer details: routed token counts, fallbacks, relative
+    refit errors (``heads``: o_proj's, by layer), and notes.
     """
     layers = get_module(model, layout.layers)
     device = next(model.parameters()).device
-    details: dict[str, Any] = {"layers": {}, "notes": []}
-    for index, layer in enumerate(tqdm(layers, desc="prune MLPs", disable=not progress)):
+    details: dict[str, Any] = {"layers": {}, "heads": {}, "notes": []}
+    for index, layer in enumerate(tqdm(layers, desc="prune layers", disable=not progress)):
+        if heads is not None and head_geometry(layer, layout) != heads:
+            details["heads"][f"layer{index}"] = prune_layer_heads(
+                layer, layout, heads, batches, layer_kwargs[index], store
+            )
         units = [u for u in _units(layer, layout) if widths.get(u.field, u.width) < u.width]
         record: dict[str, Any] = {}
         if units:
@@ -570,12 +710,12 @@ def slice_locally(
     start = time.perf_counter()
     params_before = count_parameters(model)
     plan = plan_local(model, layout, config, params_before)
-    stock_config(model.config, plan.widths)  # refused before any weight changes
+    stock_config(model.config, plan.fields)  # refused before any weight changes
     pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     if isinstance(pad_id, (list, tuple)):
         pad_id = pad_id[0]
     timings: dict[str, float] = {}
-    details: dict[str, Any] = {"layers": {}, "notes": []}
+    details: dict[str, Any] = {"layers": {}, "heads": {}, "notes": []}
     tokens = 0
     if plan.changes:
         batches, layer_kwargs = capture_all_layer_inputs(
@@ -591,11 +731,11 @@ def slice_locally(
                 "or a longer --calib-seqlen"
             )
         t_layers = time.perf_counter()
-        details = prune_layers(model, layout, plan.widths, batches, layer_kwargs, store, progress)
+        details = prune_layers(model, layout, plan.widths, batches, layer_kwargs, store, progress, plan.heads)
         timings["layers"] = time.perf_counter() - t_layers
         for i in range(len(batches)):
             del store[("x", i)]
-    for name, value in plan.widths.items():  # the stock config of the pruned model
+    for name, value in plan.fields.items():  # the stock config of the pruned model
         setattr(model.config, name, value)
     if device is not None and torch.device(device) != home:
         model.to(home)
@@ -605,7 +745,8 @@ def slice_locally(
     for layer in get_module(model, layout.layers):
         first = _units(layer, layout)[0]  # the layer's main MLP (experts, or its dense MLP)
         mlp = first.width if first.field in changed else None
-        per_layer.append(LayerWidths(None if layout.parallel else hidden, hidden, mlp))
+        kv_heads, q_per_kv = (plan.heads.kv_heads, plan.heads.q_per_kv) if plan.heads is not None else (None, None)
+        per_layer.append(LayerWidths(None if layout.parallel else hidden, hidden, mlp, kv_heads, q_per_kv))
     widths_plan = SlicingPlan(hidden, hidden, tuple(per_layer))
     plan_dict = widths_plan.to_dict() | {"mlp_widths": plan.widths}
     info = {"version": __version__, "kind": KIND, "layout": layout.to_dict(), "plan": plan_dict}
@@ -637,5 +778,6 @@ def slice_locally(
         layout="stock",
         planning=plan.planning,  # empty for explicit widths (the CLI summary reads a budget from it)
         mlp_error=mlp_error,
+        head_error=details["heads"],
         warnings=plan.warnings + details["notes"],
     )
