@@ -23,9 +23,9 @@ the model's own next-token distribution:
    the rest from every MLP.
    With ``layout="plain"`` (the stock architecture, one MLP width) only the stock-shaped
    candidates (uniform widths and heads) are scored: a layout the user asked for is honoured.
-4. A second round combines what won: when a structural candidate (heads, sub-blocks) and a shaped
-   MLP allocation each beat the uniform MLP plan, the best structural one is scored again with its
-   MLP widths shaped by the best exponent.
+4. A second round combines what won: when a structural candidate (heads, sub-blocks) and a
+   per-layer MLP allocation (shaped or from the curves) each beat the uniform MLP plan, the best
+   structural one is scored again with its MLPs allocated the best one's way.
 5. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
    candidates, so the choice never scores worse than they do.
 
@@ -258,32 +258,46 @@ def shaped_plan(
     Channels removed per layer are ``min(I - step, lam * s_i ** -beta)`` rounded to the step, with
     ``lam`` found by bisection: the largest plan within the budget (counted as it is written).
     """
-    ctx, step = request.ctx, request.config.round_to
-    counter = counter_for(request, uniform)
-    inter = ctx.intermediate
     s = torch.tensor([max(float(v), 0.0) for v in sensitivity], dtype=torch.float64)
     s = s.clamp_min(max(s.max().item(), 1e-30) * 1e-6)
     weights = s.pow(-beta)
-    weights = weights / weights.mean()
-    target = request.target
+    weights = (weights / weights.mean()).tolist()
+    inter = request.ctx.intermediate
+    return _largest_within_budget(
+        request,
+        uniform,
+        lambda lam: _with_removed(request, uniform, [lam * w for w in weights]),
+        float(inter) * max(weights) ** -1 * 4 + inter,
+    )
 
-    def plan_at(lam: float) -> SlicingPlan:
-        widths = []
-        for w, base in zip(weights.tolist(), uniform.layers, strict=True):
-            removed = min(inter - step, round_width(lam * w, step))
-            widths.append(0 if base.mlp_removed else inter - removed if removed > 0 else None)
-        return uniform.with_mlp(widths)
 
-    lo, hi = 0.0, float(inter) * float(weights.max().item() ** -1) * 4 + inter
-    if counter.count(plan_at(hi)) > target:
+def _with_removed(request: PlanRequest, base: SlicingPlan, removed: Sequence[float]) -> SlicingPlan:
+    """``base`` with ``removed[i]`` MLP channels gone in layer i (on the step grid, at least one step
+    kept; a removed MLP stays removed)."""
+    inter, step = request.ctx.intermediate, request.config.round_to
+    widths = []
+    for r, lw in zip(removed, base.layers, strict=True):
+        r = min(inter - step, round_width(r, step))
+        widths.append(0 if lw.mlp_removed else inter - r if r > 0 else None)
+    return base.with_mlp(widths)
+
+
+def _largest_within_budget(
+    request: PlanRequest, base: SlicingPlan, plan_at: Callable[[float], SlicingPlan], high: float
+) -> SlicingPlan | None:
+    """``plan_at(x)`` for the smallest ``x`` in [0, high] (by bisection) whose count as written meets
+    the budget; None when even ``plan_at(high)`` does not (counts fall as ``x`` grows)."""
+    counter = counter_for(request, base)
+    if counter.count(plan_at(high)) > request.target:
         return None
+    low = 0.0
     for _ in range(40):
-        mid = (lo + hi) / 2
-        if counter.count(plan_at(mid)) > target:
-            lo = mid
+        mid = (low + high) / 2
+        if counter.count(plan_at(mid)) > request.target:
+            low = mid
         else:
-            hi = mid
-    return plan_at(hi)
+            high = mid
+    return plan_at(high)
 
 
 STRUCTURAL = ("heads-", "no-attn-")  # name prefixes of the candidates that remove heads or sub-blocks
@@ -353,8 +367,6 @@ def levels_plan(
     measured KL at the budget: the segments of every layer's convex removal curve are taken in order
     of their KL per channel, the last one partly (on the step grid), up to the furthest measured
     removal. None when the budget needs more than the curves reach."""
-    inter, step = request.ctx.intermediate, request.config.round_to
-    counter = counter_for(request, base)
     segments = []  # (KL per channel, layer, channels at its start, channels at its end)
     for layer, hull in enumerate(curves):
         for (r0, k0), (r1, k1) in zip(hull, hull[1:], strict=False):
@@ -362,30 +374,16 @@ def levels_plan(
     segments.sort()
 
     def plan_at(taken: float) -> SlicingPlan:
-        removed = [0] * len(curves)
+        removed = [0.0] * len(curves)
         left = taken
         for _, layer, r0, r1 in segments:
             if left <= 0:
                 break
             removed[layer] = r0 + min(r1 - r0, left)
             left -= r1 - r0
-        widths = []
-        for r, lw in zip(removed, base.layers, strict=True):
-            r = min(inter - step, round_width(r, step))
-            widths.append(0 if lw.mlp_removed else inter - r if r > 0 else None)
-        return base.with_mlp(widths)
+        return _with_removed(request, base, removed)
 
-    total = float(sum(r1 - r0 for _, _, r0, r1 in segments))
-    if counter.count(plan_at(total)) > request.target:
-        return None
-    lo, hi = 0.0, total
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if counter.count(plan_at(mid)) > request.target:
-            lo = mid
-        else:
-            hi = mid
-    return plan_at(hi)
+    return _largest_within_budget(request, base, plan_at, float(sum(r1 - r0 for _, _, r0, r1 in segments)))
 
 
 def _mlp_filled(mlp_request: PlanRequest, base: SlicingPlan) -> SlicingPlan | None:
