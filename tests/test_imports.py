@@ -73,7 +73,7 @@ FLOORS: dict[int, tuple[str, ...]] = {
     # 4. loading any model (sliced folders included) and doing: the executor, the structure-local path
     4: ("io.models", "steps.executor", "steps.local"),
     # 5-6. deciding: the measured allocator follows candidates with the executor; planning joins them
-    5: ("allocate.measured",),
+    5: ("allocate.measured", "allocate.local"),
     6: ("allocate.planning",),
     # 7. front doors and workflows
     7: ("slicing", "streaming", "export", "recover.recovery", "measure.plots"),

@@ -16,7 +16,7 @@ from slicelm.allocate.budget import ALLOCATORS, PlanRequest
 from slicelm.allocate.counting import ParameterCounter
 from slicelm.allocate.measured import measured_allocator, split_calibration
 from slicelm.allocate.planning import planning_context
-from slicelm.config import SCHEDULES, SliceConfig
+from slicelm.config import LOCAL_SCHEDULES, SCHEDULES, SliceConfig
 from slicelm.core.plan import LayerWidths, SlicingPlan
 from slicelm.errors import SlicelmError
 from slicelm.slicing import slice_model
@@ -35,7 +35,8 @@ def _state(model) -> dict[str, torch.Tensor]:
 
 
 def test_every_schedule_is_a_registered_allocator():
-    assert set(SCHEDULES) == set(ALLOCATORS)
+    assert set(SCHEDULES) == set(ALLOCATORS) | set(LOCAL_SCHEDULES)
+    assert not set(LOCAL_SCHEDULES) & set(ALLOCATORS)
 
 
 def test_every_plan_basis_is_a_registered_basis():

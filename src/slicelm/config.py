@@ -20,7 +20,11 @@ LayoutKind = Literal["slicegpt", "plain"]
 # uniform: stream only (the paper); mlp: MLP channels, the same width in every layer; mlp-global and
 # proxy: per-layer allocations by a calibration proxy (kept as named options; see docs/results);
 # heads / attn-blocks: one new removal step with the MLPs (the steps alone, as named options).
-SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy", "heads", "attn-blocks")
+# layers: the least sensitive 1/16 of the decoder layers removed whole, the rest from every MLP (the
+# structure-local step alone; auto scores it on families without the rotation).
+SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy", "heads", "attn-blocks", "layers")
+# Schedules that only the structure-local path plans (slicelm.allocate.local), with no executor allocator.
+LOCAL_SCHEDULES = ("layers",)
 DEFAULT_SCHEDULE = "auto"
 
 
@@ -40,8 +44,10 @@ class SliceConfig:
         number per layer), ``mlp-global`` / ``proxy`` (per-layer allocations by a calibration
         proxy; measured to lose, kept as named options), ``heads`` / ``attn-blocks`` (one head fewer
         per KV group in every layer, or some attention sub-blocks removed, the rest from every MLP).
-        On a model without the rotation (:mod:`slicelm.steps.local`) a budget goes to MLP channels
-        only, except with ``heads`` (:data:`slicelm.steps.local.LOCAL_STEPS`).
+        ``layers`` removes the least sensitive 1/16 of the decoder layers whole (stock config with fewer
+        layers), the rest from every MLP, on any family. On a model without the rotation
+        (:mod:`slicelm.steps.local`) ``auto`` scores uniform MLP channels, heads with MLPs and whole
+        layers with MLPs (:mod:`slicelm.allocate.local`) and keeps the best.
     layout: ``slicegpt`` (a PCA basis per point of the stream, shortcut matrices on the residuals,
         loads with remote code) or ``plain`` (one basis for the whole stream: no shortcuts, the
         original architecture with smaller widths, loads in stock transformers, vLLM, llama.cpp).

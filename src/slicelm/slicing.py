@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slicelm.allocate.local import LocalChoice, choice_words, choose_local, needs_choice
 from slicelm.allocate.planning import gather_statistics, plan_with_statistics
 from slicelm.config import BASES, LAYOUTS, SCHEDULES, Basis, LayoutKind, SliceConfig
 from slicelm.core.arch import resolve
@@ -73,17 +74,25 @@ def slice_model(
     if plan is None and serves_locally(layout, config):
         # Structure-local steps only (MLP channels, the stream untouched): families without the
         # rotation, mixtures of experts, unregistered families recognised by their roles.
-        return slice_locally(
+        choice = LocalChoice(config)
+        if needs_choice(config):  # auto and layers: measured on the calibration data
+            choice = choose_local(model, layout, calibration, config, pad_token_id=pad_token_id, progress=progress)
+        report = slice_locally(
             model,
             layout,
             calibration,
-            config,
+            choice.config,
             pad_token_id=pad_token_id,
             progress=progress,
             access=access,
             store=store,
             device=device,
+            drop=choice.drop,
         )
+        if choice.planning:
+            report.planning.update(choice.planning)
+            report.warnings.append(choice_words(report.planning))
+        return report
     if plan is None:
         plan, statistics = plan_with_statistics(
             model,

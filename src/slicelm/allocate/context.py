@@ -60,7 +60,8 @@ def mlp_width(intermediate: int, sparsity: float, round_to: int) -> int | None:
     """Intermediate width after removing ``sparsity`` of the channels (None: nothing removed)."""
     if sparsity == 0.0:
         return None
-    width = round_width(intermediate * (1.0 - sparsity), round_to)
+    # 1e-6: a width asked as 1 - w / I comes back as w - 1e-13, not w - 1 (widths are whole numbers)
+    width = round_width(intermediate * (1.0 - sparsity) + 1e-6, round_to)
     if width == 0:
         raise SlicelmError(f"mlp-sparsity {sparsity} with --round-to {round_to} leaves no MLP channel; lower either")
     return width

@@ -450,6 +450,19 @@ def attention_removal_candidates(request: PlanRequest, sensitivity: Sequence[flo
     return out
 
 
+@torch.no_grad()
+def window_log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's next-token log-probabilities (T, V) on one window ``ids`` (T,), float32 on the CPU."""
+    device = next(p.device for p in model.parameters())
+    logits = model(input_ids=ids[None].to(device), use_cache=False).logits[0]  # (T, V)
+    return F.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def kl_sum(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Sum over a window's positions of KL(p || q), from log-probabilities (T, V) of each."""
+    return (log_p.exp() * (log_p - log_q.float().cpu())).sum().item()
+
+
 def _can_measure_layers(request: PlanRequest) -> bool:
     """Layer sensitivities need an MLP that is one submodule and channels that can be pruned."""
     layout = request.ctx.layout
@@ -471,24 +484,16 @@ class KLScorer:
         self.batch_size = request.config.batch_size
         self.pad_id = request.pad_id
         # float32 (T, V) each: float16 would bias every KL by its rounding (2048 x 49k tokens: 0.4 GB)
-        self.reference = [self._log_probs(model, ids) for ids in held]
-
-    @torch.no_grad()
-    def _log_probs(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        device = next(p.device for p in model.parameters())
-        logits = model(input_ids=ids[None].to(device)).logits[0]  # (T, V)
-        return F.log_softmax(logits.float(), dim=-1).cpu()
+        self.reference = [window_log_probs(model, ids) for ids in held]
 
     def _kl(self, log_q: torch.Tensor, index: int) -> float:
-        """Sum over the window of KL(dense || candidate) (T positions)."""
-        log_p = self.reference[index]
-        return (log_p.exp() * (log_p - log_q.float().cpu())).sum().item()
+        return kl_sum(self.reference[index], log_q)
 
     @torch.no_grad()
     def score(self, name: str, plan: SlicingPlan) -> float:
         candidate = copy.deepcopy(self.model)
         execute(candidate, self.search, plan, batch_size=self.batch_size, pad_token_id=self.pad_id, progress=False)
-        total = sum(self._kl(self._log_probs(candidate, ids), i) for i, ids in enumerate(self.held))
+        total = sum(self._kl(window_log_probs(candidate, ids), i) for i, ids in enumerate(self.held))
         del candidate
         return total / sum(len(ids) for ids in self.held)
 

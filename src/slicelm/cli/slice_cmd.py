@@ -134,9 +134,11 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
             "mlp (MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
             "calibration proxy; measured to lose, kept for comparison), heads and attn-blocks (one attention head "
             "fewer per KV group, or the attention of the least sensitive 1/16 of the layers removed, the rest "
-            "from every MLP: the new steps alone, for comparison). Families without the rotation (gemma2, "
-            "gemma3_text, olmo2, qwen2_moe) spend it on MLP channels only, or with heads on the heads too "
-            f"(olmo2 refused). Default {DEFAULT_SCHEDULE}",
+            "from every MLP: the new steps alone, for comparison), layers (the least sensitive 1/16 of the "
+            "layers removed whole, the rest from every MLP; stock architecture, any family). Families without "
+            "the rotation (gemma2, gemma3_text, olmo2, qwen2_moe) spend it on the structure-local steps: auto "
+            "scores uniform MLP channels, heads and whole layers there and keeps the best (heads: olmo2 "
+            f"refused). Default {DEFAULT_SCHEDULE}",
         )
     parser.add_argument(
         "--layout",

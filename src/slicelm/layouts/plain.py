@@ -93,13 +93,19 @@ def plain_config(config: Any, layout: Layout, plan: SlicingPlan) -> Any:
     return new
 
 
+# Config fields holding one entry per decoder layer: sliding or full attention (Gemma 2/3, Qwen2/3,
+# transformers 5's layer_types) and SmolLM3's layers with or without RoPE.
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")
+
+
 def drop_config_layers(config: Any, drop: Any) -> None:
     """``config`` (in place) without decoder layers ``drop``: ``num_hidden_layers`` and, when
-    present, the per-layer ``layer_types`` (sliding or full attention)."""
+    present, the per-layer lists of :data:`PER_LAYER_FIELDS`."""
     drop = {int(i) for i in drop}
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == config.num_hidden_layers:
-        config.layer_types = [t for i, t in enumerate(layer_types) if i not in drop]
+    for name in PER_LAYER_FIELDS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == config.num_hidden_layers:
+            setattr(config, name, [v for i, v in enumerate(values) if i not in drop])
     config.num_hidden_layers -= len(drop)
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,7 +57,9 @@ from slicelm.core.pca import CovarianceAccumulator
 from slicelm.core.plan import LayerWidths, SlicingPlan
 from slicelm.core.resources import PeakMemory, count_parameters
 from slicelm.errors import SlicelmError
+from slicelm.layouts.plain import drop_config_layers
 from slicelm.modeling.modeling_slicelm import SLICELM_KEY, get_module, split_layer_call, stream_weight
+from slicelm.steps.blocks import drop_layers
 from slicelm.steps.channels import keep_mlp_channels, obs_prune, reconstruction_error
 from slicelm.steps.executor import REFIT_TOKENS_PER_CHANNEL, SliceReport
 from slicelm.steps.heads import HeadGeometry, apply_heads, choose_heads, head_geometry, head_refusal, head_statistics
@@ -67,7 +69,10 @@ KIND = "local"  # the ``kind`` of the in-memory ``slicelm`` config section (remo
 MLP_ROLES = (("gate_proj", "up_proj"), "down_proj")  # a Llama-style MLP (shared experts, Qwen-MoE dense layers)
 # What a --target-params budget is spent on here, by --schedule, in the order the steps run in each layer;
 # a schedule not named here spends it on MLP channels only (the same width in every layer).
-LOCAL_STEPS: dict[str, tuple[str, ...]] = {"heads": ("heads", "mlp")}
+LOCAL_STEPS: dict[str, tuple[str, ...]] = {"heads": ("heads", "mlp"), "layers": ("layers", "mlp")}
+# Whole layers a ``layers`` candidate removes: 1/16, 1/8, 1/4 of them (at least one, always fewer than all).
+# Which layers is measured (slicelm.allocate.local); ``--schedule layers`` takes the first share.
+LAYER_REMOVAL_SHARES = (16, 8, 4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +82,7 @@ def keeps_stream(config: SliceConfig) -> bool:
     """The run removes nothing from the residual stream (explicitly, or by an MLP-only schedule)."""
     if config.target_params is None:
         return config.sparsity == 0.0
-    return config.schedule in ("mlp", "mlp-global")
+    return config.schedule in ("mlp", "mlp-global", "layers")
 
 
 def serves_locally(layout: Layout, config: SliceConfig) -> bool:
@@ -95,6 +100,8 @@ def serves_locally(layout: Layout, config: SliceConfig) -> bool:
         return True
     if not keeps_stream(config):
         return False
+    if "layers" in local_steps(config):  # whole layers go from the stock architecture on every family
+        return True
     removes_mlp = config.target_params is not None or config.mlp_sparsity > 0
     # Experts only when channels go (at zero removal the rotation path is exact too); a plain LayerNorm
     # model always (the rotation path cannot write one).
@@ -178,13 +185,21 @@ def _scaled(widths: dict[str, int], sparsity: float, round_to: int) -> dict[str,
     return {f: (mlp_width(w, sparsity, round_to) or w) for f, w in widths.items()}
 
 
-def stock_count(model_config: Any, widths: dict[str, int]) -> int:
-    """Parameters of the stock model with these config fields (MLP widths, head counts), built on the
-    meta device with every expert."""
+def layer_counts(num_layers: int) -> list[int]:
+    """How many whole layers the ``layers`` candidates remove (:data:`LAYER_REMOVAL_SHARES`), mildest first."""
+    counts = {max(1, round(num_layers / share)) for share in LAYER_REMOVAL_SHARES}
+    return sorted(k for k in counts if k < num_layers)
+
+
+def stock_count(model_config: Any, widths: dict[str, int], drop: Sequence[int] = ()) -> int:
+    """Parameters of the stock model with these config fields (MLP widths, head counts), without the
+    decoder layers ``drop``, built on the meta device with every expert."""
 
     new = copy.deepcopy(model_config)
     for name, value in widths.items():
         setattr(new, name, value)
+    if drop:
+        drop_config_layers(new, drop)
     if hasattr(new, SLICELM_KEY):
         delattr(new, SLICELM_KEY)
     return sum(p.numel() for p in meta_model(new).parameters())
@@ -197,6 +212,7 @@ class LocalPlan:
     planning: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     heads: HeadGeometry | None = None  # the heads every layer keeps (None: heads untouched)
+    drop: tuple[int, ...] = ()  # decoder layers removed whole (their indices before removal)
 
     @property
     def fields(self) -> dict[str, int]:
@@ -205,13 +221,21 @@ class LocalPlan:
 
     @property
     def changes(self) -> bool:
+        return self.widths != self.original or self.heads is not None or bool(self.drop)
+
+    @property
+    def prunes(self) -> bool:
+        """Something inside the kept layers changes (their MLP widths or heads): a calibration walk."""
         return self.widths != self.original or self.heads is not None
 
 
-def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_before: int) -> LocalPlan:
+def plan_local(
+    model: nn.Module, layout: Layout, config: SliceConfig, params_before: int, drop: Sequence[int] = ()
+) -> LocalPlan:
     """The MLP widths of a structure-local run: ``mlp_sparsity`` of every kind of MLP, or for a budget
     the smallest uniform sparsity (in ``round_to`` steps of the largest MLP kind) that meets it, after
-    the heads that ``--schedule heads`` removes (:func:`plan_heads`; counted exactly, like the MLPs)."""
+    the heads that ``--schedule heads`` removes (:func:`plan_heads`) or the whole layers ``drop``
+    (``--schedule layers``; chosen by measurement in :mod:`slicelm.allocate.local`), all counted exactly."""
     original = width_fields(model, layout)
     warnings: list[str] = []
     if layout.note is not None:
@@ -220,8 +244,14 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
         warnings.append(f"--basis {config.basis} applies to the rotation; this run leaves the stream untouched")
     if config.target_params is None:
         return LocalPlan(_scaled(original, config.mlp_sparsity, config.round_to), original, {}, warnings)
+    steps = local_steps(config)
+    drop = tuple(sorted(int(i) for i in drop))
+    if "layers" in steps:
+        check_layers_droppable(model, layout, drop)
+    elif drop:
+        raise SlicelmError(f"--schedule {config.schedule} removes no whole layers; use --schedule layers")
     heads, fixed, now = None, {}, None
-    if "heads" in local_steps(config):
+    if "heads" in steps:
         now, heads, refused = plan_heads(model, layout)
         fixed = head_fields(heads)
         if refused is not None:
@@ -229,8 +259,9 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
                 f"--schedule heads: stock {type(model.config).__name__} refuses a milder removal ({refused}): "
                 f"every layer keeps {heads.heads} query heads of {now.heads} ({heads.kv_heads} KV of {now.kv_heads})"
             )
+    structure = _heads_words(now, heads) if heads is not None else _layers_words(drop, len(model_layers(model, layout)))
     if layout.rotation is not None:
-        spent = "MLP channels only" if heads is None else f"{_heads_words(now, heads)} and MLP channels"
+        spent = "MLP channels only" if structure is None else f"{structure} and MLP channels"
         warnings.append(
             f"{layout.model_type} has no rotation ({layout.rotation.split(',')[0]}): the budget is spent on {spent}"
         )
@@ -240,19 +271,21 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
     main = max(original, key=original.get)
     # Main widths one round_to step apart, down to where the narrowest kind of MLP keeps one step.
     floor = max(config.round_to / w for w in original.values())
-    steps = [w for w in range(original[main] - config.round_to, 0, -config.round_to) if w / original[main] >= floor]
-    options = [_scaled(original, 1.0 - w / original[main], config.round_to) for w in steps]
-    if heads is not None:  # the heads alone may meet the budget
+    steps_down = [
+        w for w in range(original[main] - config.round_to, 0, -config.round_to) if w / original[main] >= floor
+    ]
+    options = [_scaled(original, 1.0 - w / original[main], config.round_to) for w in steps_down]
+    if structure is not None:  # the heads or layers alone may meet the budget
         options.insert(0, dict(original))
     counts: dict[int, int] = {}
 
     def count(index: int) -> int:
         if index not in counts:
-            counts[index] = stock_count(model.config, options[index] | fixed)
+            counts[index] = stock_count(model.config, options[index] | fixed, drop)
         return counts[index]
 
     if not options or count(len(options) - 1) > target:
-        what = "pruning MLP channels" if heads is None else f"{_heads_words(now, heads)} and pruning MLP channels"
+        what = "pruning MLP channels" if structure is None else f"{structure} and pruning MLP channels"
         raise SlicelmError(
             f"--target-params {config.target_params} ({target:,} parameters) cannot be met by {what} "
             f"of this {layout.model_type} model (its embeddings, attention and norms stay); raise it"
@@ -278,19 +311,55 @@ def plan_local(model: nn.Module, layout: Layout, config: SliceConfig, params_bef
     }
     if heads is not None:
         planning["heads"] = {"kv_heads": heads.kv_heads, "q_per_kv": heads.q_per_kv, "head_dim": heads.head_dim}
+    if drop:
+        planning["dropped_layers"] = list(drop)
     shortfall = (target - planned) / max(target, 1)
-    if shortfall > 0.01 and heads is not None and low == 0:
+    if shortfall > 0.01 and structure is not None and low == 0:
+        closer = "--schedule mlp" if heads is not None else "fewer layers or --schedule mlp"
         planning["note"] = (
-            f"the plan has {planned:,} parameters, {shortfall:.1%} below the target: {_heads_words(now, heads)} "
-            "alone removes more than the budget asks (heads go whole, the same in every layer); use --schedule mlp "
-            "to land closer"
+            f"the plan has {planned:,} parameters, {shortfall:.1%} below the target: {structure} "
+            f"alone removes more than the budget asks; use {closer} to land closer"
         )
     elif shortfall > 0.01:
         planning["note"] = (
             f"the plan has {planned:,} parameters, {shortfall:.1%} below the target: MLP widths move in steps of "
             f"--round-to {config.round_to}; lower it to land closer"
         )
-    return LocalPlan(widths, original, planning, warnings, heads)
+    return LocalPlan(widths, original, planning, warnings, heads, drop)
+
+
+def model_layers(model: nn.Module, layout: Layout) -> nn.ModuleList:
+    return get_module(model, layout.layers)
+
+
+def _layers_words(drop: tuple[int, ...], num_layers: int) -> str | None:
+    if not drop:
+        return None
+    which = ", ".join(str(i) for i in drop)
+    return f"{len(drop)} of {num_layers} whole layers removed ({which})"
+
+
+def check_layers_droppable(model: nn.Module, layout: Layout, drop: Sequence[int]) -> None:
+    """Refuse in one line whole-layer removal where the stock config cannot describe the rest.
+
+    The stock config with fewer ``num_hidden_layers`` (and its per-layer lists trimmed) rebuilds every
+    layer alike, by its new index: that is the same model only when all layers have the same
+    parameters' shapes (Qwen-MoE's dense ``mlp_only_layers`` do not) and the one-basis stream has no
+    shortcut matrices. Layers must be given (``--schedule layers`` measures which).
+    """
+    layers = model_layers(model, layout)
+    if len(layers) < 2:
+        raise SlicelmError("--schedule layers: this model has one decoder layer, none to remove; use --schedule mlp")
+    if not drop:
+        raise SlicelmError("--schedule layers needs the layers to remove (measured by slicelm.allocate.local)")
+    if not set(drop) <= set(range(len(layers))) or len(set(drop)) >= len(layers):
+        raise SlicelmError(f"cannot remove layers {sorted(drop)} of a {len(layers)}-layer model (keep at least one)")
+    shapes = {tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()) for layer in layers}
+    if len(shapes) != 1:
+        raise SlicelmError(
+            f"--schedule layers: the layers of this {layout.model_type} model differ in their weights, so a stock "
+            "config with fewer layers would rebuild them differently; use --schedule mlp"
+        )
 
 
 def _heads_words(now: HeadGeometry, kept: HeadGeometry) -> str:
@@ -315,7 +384,19 @@ def check_local_config(model_config: Any, config: SliceConfig) -> bool:
     layout = resolve(model)
     if not serves_locally(layout, config):
         return False
-    plan = plan_local(model, layout, config, count_parameters(model))
+    before = count_parameters(model)
+    if "layers" in local_steps(config):  # the fewest layers the schedule removes (which ones is measured)
+        drop = range(layer_counts(len(model_layers(model, layout)))[0]) if model_config.num_hidden_layers > 1 else ()
+        plan = plan_local(model, layout, config, before, tuple(drop))
+    else:
+        try:
+            plan = plan_local(model, layout, config, before)
+        except SlicelmError:
+            # auto also scores whole layers removed: the budget is refused only if the most of them fails too
+            counts = layer_counts(len(model_layers(model, layout)))
+            if config.schedule != "auto" or not counts:
+                raise
+            plan = plan_local(model, layout, replace(config, schedule="layers"), before, tuple(range(counts[-1])))
     stock_config(model_config, plan.fields)
     return True
 
@@ -693,12 +774,16 @@ def slice_locally(
     access: WeightAccess | None = None,
     store: ActivationStore | None = None,
     device: torch.device | str | None = None,
+    drop: Sequence[int] = (),
 ) -> SliceReport:
     """Prune MLP channels of ``model`` in place (structure-local steps; the stream is untouched).
 
-    The model stays an instance of its stock class with smaller MLP widths in its config; it is
-    marked as compressed (slicing it again is refused) and :func:`slicelm.save_sliced` writes it as a
-    stock folder.
+    drop: whole decoder layers to remove first (``--schedule layers``; exact, the residual passes),
+    so the kept layers are pruned on the signals of the model without them.
+
+    The model stays an instance of its stock class with smaller MLP widths in its config (and fewer
+    layers); it is marked as compressed (slicing it again is refused) and :func:`slicelm.save_sliced`
+    writes it as a stock folder.
     """
     if access is not None and type(access) is not WeightAccess:
         raise SlicelmError("pruning MLP channels without the rotation runs in memory; drop --stream / --max-memory")
@@ -709,15 +794,17 @@ def slice_locally(
     memory = PeakMemory()
     start = time.perf_counter()
     params_before = count_parameters(model)
-    plan = plan_local(model, layout, config, params_before)
+    plan = plan_local(model, layout, config, params_before, drop)
     stock_config(model.config, plan.fields)  # refused before any weight changes
+    if plan.drop:
+        drop_layers(model, layout, plan.drop)
     pad_id = pad_token_id if pad_token_id is not None else (model.config.pad_token_id or 0)
     if isinstance(pad_id, (list, tuple)):
         pad_id = pad_id[0]
     timings: dict[str, float] = {}
     details: dict[str, Any] = {"layers": {}, "heads": {}, "notes": []}
     tokens = 0
-    if plan.changes:
+    if plan.prunes:
         batches, layer_kwargs = capture_all_layer_inputs(
             model, layout, calibration, config.batch_size, int(pad_id), store
         )
@@ -749,6 +836,8 @@ def slice_locally(
         per_layer.append(LayerWidths(None if layout.parallel else hidden, hidden, mlp, kv_heads, q_per_kv))
     widths_plan = SlicingPlan(hidden, hidden, tuple(per_layer))
     plan_dict = widths_plan.to_dict() | {"mlp_widths": plan.widths}
+    if plan.drop:
+        plan_dict["dropped_layers"] = list(plan.drop)
     info = {"version": __version__, "kind": KIND, "layout": layout.to_dict(), "plan": plan_dict}
     setattr(model.config, SLICELM_KEY, info)
     model._slicelm_model = True  # an instance flag: slicing it again is refused, save_sliced writes it stock
