@@ -135,7 +135,7 @@ def _request(model, target: float = 0.8, layout: str = "slicegpt") -> PlanReques
 
 @pytest.mark.parametrize(
     "favourite",
-    ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1", "mlp-levels", "heads-2x1+mlp", "no-attn-1+mlp"],
+    ["uniform-mlp", "uniform-stream", "stream+mlp", "mlp-shaped-1", "heads-2x1+mlp", "no-attn-1+mlp"],
 )
 def test_the_measured_allocator_keeps_the_best_scored_candidate(favourite):
     """With a deterministic scorer the chosen plan is the best scored, and the uniform plans are
@@ -206,6 +206,22 @@ def test_removal_curves_are_convex_and_levels_spend_where_kl_grows_least():
     assert levels_plan(request, base, [[(0, 0.0), (1, 1.0)]] * 4) is None  # the curves cannot reach the budget
 
 
+def test_mlp_levels_schedule_measures_curves_and_lands_on_the_budget():
+    """``--schedule mlp-levels`` (auto's former candidate, now a named option): each layer's KL curve
+    from measurements at three removals, per-layer widths along them, within 1% under the budget; the
+    plain layout's stock architecture holds one MLP width, so it is refused there in one line."""
+    model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
+    plan = slicelm.plan(model, calibration(96), SliceConfig(target_params=0.8, schedule="mlp-levels", round_to=1))
+    report = plan.planning
+    assert report["chosen"] == "mlp-levels" and report["evaluations"] == 3 * 4
+    curves = report["removal_curves"]
+    assert len(curves) == 4 and all(tuple(c[0]) == (0, 0.0) for c in curves)
+    dense = sum(p.numel() for p in model.parameters())
+    assert 0.79 * dense <= report["planned_count"] <= 0.8 * dense
+    with pytest.raises(SlicelmError, match="one MLP width|per-layer widths"):
+        slicelm.plan(model, calibration(96), SliceConfig(target_params=0.8, schedule="mlp-levels", layout="plain"))
+
+
 def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
     model = build_tiny_model("llama", num_hidden_layers=4, intermediate_size=128)
     config = SliceConfig(target_params=0.8, schedule="auto", round_to=1)
@@ -216,10 +232,8 @@ def test_the_measured_allocator_measures_kl_and_lands_on_the_budget():
     assert all(s >= -1e-6 and s == s for s in scores.values())  # KL: finite, non-negative (float32 rounding)
     assert len(report["layer_sensitivity"]) == 4 and min(report["layer_sensitivity"]) > 0
     assert len(report["attention_sensitivity"]) == 4 and min(report["attention_sensitivity"]) > 0
-    assert {"heads-2x1+mlp", "heads-1x2+mlp", "no-attn-1+mlp", "mlp-levels"} <= set(scores)
-    assert len(report["removal_curves"]) == 4 and all(
-        c[0] == [0, 0.0] or c[0] == (0, 0.0) for c in report["removal_curves"]
-    )
+    assert {"heads-2x1+mlp", "heads-1x2+mlp", "no-attn-1+mlp"} <= set(scores)
+    assert "mlp-levels" not in scores  # a named option now (measured to lose), not a candidate
     dense = sum(p.numel() for p in model.parameters())
     assert 0.79 * dense <= report["planned_count"] <= 0.8 * dense
     # The held-out scoring windows are disjoint from the refit samples.

@@ -18,11 +18,12 @@ Basis = Literal["pca", "random", "identity", "channels"]
 LayoutKind = Literal["slicegpt", "plain"]
 # auto: the measured allocator (candidates scored end to end on held-out calibration windows);
 # uniform: stream only (the paper); mlp: MLP channels, the same width in every layer; mlp-global and
-# proxy: per-layer allocations by a calibration proxy (kept as named options; see docs/results);
+# proxy: per-layer allocations by a calibration proxy; mlp-levels: per-layer widths along measured KL
+# removal curves (all three measured to lose, kept as named options; see docs/results);
 # heads / attn-blocks: one new removal step with the MLPs (the steps alone, as named options).
 # layers: the least sensitive 1/16 of the decoder layers removed whole, the rest from every MLP (the
 # structure-local step alone; auto scores it on families without the rotation).
-SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy", "heads", "attn-blocks", "layers")
+SCHEDULES = ("auto", "uniform", "mlp", "mlp-global", "proxy", "mlp-levels", "heads", "attn-blocks", "layers")
 # Schedules that only the structure-local path plans (slicelm.allocate.local), with no executor allocator.
 LOCAL_SCHEDULES = ("layers",)
 DEFAULT_SCHEDULE = "auto"

@@ -14,9 +14,7 @@ the model's own next-token distribution:
    refit sees the signals of the already-compressed layers before it) and scored by the same KL:
    the uniform MLP plan, the uniform stream plan (SliceGPT), their combination, and per-layer MLP
    widths shaped by the measured sensitivities (removal proportional to ``s_i ** -beta`` for each
-   beta in :data:`SHAPES`; beta = 0 would be the uniform plan), and per-layer MLP widths from
-   measured removal curves (each layer's KL also measured at the removals of :data:`LEVELS`; the
-   channels go where the summed KL grows least, along each layer's convex curve); the mildest uniform head removals
+   beta in :data:`SHAPES`; beta = 0 would be the uniform plan); the mildest uniform head removals
    (one query head fewer per KV group, one KV group fewer; o_proj refit) with the rest of the
    budget from every MLP; and the attention sub-blocks of the least sensitive layers removed
    (their sensitivity measured like the MLPs': one layer at a time, KL on the held-out windows),
@@ -24,10 +22,15 @@ the model's own next-token distribution:
    With ``layout="plain"`` (the stock architecture, one MLP width) only the stock-shaped
    candidates (uniform widths and heads) are scored: a layout the user asked for is honoured.
 4. A second round combines what won: when a structural candidate (heads, sub-blocks) and a
-   per-layer MLP allocation (shaped or from the curves) each beat the uniform MLP plan, the best
+   per-layer MLP allocation each beat the uniform MLP plan, the best
    structural one is scored again with its MLPs allocated the best one's way.
 5. The candidate with the lowest KL is the plan; the uniform plans are always among the scored
    candidates, so the choice never scores worse than they do.
+
+Per-layer MLP widths from measured removal curves (each layer's KL also measured at the removals of
+:data:`LEVELS`, channels spent where the summed KL grows least) were a candidate too; they lost to the
+shaped widths and cost 45% of the search's evaluations, so they are the named option
+``--schedule mlp-levels`` (:func:`levels_allocator`).
 
 Nothing is tuned to a model: the widths come from measurements on the calibration data, and the
 few constants below are search budgets (tokens, shapes tried), reported with every plan.
@@ -93,23 +96,11 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
         sensitivity = [1.0 + i for i in range(request.ctx.num_layers)]
     elif shaped and _can_measure_layers(request) and uniform_mlp.layers[0].mlp is not None:
         sensitivity = measure.layer_sensitivity(uniform_mlp.layers[0].mlp)
-    curves: list[list[tuple[int, float]]] | None = None
     if sensitivity is not None and uniform_mlp.layers[0].mlp is not None:
         for beta in SHAPES:
             shaped = shaped_plan(request, uniform_mlp, sensitivity, beta)
             if shaped is not None and all(shaped.layers != c.layers for c in candidates.values()):
                 candidates[f"mlp-shaped-{beta:g}"] = shaped
-        removed = request.ctx.intermediate - uniform_mlp.layers[0].mlp
-        widths = _level_widths(request, removed)
-        if measure is None:  # the stand-in: KL growing with the square of the removal, by layer
-            levels = {w: [s * ((request.ctx.intermediate - w) / removed) ** 2 for s in sensitivity] for w in widths}
-        else:
-            levels = {w: measure.layer_sensitivity(w) for w in widths}
-        levels[uniform_mlp.layers[0].mlp] = list(sensitivity)
-        curves = removal_curves(request.ctx.intermediate, levels)
-        leveled = levels_plan(request, uniform_mlp, curves)
-        if leveled is not None and all(leveled.layers != c.layers for c in candidates.values()):
-            candidates["mlp-levels"] = leveled
     candidates |= head_candidates(request)
     attention_sensitivity: list[float] | None = None
     if uniform_mlp is not None and not request.ctx.stream.stock:  # sub-block removal is not stock-shaped
@@ -131,8 +122,6 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
         allocations = {
             f"mlp-shaped-{beta:g}": (lambda base, b=beta: shaped_plan(request, base, sensitivity, b)) for beta in SHAPES
         }
-        if curves is not None:
-            allocations["mlp-levels"] = lambda base: levels_plan(request, base, curves)
         for name, plan in combined_candidates(scored, allocations).items():
             scored.append((scorer(name, plan), name, plan))
     best_score, best_name, best = min(scored, key=lambda s: s[0])  # ties keep the simpler, earlier plan
@@ -144,12 +133,10 @@ def measured_allocator(request: PlanRequest, scorer: Scorer | None = None) -> tu
         ],
         "score": "KL(dense || candidate) per held-out token" if measure is not None else "injected scorer",
         "evaluations": len(scored)
-        + sum(len(v) for v in (sensitivity, attention_sensitivity) if v is not None and measure is not None)
-        + (len(LEVELS) * request.ctx.num_layers if curves is not None and measure is not None else 0),
+        + sum(len(v) for v in (sensitivity, attention_sensitivity) if v is not None and measure is not None),
         "score_tokens": sum(len(s) for s in held),
         "search_tokens": sum(len(s) for s in search),
         "layer_sensitivity": sensitivity,
-        "removal_curves": curves,
         "attention_sensitivity": attention_sensitivity,
         "search_seconds": time.perf_counter() - start,
         "stream_width": best.embedding if best.keeps_stream else min(lw.out for lw in best.layers),
@@ -612,6 +599,40 @@ def heads_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
     return plan, {"chosen": name}
 
 
+def levels_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
+    """``--schedule mlp-levels``: per-layer MLP widths along each layer's measured removal curve.
+
+    Each layer's KL is measured alone at the uniform MLP plan's removal and at the multiples of it in
+    :data:`LEVELS`; the channels go where the summed KL grows least (:func:`levels_plan`). It was one of
+    ``auto``'s candidates; measured to lose to the sensitivity-shaped widths at 0.75x of SmolLM2 while
+    costing 45% of that search's evaluations (docs/results/compression_smollm2.md), it is kept as a
+    named option.
+    """
+    model, calibration = request.model, request.calibration
+    if model is None or calibration is None or any(p.device.type == "meta" for p in model.parameters()):
+        raise SlicelmError("--schedule mlp-levels measures layers on the model in memory; it cannot stream")
+    if request.ctx.stream.stock or not _can_measure_layers(request):
+        raise SlicelmError(
+            "--schedule mlp-levels gives every layer its own MLP width, which needs an MLP that is one module and "
+            "a layout that holds per-layer widths (not --layout plain); use --schedule mlp"
+        )
+    uniform = simple_candidates(request).get("uniform-mlp")
+    if uniform is None or uniform.layers[0].mlp is None:
+        raise SlicelmError("--schedule mlp-levels cannot meet this budget with the MLPs alone; use --schedule auto")
+    held, search = split_calibration(calibration)
+    measure = KLScorer(model, held, search, request)
+    width = uniform.layers[0].mlp
+    levels = {
+        w: measure.layer_sensitivity(w) for w in (width, *_level_widths(request, request.ctx.intermediate - width))
+    }
+    curves = removal_curves(request.ctx.intermediate, levels)
+    plan = levels_plan(request, uniform, curves)
+    if plan is None:
+        raise SlicelmError("--schedule mlp-levels: the measured curves do not reach this budget; use --schedule auto")
+    details = {"chosen": "mlp-levels", "removal_curves": curves, "evaluations": len(levels) * request.ctx.num_layers}
+    return plan, details
+
+
 def attention_blocks_allocator(request: PlanRequest) -> tuple[SlicingPlan, dict]:
     """``--schedule attn-blocks``: the sub-block step with the MLPs (the attention of the least
     sensitive 1/16 of the layers removed, sensitivity measured as ``auto`` does; the rest from
@@ -635,6 +656,12 @@ register_allocator(
     heads_allocator,
     needs="model",
     help="one attention head fewer per KV group in every layer (o_proj refit), the rest from every MLP",
+)
+register_allocator(
+    "mlp-levels",
+    levels_allocator,
+    needs="model",
+    help="per-layer MLP widths along each layer's measured KL removal curve (was an auto candidate; lost)",
 )
 register_allocator(
     "attn-blocks",
