@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -241,6 +240,28 @@ def _stock_reloads(folders: dict[str, str], ids: torch.Tensor, mask: torch.Tenso
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _budget_reloads_in_stock(tmp_path, families, config, overrides=lambda model_type: {}):
+    """Each family from a checkpoint on disk, sliced with ``config``, saved to ``tmp_path/<family>-out``
+    and reloaded where ``import slicelm`` fails: checks the reload is stock, generates and gives the
+    in-memory logits; returns (reload results, slicing reports, dense configs as dicts) by family."""
+    ids, mask = padded_batch(96)
+    expected, folders, reports, configs = {}, {}, {}, {}
+    for model_type in families:
+        build_tiny_model(model_type, **overrides(model_type)).save_pretrained(tmp_path / model_type)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, dtype=torch.float32).eval()
+        configs[model_type] = model.config.to_dict()
+        reports[model_type] = slice_model(model, calibration(**MOE_CALIBRATION), config, progress=False)
+        expected[model_type] = logits(model, ids, mask)
+        save_sliced(model, tmp_path / f"{model_type}-out")
+        folders[model_type] = str(tmp_path / f"{model_type}-out")
+    results = _stock_reloads(folders, ids, mask)
+    for model_type, result in results.items():
+        assert isinstance(result, dict), f"{model_type}: {result}"
+        assert not result["remote"] and result["new_tokens"] >= 1, model_type  # generates (eos may end it)
+        assert relative_error(expected[model_type], torch.tensor(result["logits"]), mask) <= TOL, model_type
+    return results, reports, configs
+
+
 def test_new_families_zero_removal_and_quarter_mlp_removal_reload_in_stock_transformers(
     tmp_path, smollm2_tokenizer, data_dir
 ):
@@ -398,23 +419,9 @@ def test_local_heads_schedule_reloads_in_stock_transformers(tmp_path):
     layer and MLP channels for the rest of the budget; the saved folder is the stock architecture with
     the new head counts and head_dim as before, reloading in a process where ``import slicelm`` fails
     to the in-memory logits. The count is exact and lands within 1% of the budget (or says why)."""
-    ids, mask = padded_batch(96)
-    expected, folders, reports, configs = {}, {}, {}, {}
-    for model_type in LOCAL_HEAD_FAMILIES:
-        source = tmp_path / model_type
-        build_tiny_model(model_type).save_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        configs[model_type] = model.config.to_dict()
-        config = SliceConfig(target_params=0.85, schedule="heads")
-        reports[model_type] = slice_model(model, calibration(**MOE_CALIBRATION), config, progress=False)
-        expected[model_type] = logits(model, ids, mask)
-        save_sliced(model, tmp_path / f"{model_type}-heads")
-        folders[model_type] = str(tmp_path / f"{model_type}-heads")
-    results = _stock_reloads(folders, ids, mask)
+    config = SliceConfig(target_params=0.85, schedule="heads")
+    results, reports, configs = _budget_reloads_in_stock(tmp_path, LOCAL_HEAD_FAMILIES, config)
     for model_type, result in results.items():
-        assert isinstance(result, dict), f"{model_type}: {result}"
-        assert not result["remote"] and result["new_tokens"] >= 1, model_type  # generates (eos may end it)
-        assert relative_error(expected[model_type], torch.tensor(result["logits"]), mask) <= TOL, model_type
         dense, report = configs[model_type], reports[model_type]
         heads = report.planning["heads"]
         assert (heads["kv_heads"], heads["q_per_kv"]) == (2, 1)  # 4 query heads over 2 KV heads: one fewer each
@@ -633,24 +640,12 @@ def test_local_layers_schedule_reloads_in_stock_transformers(tmp_path):
     architecture with one layer fewer and its per-layer lists (Gemma's sliding/full layer_types,
     SmolLM3's RoPE/NoPE layers) trimmed to match, reloading where ``import slicelm`` fails to the
     in-memory logits. The count is exact and never above the budget."""
-    ids, mask = padded_batch(96)
-    expected, folders, reports, dense = {}, {}, {}, {}
-    for model_type in LAYER_FAMILIES:
-        overrides = {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}
-        model = build_tiny_model(model_type, **(overrides if model_type.startswith("gemma") else {}))
-        model.save_pretrained(tmp_path / model_type)
-        model = AutoModelForCausalLM.from_pretrained(tmp_path / model_type, dtype=torch.float32).eval()
-        dense[model_type] = model.config.to_dict()
-        config = SliceConfig(target_params=0.6, schedule="layers")
-        reports[model_type] = slice_model(model, calibration(**MOE_CALIBRATION), config, progress=False)
-        expected[model_type] = logits(model, ids, mask)
-        save_sliced(model, tmp_path / f"{model_type}-layers")
-        folders[model_type] = str(tmp_path / f"{model_type}-layers")
-    results = _stock_reloads(folders, ids, mask)
+    overrides = {"layer_types": ["full_attention", "sliding_attention", "full_attention"]}
+    config = SliceConfig(target_params=0.6, schedule="layers")
+    results, reports, dense = _budget_reloads_in_stock(
+        tmp_path, LAYER_FAMILIES, config, lambda model_type: overrides if model_type.startswith("gemma") else {}
+    )
     for model_type, result in results.items():
-        assert isinstance(result, dict), f"{model_type}: {result}"
-        assert not result["remote"] and result["new_tokens"] >= 1, model_type
-        assert relative_error(expected[model_type], torch.tensor(result["logits"]), mask) <= TOL, model_type
         report, before = reports[model_type], dense[model_type]
         sensitivity = report.planning["layer_sensitivity"]
         assert len(sensitivity) == 3 and min(sensitivity) > 0
@@ -659,7 +654,7 @@ def test_local_layers_schedule_reloads_in_stock_transformers(tmp_path):
         assert not any(name.startswith("model.layers.2.") for name in result["shapes"]), model_type
         for name in ("layer_types", "no_rope_layers"):
             if isinstance(before.get(name), list):
-                folder_config = json.loads(Path(folders[model_type], "config.json").read_text())
+                folder_config = json.loads((tmp_path / f"{model_type}-out" / "config.json").read_text())
                 assert folder_config[name] == [v for i, v in enumerate(before[name]) if i not in dropped]
         written = sum(math.prod(shape) for shape in result["shapes"].values())
         assert written == report.params_after == report.planning["planned_count"] <= report.planning["target_count"]
