@@ -135,16 +135,17 @@ def choose_local(
             del candidates[name]
     if not candidates:
         raise SlicelmError(next(iter(refused.values())))
-    measure = HeldOutKL(model, held)
+    needs_layers = any(drop for _, drop in candidates.values())
+    measure = HeldOutKL(model, held) if needs_layers or len(candidates) > 1 else None
     sensitivity: list[float] = []
-    if any(drop for _, drop in candidates.values()):
+    if measure is not None and needs_layers:
         sensitivity = measure.layer_skip_sensitivity(model, layout, progress)
         order = sorted(range(num_layers), key=lambda i: sensitivity[i])
         for name, (candidate, drop) in candidates.items():
             if drop:
                 candidates[name] = (candidate, tuple(sorted(order[: len(drop)])))
     scores: dict[str, float] = {}
-    if len(candidates) > 1:
+    if measure is not None and len(candidates) > 1:
         for name, (candidate, drop) in tqdm(candidates.items(), desc="scoring candidates", disable=not progress):
             trial = copy.deepcopy(model)
             slice_locally(trial, layout, search, candidate, pad_token_id=pad_token_id, progress=False, drop=drop)
@@ -161,7 +162,7 @@ def choose_local(
         "layer_sensitivity": sensitivity,
         "evaluations": len(scores),
         "search_seconds": time.perf_counter() - start,
-        "score_tokens": measure.tokens,
+        "score_tokens": measure.tokens if measure is not None else 0,
         "search_tokens": sum(len(ids) for ids in search),
     }
     return LocalChoice(chosen_config, drop, planning)
