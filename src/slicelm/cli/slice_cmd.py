@@ -129,17 +129,18 @@ def add_slicing_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
             "--schedule",
             choices=SCHEDULES,
             default=None,
-            help="how --target-params is spent: auto (candidate plans — the uniform ones among them — scored end "
-            "to end on held-out calibration windows; the best is kept), uniform (stream width only, the paper), "
-            "mlp (MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
+            help="how --target-params is spent: auto (candidate plans — the uniform ones among them — scored end to "
+            "end on held-out calibration windows; the best is kept), uniform (stream width only, the paper), mlp "
+            "(MLP channels, the same in every layer), mlp-global and proxy (per-layer allocations by a "
             "calibration proxy; measured to lose, kept for comparison), mlp-levels (per-layer MLP widths along "
-            "measured KL removal curves; lost to auto's shaped widths, kept for comparison), heads and attn-blocks (one attention head "
-            "fewer per KV group, or the attention of the least sensitive 1/16 of the layers removed, the rest "
-            "from every MLP: the new steps alone, for comparison), layers (the least sensitive 1/16 of the "
-            "layers removed whole, the rest from every MLP; stock architecture, any family). Families without "
-            "the rotation (gemma2, gemma3_text, olmo2, qwen2_moe) spend it on the structure-local steps: auto "
-            "scores uniform MLP channels, heads and whole layers there and keeps the best (heads: olmo2 "
-            f"refused). Default {DEFAULT_SCHEDULE}",
+            "measured KL removal curves; lost to auto's shaped widths, kept for comparison), heads and attn-"
+            "blocks (one attention head fewer per KV group, or the attention of the least sensitive 1/16 of the "
+            "layers removed, the rest from every MLP: the new steps alone, for comparison), layers (the least "
+            "sensitive 1/16 of the layers removed whole, the rest from every MLP; stock architecture, any "
+            "family). Families without the rotation (gemma2, gemma3_text, olmo2, qwen2_moe) spend it on the "
+            "structure-local steps: auto scores uniform MLP channels, heads and whole layers there and keeps the "
+            "best (heads: olmo2 refused). Default "
+            f"{DEFAULT_SCHEDULE}",
         )
     parser.add_argument(
         "--layout",
