@@ -706,7 +706,7 @@ def test_local_auto_scores_layers_heads_and_mlps_and_keeps_the_lowest(tmp_path):
 def test_layers_schedule_refusals_are_one_line_before_loading(tmp_path, smollm2_tokenizer, data_dir, capsys):
     """qwen2_moe with a dense layer among its expert layers: a stock config with fewer layers would
     rebuild them differently, so --schedule layers is refused in one line (exit 2), nothing written.
-    A one-layer model has nothing to remove."""
+    A one-layer model has nothing to remove. --plan-only is refused there too (nothing to plan apart)."""
     from slicelm.cli import main
 
     for model_type, overrides in (("qwen2_moe", {}), ("gemma2", {"num_hidden_layers": 1})):
@@ -720,3 +720,10 @@ def test_layers_schedule_refusals_are_one_line_before_loading(tmp_path, smollm2_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "layer" in err, err
         assert not out.exists()
+    # The structure-local steps choose and prune in one pass: no separate plan
+    out = tmp_path / "plan.json"
+    argv = ["slice", tmp_path / "qwen2_moe", "--target-params", 0.99, "--plan-only", *CALIB, "--out", out]
+    assert main([str(a) for a in [*argv, "--data-dir", data_dir]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plan-only" in err and "drop --plan-only" in err
+    assert not out.exists()

@@ -378,6 +378,11 @@ def check_model_config(model_config: Any, config: Any, args: argparse.Namespace)
             if cause is None or config.target_params is None:
                 raise
             raise SlicelmError(f"{exc}. The cause: {cause[0]}") from None
+    if local and getattr(args, "plan_only", False):
+        raise SlicelmError(
+            f"--plan-only: {model_config.model_type} is pruned by the structure-local steps, which choose and prune "
+            "in one pass on the calibration data (their plan is in the output's report); drop --plan-only"
+        )
     if local and fmt not in ("auto", "stock"):
         raise SlicelmError(f"--format {fmt}: {model_config.model_type} is pruned by the structure-local steps (stock)")
     if fmt == "decilm" and family_refusal(model_config) is not None:
