@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import build_tiny_model
-from test_finetune import CONFIG, sliced_tiny, windows
+from test_finetune import (
+    CONFIG,
+    FT,
+    sliced_tiny,
+    tiny_sliced_folder,  # noqa: F401 (the fixture, found here by name)
+    windows,
+)
 
 from slicelm.cli import main
 from slicelm.recover.config import FinetuneConfig
@@ -134,3 +140,25 @@ def test_top_k_resume_reads_the_cache_and_equals_an_uninterrupted_run(tmp_path, 
     expected, got = uninterrupted.state_dict(), resumed.state_dict()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_finetune_cli_with_top_k_interrupted_then_resumed(request, tmp_path, data_dir, capsys, monkeypatch):
+    """The command: 4 steps, a checkpoint every step; interrupted after 2, the resumed run reads the other
+    2 micro-batches' top k from the work folder, and the report records it."""
+    import json
+
+    from slicelm.recover import recovery
+
+    _, sliced = request.getfixturevalue("tiny_sliced_folder")
+    out = tmp_path / "recovered"
+    argv = ["finetune", str(sliced), "--out", str(out), "--data-dir", str(data_dir), "--kd-top-k", "16", *FT]
+    original = recovery.train
+    monkeypatch.setattr(recovery, "train", lambda *a, **k: original(*a, **k, stop_after=2))
+    assert main(argv) == 130
+    assert (tmp_path / "recovered.slicelm-work" / TeacherTopK.FILE).is_file()
+    monkeypatch.setattr(recovery, "train", original)
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / "slicelm_report.json").read_text())["finetune"]
+    assert report["config"]["kd_top_k"] == 16 and report["resumed_from"] == 2
+    assert report["teacher_top_k"]["loaded"] == report["teacher_top_k"]["batches"] == 2
+    assert not (tmp_path / "recovered.slicelm-work").exists()
