@@ -40,6 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("lm", "kd"), default="kd", help="lm: next-token loss (the paper); kd: distil")
     p.add_argument("--teacher", help="teacher for --loss kd (default: the source model recorded in the sliced folder)")
     p.add_argument("--temperature", type=float, default=None, help="KD temperature (default 1)")
+    p.add_argument(
+        "--kd-top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--loss kd against the teacher's K most likely next tokens plus one bucket for the rest, computed once "
+        "before training and kept with the checkpoints (an approximation; exact at K = the vocabulary). "
+        "Default: the exact KL over the whole vocabulary",
+    )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on every block linear (default 32)")
     group.add_argument("--full", action="store_true", help="train every weight instead of LoRA adapters")
@@ -102,6 +111,7 @@ def config_from(args: argparse.Namespace):
     return FinetuneConfig(
         loss=args.loss,
         temperature=1.0 if args.temperature is None else args.temperature,
+        kd_top_k=args.kd_top_k,
         lora_rank=None if args.full else args.lora_rank,
         lora_alpha=64.0 if args.lora_alpha is None else args.lora_alpha,
         tokens=args.tokens,
@@ -188,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
 def check_flags_have_effect(args: argparse.Namespace) -> None:
     """Refuse flags that the other flags make meaningless, instead of ignoring them silently."""
     if args.loss != "kd":
-        for flag, value in (("--teacher", args.teacher), ("--temperature", args.temperature)):
+        for flag, value in (
+            ("--teacher", args.teacher),
+            ("--temperature", args.temperature),
+            ("--kd-top-k", args.kd_top_k),
+        ):
             if value is not None:
                 raise SlicelmError(
                     f"{flag} is only used by --loss kd, not --loss {args.loss}; drop it or use --loss kd"

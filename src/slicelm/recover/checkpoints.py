@@ -146,6 +146,8 @@ def load_checkpoint(
         raise damaged(f"step {step} but its learning-rate schedule is at step {scheduled!r}")
     check_processes(meta.get("processes", 1), report.processes)
     wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
+    if isinstance(saved, dict):
+        saved = {"kd_top_k": None} | saved  # a checkpoint from before the option: the exact loss
     if saved != wanted:
         changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
         raise SlicelmError(

@@ -19,6 +19,10 @@ class FinetuneConfig:
 
     loss: ``lm`` (next-token cross-entropy) or ``kd`` (distillation from ``teacher``).
     temperature: of the KD softmaxes.
+    kd_top_k: distil against the teacher's ``k`` most likely next tokens and one bucket for the rest
+        (:func:`slicelm.recover.losses.kd_top_k_loss`) instead of the whole vocabulary: the teacher's top k
+        on every training batch is computed once, before the first step, and kept (with the checkpoints,
+        for a resumed run). None (the default): the exact KL over the vocabulary. ``kd`` only.
     lora_rank: LoRA rank on every linear of the decoder blocks; None for full fine-tuning.
     lora_alpha: LoRA scaling numerator (scale = alpha / rank).
     tokens / steps: the training budget; ``tokens`` is converted to whole steps of
@@ -38,6 +42,7 @@ class FinetuneConfig:
 
     loss: Loss = "kd"
     temperature: float = 1.0
+    kd_top_k: int | None = None
     lora_rank: int | None = 32
     lora_alpha: float = 64.0
     tokens: int | None = 200_000
@@ -62,6 +67,10 @@ class FinetuneConfig:
             raise SlicelmError(f"unknown LoRA targets {bad}; use {', '.join(EXTRA_TARGETS)}")
         if self.loss not in ("lm", "kd"):
             raise SlicelmError(f"--loss must be lm or kd, got {self.loss!r}")
+        if self.kd_top_k is not None and self.loss != "kd":
+            raise SlicelmError(
+                f"--kd-top-k is only used by --loss kd, not --loss {self.loss}; drop it or use --loss kd"
+            )
         checks = {
             "--tokens": self.tokens if self.steps is None else 1,
             "--steps": self.steps if self.steps is not None else 1,
@@ -69,6 +78,7 @@ class FinetuneConfig:
             "--batch-size": self.batch_size,
             "--grad-accum": self.grad_accum,
             "--eval-windows": self.eval_windows + 1,
+            "--kd-top-k": self.kd_top_k if self.kd_top_k is not None else 1,
         }
         for flag, value in checks.items():
             if value is None or value < 1:

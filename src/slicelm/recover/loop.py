@@ -21,11 +21,11 @@ from slicelm.errors import SlicelmError
 from slicelm.io.streaming_io import map_large_allocations
 from slicelm.recover.checkpoints import load_checkpoint, save_checkpoint, weights_digest, windows_digest
 from slicelm.recover.config import FinetuneConfig
-from slicelm.recover.losses import BlockTargets, chunked_loss, forward_hidden, kd_loss, lm_loss
+from slicelm.recover.losses import BlockTargets, chunked_loss, forward_hidden, kd_loss, kd_top_k_loss, lm_loss
 from slicelm.recover.parallel import Processes
 from slicelm.recover.report import FinetuneReport
 from slicelm.recover.student import enable_checkpointing, merged, needs_checkpointing, prepare_student
-from slicelm.recover.teacher import TeacherTargets, teacher_targets
+from slicelm.recover.teacher import TeacherTargets, TeacherTopK, teacher_targets
 from slicelm.recover.windows import own_batches
 
 
@@ -193,6 +193,28 @@ def train(
             targets = teacher_targets(teacher, heldout_windows, config, pad_id, device, processes)
         report.teacher_seconds += time.perf_counter() - t_start
 
+    def micro_batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of micro-batch ``index`` (``step * grad_accum + micro``): ids/mask (b, T)."""
+        first = index * config.batch_size + rank * local_batch
+        chunk = [train_windows[i] for i in order[first : first + local_batch]]
+        ids, mask = next(pad_batches(chunk, len(chunk), pad_id))
+        return ids.to(device), mask.to(device)
+
+    cache = None
+    if config.kd_top_k is not None:  # the teacher's top k on every training batch, once, before the first step
+        cache = TeacherTopK(config.kd_top_k, config.temperature)
+        todo = range(start_step * config.grad_accum, total * config.grad_accum)
+        if resume and world == 1:
+            cache.load(work, identity, first=todo.start)
+        t_start = time.perf_counter()
+        with processes.autocast():
+            for index in todo:
+                if index not in cache:
+                    cache.add(index, teacher, *micro_batch(index))
+        report.teacher_seconds += time.perf_counter() - t_start
+        report.teacher_top_k = {"k": config.kd_top_k, "batches": len(todo), "loaded": cache.loaded}
+        report.teacher_top_k["bytes"] = cache.nbytes
+
     def held_out() -> dict[str, float]:
         if not heldout_windows:
             return {}
@@ -206,6 +228,8 @@ def train(
         report.seconds = time.perf_counter() - t0
         if processes.main:
             save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
+            if cache is not None and world == 1 and not cache.saved:  # what is left of it, once
+                cache.save(work, identity)
 
     step = start_step
     bar = tqdm(total=total, initial=start_step, desc=f"finetune ({config.loss})", disable=not progress)
@@ -218,12 +242,18 @@ def train(
                 raise KeyboardInterrupt
             loss_value = 0.0
             for micro in range(config.grad_accum):
-                first = (step * config.grad_accum + micro) * config.batch_size + rank * local_batch
-                chunk = [train_windows[i] for i in order[first : first + local_batch]]
-                ids, mask = next(pad_batches(chunk, len(chunk), pad_id))
-                ids, mask = ids.to(device), mask.to(device)
+                index = step * config.grad_accum + micro
+                ids, mask = micro_batch(index)
                 hidden, head = forward_hidden(run, ids, mask, student)  # the logits exist one block at a time
-                if config.loss == "kd":
+                if cache is not None:
+                    loss = kd_top_k_loss(
+                        hidden[:, :-1],
+                        cache.take(index).to(device),
+                        mask[:, 1:],
+                        config.temperature,
+                        student_head=head,
+                    )
+                elif config.loss == "kd":
                     t_start = time.perf_counter()
                     with torch.no_grad(), processes.autocast():
                         t_hidden, t_head = forward_hidden(teacher, ids, mask)

@@ -1,6 +1,7 @@
 """Losses in bounded memory: the model's head is bypassed (its forward returns the final hidden states) and
 the next-token (``lm``) or distillation (``kd``) loss projects them through the head block by block, so the
-full logits never exist; the gradient is exact.
+full logits never exist; the gradient is exact. Distillation can also be against the teacher's top-k
+next tokens (:class:`TopK`, ``FinetuneConfig.kd_top_k``), an approximation that is exact at k = vocabulary.
 """
 
 from __future__ import annotations
@@ -44,15 +45,83 @@ class Head:
 LOGITS = Head()
 
 
-class BlockTargets:
-    """What one block of logits is scored against: ``kd`` (the teacher's hidden states and head) or
-    ``lm`` (next-token ids). ``score(s, i, j)`` returns the summed loss of rows ``i:j`` of the
-    student's raw float32 logits ``s`` and its gradient with respect to them."""
+@dataclass(frozen=True)
+class TopK:
+    """Next-token distributions reduced to their ``k`` most likely tokens and one bucket for the rest.
 
-    def __init__(self, kind: str, target: torch.Tensor, head: Head = LOGITS, temperature: float = 1.0):
+    Per row (one real token position): ``ids`` (N, k) int32, ``log_p`` (N, k) their log-probabilities
+    (float32, float64 for float64 inputs) and ``log_tail`` (N,) the log of the mass of every other token
+    (-inf when k is the vocabulary). A distribution over k + 1 outcomes, exact at k = vocabulary.
+    """
+
+    ids: torch.Tensor
+    log_p: torch.Tensor
+    log_tail: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.ids, self.log_p, self.log_tail))
+
+    def rows(self, i: int, j: int) -> TopK:
+        return TopK(self.ids[i:j], self.log_p[i:j], self.log_tail[i:j])
+
+    def to(self, device) -> TopK:
+        return TopK(self.ids.to(device), self.log_p.to(device), self.log_tail.to(device))
+
+
+@torch.no_grad()
+def top_k(hidden: torch.Tensor, head: Head, k: int, temperature: float, *, rows: int | None = None) -> TopK:
+    """The distributions ``softmax(head(hidden) / T)`` of hidden (N, H) reduced to their top ``k``
+    (k above the vocabulary keeps it all), block by block like the losses: one block of logits at a time."""
+    vocab = hidden.shape[-1] if head.weight is None else head.weight.shape[0]
+    k = min(k, vocab)
+    rows = rows or max(1, LOGIT_BLOCK // vocab)
+    parts = []
+    for i in range(0, hidden.shape[0], rows):
+        log_p = F.log_softmax(head.logits(hidden[i : i + rows]) / temperature, dim=-1)  # (rows, V)
+        top, ids = log_p.topk(k, dim=-1)  # (rows, k), most likely first
+        # the rest's mass as a log-sum-exp over the other tokens: 1 - sum(top) cancels catastrophically
+        tail = log_p.scatter_(1, ids, float("-inf")).logsumexp(dim=-1)  # (rows,)
+        parts.append((ids.to(torch.int32), top, tail))
+    if not parts:
+        empty = hidden.new_zeros((0, k), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return TopK(empty.to(torch.int32), empty, empty[:, 0])
+    ids, top, tail = (torch.cat(column) for column in zip(*parts, strict=True))
+    return TopK(ids, top, tail)
+
+
+def _top_k_kl(s: torch.Tensor, target: TopK, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed ``T^2 KL`` over the k + 1 outcomes of ``target`` (the teacher's top k and the rest) between it
+    and the student's logits ``s`` (rows, V) collapsed onto the same outcomes, and its gradient with respect
+    to ``s``: ``T (q - p~)``, where p~ is the teacher's top-k probabilities on its ids and its tail mass
+    spread over the other tokens in the student's proportions (``p_tail q_m / q_tail``)."""
+    log_q = F.log_softmax(s / t, dim=-1)  # (rows, V)
+    ids = target.ids.long()  # (rows, k)
+    log_p, log_p_tail = target.log_p.to(log_q.dtype), target.log_tail.to(log_q.dtype)  # (rows, k), (rows,)
+    log_q_top = log_q.gather(1, ids)
+    q = log_q.exp_().scatter_(1, ids, 0.0)  # the student's probabilities off the top k
+    q_tail = q.sum(dim=-1).clamp_min(torch.finfo(q.dtype).tiny)  # a sum of small terms: no cancellation
+    p, p_tail = log_p.exp(), log_p_tail.exp()  # p_tail is 0 when k is the vocabulary
+    tail = torch.where(p_tail > 0, p_tail * (log_p_tail - q_tail.log()), 0.0)
+    loss = ((p * (log_p - log_q_top)).sum() + tail.sum()) * t**2
+    grad = q.mul_((1 - p_tail / q_tail).unsqueeze(1)).scatter_(1, ids, log_q_top.exp() - p)
+    return loss, grad.mul_(t)
+
+
+class BlockTargets:
+    """What one block of logits is scored against: ``kd`` (the teacher's hidden states and head), ``topk``
+    (the teacher's :class:`TopK`) or ``lm`` (next-token ids). ``score(s, i, j)`` returns the summed loss
+    of rows ``i:j`` of the student's raw float32 logits ``s`` and its gradient with respect to them."""
+
+    def __init__(self, kind: str, target: torch.Tensor | TopK, head: Head = LOGITS, temperature: float = 1.0):
         self.kind, self.target, self.head, self.temperature = kind, target, head, temperature
 
     def score(self, s: torch.Tensor, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "topk":
+            return _top_k_kl(s, self.target.rows(i, j), self.temperature)
         if self.kind == "lm":
             log_q = F.log_softmax(s, dim=-1)
             ids = self.target[i:j].unsqueeze(1)
@@ -146,6 +215,28 @@ def kd_loss(
     keep = mask.bool()
     targets = BlockTargets("kd", teacher[keep].detach(), teacher_head, temperature)
     return chunked_loss(student[keep], student_head, targets, rows)
+
+
+def kd_top_k_loss(
+    student: torch.Tensor,
+    teacher: TopK,
+    mask: torch.Tensor,
+    temperature: float,
+    *,
+    student_head: Head = LOGITS,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Mean over real tokens of ``T^2 KL`` between the teacher's top-k distribution (one row per real
+    token of ``mask``, in order: :func:`top_k` of ``teacher_hidden[mask]``) and the student's, collapsed
+    onto the same k ids and one bucket for every other token (its mass ``1 - sum of its top-k probabilities``).
+
+    student: (B, T, H_s) hidden states projected by ``student_head``; mask (B, T). Blocked like
+    :func:`kd_loss`, and equal to it when k is the vocabulary.
+    """
+    keep = mask.bool()
+    if len(teacher) != int(keep.sum()):
+        raise ValueError(f"{len(teacher)} teacher rows for {int(keep.sum())} real tokens")
+    return chunked_loss(student[keep], student_head, BlockTargets("topk", teacher, temperature=temperature), rows)
 
 
 def output_head(model: nn.Module) -> nn.Linear | None:

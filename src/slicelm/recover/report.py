@@ -20,6 +20,7 @@ class FinetuneReport:
     seconds: float = 0.0
     teacher: str | None = None
     teacher_seconds: float = 0.0  # time spent in the teacher's forward passes
+    teacher_top_k: dict[str, Any] = field(default_factory=dict)  # kd_top_k: k, batches, loaded, bytes
     peak_memory: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
     gradient_checkpointing: bool = False

@@ -1,5 +1,6 @@
-"""The KD teacher: the dense model a slicelm output records as its source, and the teacher's outputs on the
-held-out windows, computed once per run."""
+"""The KD teacher: the dense model a slicelm output records as its source, the teacher's outputs on the
+held-out windows, computed once per run, and its top-k targets on the training batches (``kd_top_k``),
+computed once and kept with the checkpoints."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 
 from slicelm.recover.config import FinetuneConfig
-from slicelm.recover.losses import LOGITS, Head, forward_hidden
+from slicelm.recover.losses import LOGITS, Head, TopK, forward_hidden, top_k
 from slicelm.recover.parallel import Processes
 from slicelm.recover.windows import own_batches
 
@@ -41,6 +44,80 @@ def teacher_targets(
         hidden, head = forward_hidden(teacher, ids, mask)
         out.append(hidden[:, :-1][mask[:, 1:].bool()].cpu())
     return TeacherTargets(out, head)
+
+
+class TeacherTopK:
+    """The teacher's :class:`~slicelm.recover.losses.TopK` on this process's training micro-batches, by the
+    micro-batch's index in the run (``step * grad_accum + micro``): one row per real next-token position.
+
+    Filled once (:meth:`add`, before the first step), then every step takes its targets instead of running
+    the teacher. Held in memory (``8 k + 4`` bytes a token in float32) until its step takes it: a run never
+    trains on a window twice, so a taken entry is not needed again. In a single-process run the entries
+    still held are also written beside the first checkpoint of the work folder, so a resumed run reads
+    them and runs no teacher forward on training batches. It is a cache: a file that is unreadable or
+    was made with another teacher, data, k or temperature is ignored (the entries are computed again).
+    """
+
+    FILE = "teacher_topk.safetensors"
+
+    def __init__(self, k: int, temperature: float):
+        self.k, self.temperature = k, temperature
+        self.entries: dict[int, TopK] = {}
+        self.loaded = 0  # entries read from a work folder
+        self.saved = False  # every entry is in the work folder's file
+
+    def __contains__(self, index: int) -> bool:
+        return index in self.entries
+
+    def take(self, index: int) -> TopK:
+        return self.entries.pop(index)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(entry.nbytes for entry in self.entries.values())
+
+    @torch.no_grad()
+    def add(self, index: int, teacher, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The teacher's top k on one micro-batch, ids/mask (B, T), at its real next-token positions."""
+        hidden, head = forward_hidden(teacher, ids, mask)  # (B, T, H)
+        kept = hidden[:, :-1][mask[:, 1:].bool()]  # (N, H): the rows the loss scores
+        self.entries[index] = top_k(kept, head, self.k, self.temperature).to("cpu")
+        self.saved = False
+
+    def _meta(self, identity: dict) -> dict[str, str]:
+        return {"k": str(self.k), "temperature": repr(self.temperature)} | {
+            key: str(identity.get(key)) for key in ("teacher", "data")
+        }
+
+    def save(self, work: Path, identity: dict) -> None:
+        """Write every entry to ``work`` (atomically: a temporary file renamed)."""
+        tensors = {}
+        for index, entry in self.entries.items():
+            tensors |= {f"{index}.ids": entry.ids, f"{index}.log_p": entry.log_p, f"{index}.log_tail": entry.log_tail}
+        tmp = work / f".{self.FILE}.tmp"
+        try:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, self._meta(identity))
+        except BaseException:  # a full disk: the checkpoint stands, a resumed run computes the entries again
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.rename(work / self.FILE)
+        self.saved = True
+
+    def load(self, work: Path, identity: dict, first: int = 0) -> None:
+        """Read the entries from index ``first`` on that a run with the same teacher, data, k and
+        temperature wrote into ``work``."""
+        path = work / self.FILE
+        try:
+            with safetensors.safe_open(path, framework="pt") as f:
+                if f.metadata() != self._meta(identity):
+                    return
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            indexes = {int(key.split(".", 1)[0]) for key in tensors} - set(range(first))
+            entries = {i: TopK(tensors[f"{i}.ids"], tensors[f"{i}.log_p"], tensors[f"{i}.log_tail"]) for i in indexes}
+        except (OSError, SafetensorError, ValueError, KeyError):
+            return
+        self.entries |= entries
+        self.loaded, self.saved = len(entries), True
 
 
 def recorded_source(folder: str | Path) -> str | None:
