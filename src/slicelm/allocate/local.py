@@ -15,8 +15,10 @@ alike: a stock config holds one width), attention heads (every layer alike) and 
    already-compressed layers) and scored by the same KL: the uniform MLP plan; the mildest uniform head
    removal with MLPs (where the family's attention allows it); and the least sensitive 1/16, 1/8 and
    1/4 of the layers removed (:data:`~slicelm.steps.local.LAYER_REMOVAL_SHARES`), the rest of the budget
-   from every MLP. The lowest KL wins; the uniform MLP plan is always scored, so the choice never
-   scores worse than it. ``--schedule layers`` takes the 1/16 share without scoring (the step alone).
+   from every MLP. They are compared at equal size: a candidate whose structure alone leaves more than
+   :data:`BUDGET_TOLERANCE` fewer parameters than the uniform MLP plan is not run (the report says
+   why). The lowest KL wins; the uniform MLP plan is always scored, so the choice never scores worse
+   than it. ``--schedule layers`` takes the 1/16 share without scoring (the step alone).
 
 Nothing here is tuned to a model: the layers come from measurements on the calibration data; the
 shares are the candidates tried, reported with every plan.
