@@ -1,6 +1,7 @@
 """``slicelm finetune MODEL --out DIR --data c4``: recover a sliced model by fine-tuning or distillation.
 
-Order of work: flags; the output folder and the work folder (claimed); the training data (the
+Order of work: flags; the teacher's device, and whether its weights fit there (from its config, before
+any weight is loaded); the output folder and the work folder (claimed); the training data (the
 WikiText-2 test text is refused); the teacher (its vocabulary must be the student's); then
 training, with checkpoints in the work folder; the merged model is written like ``slice`` writes.
 
@@ -48,6 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="--loss kd against the teacher's K most likely next tokens plus one bucket for the rest, computed once "
         "before training and kept with the checkpoints (an approximation; exact at K = the vocabulary). "
         "Default: the exact KL over the whole vocabulary",
+    )
+    p.add_argument(
+        "--teacher-device",
+        default=None,
+        metavar="DEVICE",
+        help="where the --loss kd teacher is held and run: cpu, cuda:1 ... (its outputs come to the student's "
+        "device for the loss). Default: beside the student (--device). With several processes only cpu",
     )
     group = p.add_mutually_exclusive_group()
     group.add_argument("--lora-rank", type=int, default=32, help="LoRA rank on every block linear (default 32)")
@@ -112,6 +120,7 @@ def config_from(args: argparse.Namespace):
         loss=args.loss,
         temperature=1.0 if args.temperature is None else args.temperature,
         kd_top_k=args.kd_top_k,
+        teacher_device=args.teacher_device,
         lora_rank=None if args.full else args.lora_rank,
         lora_alpha=64.0 if args.lora_alpha is None else args.lora_alpha,
         tokens=args.tokens,
@@ -154,12 +163,16 @@ def run(args: argparse.Namespace) -> int:
         )
     work = Path(args.work_dir or f"{Path(args.out).expanduser()}.slicelm-work").expanduser()
 
-    def claim_folders(processes: int) -> OutputClaim:
+    def claim_folders(processes: int, student_device=None) -> OutputClaim:
+        """Refusals that need no weights, then the folders. student_device: this process's (None: not yet
+        launched, where the teacher's fit is left to the launched processes' rank 0)."""
         if config.batch_size % processes:
             raise SlicelmError(
                 f"--batch-size {config.batch_size} is the global batch; it must split evenly across {processes} "
                 "processes"
             )
+        if config.loss == "kd":
+            check_teacher_device(args, config, source, device, processes, student_device)
         claim = OutputClaim(args.out, args.overwrite, kind=FINETUNED_KIND, protect=[source.local_path])
         try:
             _check_work_dir(work, args.resume, args.restart, processes)
@@ -178,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     claim = problem = None
     if processes.main:
         try:
-            claim = claim_folders(processes.world)
+            claim = claim_folders(processes.world, processes.device or device)
         except SlicelmError as exc:
             problem = str(exc)
     problem = processes.broadcast(problem)  # the other ranks stop with rank 0, which says why
@@ -202,6 +215,7 @@ def check_flags_have_effect(args: argparse.Namespace) -> None:
             ("--teacher", args.teacher),
             ("--temperature", args.temperature),
             ("--kd-top-k", args.kd_top_k),
+            ("--teacher-device", args.teacher_device),
         ):
             if value is not None:
                 raise SlicelmError(
@@ -211,6 +225,54 @@ def check_flags_have_effect(args: argparse.Namespace) -> None:
         for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-extra", args.lora_extra or None)):
             if value is not None:
                 raise SlicelmError(f"{flag} configures LoRA adapters, and --full trains every weight; drop one of them")
+
+
+def check_teacher_device(args, config, source, device, processes: int, student_device=None) -> None:
+    """Refuse, before any weight is loaded, a ``--teacher-device`` this machine cannot use or that is
+    ambiguous with several processes, and (with ``student_device``) a teacher whose weights alone exceed
+    the memory free on its device. The teacher's size comes from its config, built on the meta device;
+    a teacher whose config cannot be read is left to :func:`load_teacher`, which says why."""
+    # imported when the command runs: building the parser (--help) needs none of this
+    import os
+
+    import torch
+
+    from slicelm.core.resources import device_memory_bytes
+    from slicelm.io.memory import weight_bytes
+    from slicelm.io.models import DTYPES, load_config, resolve_source
+    from slicelm.recover.teacher import recorded_source, teacher_device
+
+    where = teacher_device(config.teacher_device, student_device or device, processes)  # a bad one: refused
+    if student_device is None:
+        return
+    name = args.teacher or recorded_source(source.path)
+    if name is None:
+        return
+    try:
+        teacher_config = load_config(resolve_source(name))
+        need = weight_bytes(teacher_config, DTYPES[args.dtype])
+    except (SlicelmError, OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return  # no estimate: nothing is refused on a guess (loading the teacher says what is wrong)
+    # every process of this machine holds a teacher; on the CPU they share its memory
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", processes)) if where.type == "cpu" else 1
+    free = device_memory_bytes(where)
+    if free is None or need * copies <= free:
+        return
+    each = f" in each of {copies} processes" if copies > 1 else ""
+    ways = ["--teacher-device cpu"] if where.type != "cpu" else []
+    if where.type == "cpu" and torch.cuda.is_available():
+        ways.append("--teacher-device cuda:N")
+    if args.dtype == "float32" and where.type == "cuda":
+        ways.append("--dtype bfloat16")
+    ways.append("--loss lm (no teacher)")
+    raise SlicelmError(
+        f"the teacher {name} does not fit on {where}: its {args.dtype} weights alone take {_size(need)}{each}, and "
+        f"{_size(free)} is free there; free memory, or use {' or '.join(ways)}"
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def launch(args: argparse.Namespace, processes: int) -> int:

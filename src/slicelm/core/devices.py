@@ -17,26 +17,27 @@ from slicelm.errors import SlicelmError
 from slicelm.modeling.modeling_slicelm import get_module
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """A usable torch device: ``name``, or cuda when available, else cpu. Unavailable -> one line."""
+def resolve_device(name: str | torch.device | None, flag: str = "--device") -> torch.device:
+    """A usable torch device: ``name``, or cuda when available, else cpu. Unavailable -> one line
+    naming ``flag`` (the option that gave it)."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise SlicelmError(f"unknown device {name!r}; use e.g. cpu, cuda or cuda:1") from None
+        raise SlicelmError(f"{flag} {name}: unknown device; use e.g. cpu, cuda or cuda:1") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
             raise SlicelmError(
-                f"--device {name}: no CUDA device is available (torch {torch.__version__}, {build}); use --device cpu"
+                f"{flag} {name}: no CUDA device is available (torch {torch.__version__}, {build}); use {flag} cpu"
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SlicelmError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise SlicelmError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise SlicelmError(f"--device {name}: MPS is not available here; use --device cpu")
+        raise SlicelmError(f"{flag} {name}: MPS is not available here; use {flag} cpu")
     elif device.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise SlicelmError(f"--device {name}: unsupported device type {device.type!r}; use cpu or cuda")
+        raise SlicelmError(f"{flag} {name}: unsupported device type {device.type!r}; use cpu or cuda")
     return device
 
 

@@ -64,3 +64,13 @@ def available_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Memory still free on ``device``: a CUDA device's free memory (``torch.cuda.mem_get_info``), the
+    host's for the CPU (:func:`available_memory_bytes`), None where unknown (mps, xpu)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return available_memory_bytes()
+    return None

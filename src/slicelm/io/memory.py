@@ -48,3 +48,8 @@ def estimate_forward_bytes(model_config: Any, dtype: torch.dtype, batch: int, se
     element = torch.empty((), dtype=dtype).element_size()
     per_token = forward_bytes_per_token(model_config, dtype, seqlen)
     return parameter_count(model_config) * element + batch * seqlen * per_token + RUNTIME_BYTES
+
+
+def weight_bytes(model_config: Any, dtype: torch.dtype) -> int:
+    """Bytes of the weights of the model ``model_config`` describes, held in ``dtype``."""
+    return parameter_count(model_config) * torch.empty((), dtype=dtype).element_size()

@@ -102,6 +102,10 @@ def check_processes(recorded: Any, processes: int) -> None:
         )
 
 
+# Settings of where the run computes, not of what it computes (like --device): a resumed run may change them.
+PLACEMENT = ("teacher_device",)
+
+
 class DamagedCheckpoint(SlicelmError):
     """A work folder's checkpoint that cannot be read or does not fit this run."""
 
@@ -146,8 +150,11 @@ def load_checkpoint(
         raise damaged(f"step {step} but its learning-rate schedule is at step {scheduled!r}")
     check_processes(meta.get("processes", 1), report.processes)
     wanted = json.loads(json.dumps(asdict(config) | {"peak_lr": config.peak_lr}))
+    for key in PLACEMENT:
+        wanted.pop(key, None)
     if isinstance(saved, dict):
         saved = {"kd_top_k": None} | saved  # a checkpoint from before the option: the exact loss
+        saved = {k: v for k, v in saved.items() if k not in PLACEMENT}
     if saved != wanted:
         changed = sorted(k for k in wanted if not isinstance(saved, dict) or saved.get(k) != wanted[k])
         raise SlicelmError(

@@ -23,6 +23,10 @@ class FinetuneConfig:
         (:func:`slicelm.recover.losses.kd_top_k_loss`) instead of the whole vocabulary: the teacher's top k
         on every training batch is computed once, before the first step, and kept (with the checkpoints,
         for a resumed run). None (the default): the exact KL over the vocabulary. ``kd`` only.
+    teacher_device: where the teacher is held and run (``cpu``, ``cuda:1`` ...); its outputs are moved to
+        the student's device, where the loss is computed (:func:`slicelm.recover.teacher.teacher_device`).
+        None (the default): beside the student. Only ``cpu`` with several processes. ``kd`` only; not a
+        setting of the run (a resumed run may place its teacher elsewhere).
     lora_rank: LoRA rank on every linear of the decoder blocks; None for full fine-tuning.
     lora_alpha: LoRA scaling numerator (scale = alpha / rank).
     tokens / steps: the training budget; ``tokens`` is converted to whole steps of
@@ -43,6 +47,7 @@ class FinetuneConfig:
     loss: Loss = "kd"
     temperature: float = 1.0
     kd_top_k: int | None = None
+    teacher_device: str | None = None
     lora_rank: int | None = 32
     lora_alpha: float = 64.0
     tokens: int | None = 200_000
@@ -67,10 +72,11 @@ class FinetuneConfig:
             raise SlicelmError(f"unknown LoRA targets {bad}; use {', '.join(EXTRA_TARGETS)}")
         if self.loss not in ("lm", "kd"):
             raise SlicelmError(f"--loss must be lm or kd, got {self.loss!r}")
-        if self.kd_top_k is not None and self.loss != "kd":
-            raise SlicelmError(
-                f"--kd-top-k is only used by --loss kd, not --loss {self.loss}; drop it or use --loss kd"
-            )
+        for flag, value in (("--kd-top-k", self.kd_top_k), ("--teacher-device", self.teacher_device)):
+            if value is not None and self.loss != "kd":
+                raise SlicelmError(
+                    f"{flag} is only used by --loss kd, not --loss {self.loss}; drop it or use --loss kd"
+                )
         checks = {
             "--tokens": self.tokens if self.steps is None else 1,
             "--steps": self.steps if self.steps is not None else 1,

@@ -25,7 +25,7 @@ from slicelm.recover.losses import BlockTargets, chunked_loss, forward_hidden, k
 from slicelm.recover.parallel import Processes
 from slicelm.recover.report import FinetuneReport
 from slicelm.recover.student import enable_checkpointing, merged, needs_checkpointing, prepare_student
-from slicelm.recover.teacher import TeacherTargets, TeacherTopK, teacher_targets
+from slicelm.recover.teacher import TeacherTargets, TeacherTopK, teacher_device, teacher_targets
 from slicelm.recover.windows import own_batches
 
 
@@ -105,6 +105,8 @@ def train(
     launcher); ``config.batch_size`` is the global micro-batch, split evenly across them, and each
     process's loss is weighted by its share of the batch's real tokens, so N processes train the
     same run as one (up to the order of float sums). Only rank 0 writes checkpoints.
+    device: the student's (the process's under accelerate). The teacher runs on ``config.teacher_device``
+    (default: the same); its hidden states and head come to the student's device for the loss.
     work_dir: where checkpoints go (none without it). resume: continue from its checkpoint.
     stop_after: end (with a checkpoint) after this many steps of this call, as an interruption would.
     monitor: extra measurements added to each evaluation point (e.g. test perplexity); for curves
@@ -124,6 +126,8 @@ def train(
         )
     device = processes.device or device
     world, rank = processes.world, processes.rank
+    # where the teacher runs; what the loss reads of it (hidden states, head, top k) comes to `device`
+    t_device = teacher_device(config.teacher_device, device, world) if teacher is not None else None
     if config.batch_size % world:
         raise SlicelmError(
             f"--batch-size {config.batch_size} is the global batch; it must split evenly across {world} processes"
@@ -159,7 +163,7 @@ def train(
         map_large_allocations()
     run = processes.prepare(student)  # what the training forward goes through (DDP under accelerate)
     if teacher is not None:
-        teacher.eval().to(device)
+        teacher.eval().to(t_device)
         for param in teacher.parameters():
             param.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
@@ -190,7 +194,7 @@ def train(
     if teacher is not None and heldout_windows:
         t_start = time.perf_counter()
         with processes.autocast():
-            targets = teacher_targets(teacher, heldout_windows, config, pad_id, device, processes)
+            targets = teacher_targets(teacher, heldout_windows, config, pad_id, t_device, processes).to(device)
         report.teacher_seconds += time.perf_counter() - t_start
 
     def micro_batch(index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +214,7 @@ def train(
         with processes.autocast():
             for index in todo:
                 if index not in cache:
-                    cache.add(index, teacher, *micro_batch(index))
+                    cache.add(index, teacher, *(t.to(t_device) for t in micro_batch(index)))
         report.teacher_seconds += time.perf_counter() - t_start
         report.teacher_top_k = {"k": config.kd_top_k, "batches": len(todo), "loaded": cache.loaded}
         report.teacher_top_k["bytes"] = cache.nbytes
@@ -231,6 +235,7 @@ def train(
             if cache is not None and world == 1 and not cache.saved:  # what is left of it, once
                 cache.save(work, identity)
 
+    teacher_head = None  # the teacher's head on the student's device: moved once, not every step
     step = start_step
     bar = tqdm(total=total, initial=start_step, desc=f"finetune ({config.loss})", disable=not progress)
     try:
@@ -256,7 +261,10 @@ def train(
                 elif config.loss == "kd":
                     t_start = time.perf_counter()
                     with torch.no_grad(), processes.autocast():
-                        t_hidden, t_head = forward_hidden(teacher, ids, mask)
+                        t_hidden, t_head = forward_hidden(teacher, ids.to(t_device), mask.to(t_device))
+                    t_hidden = t_hidden.to(device)  # (B, T, H_t)
+                    if teacher_head is None:
+                        teacher_head = t_head.to(device)
                     report.teacher_seconds += time.perf_counter() - t_start
                     loss = kd_loss(
                         hidden[:, :-1],
@@ -264,7 +272,7 @@ def train(
                         mask[:, 1:],
                         config.temperature,
                         student_head=head,
-                        teacher_head=t_head,
+                        teacher_head=teacher_head,
                     )
                 else:
                     loss = lm_loss(hidden, ids, mask, head)

@@ -41,6 +41,12 @@ class Head:
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(hidden.to(dtype), self.weight.to(dtype), bias)
 
+    def to(self, device) -> Head:
+        """This head with its weight and bias on ``device`` (the same tensors where they already are)."""
+        if self.weight is None:
+            return self
+        return Head(self.weight.to(device), None if self.bias is None else self.bias.to(device))
+
 
 LOGITS = Head()
 

@@ -1,6 +1,6 @@
-"""The KD teacher: the dense model a slicelm output records as its source, the teacher's outputs on the
-held-out windows, computed once per run, and its top-k targets on the training batches (``kd_top_k``),
-computed once and kept with the checkpoints."""
+"""The KD teacher: the dense model a slicelm output records as its source, the device it runs on, the
+teacher's outputs on the held-out windows, computed once per run, and its top-k targets on the training
+batches (``kd_top_k``), computed once and kept with the checkpoints."""
 
 from __future__ import annotations
 
@@ -13,10 +13,30 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from slicelm.core.devices import resolve_device
+from slicelm.errors import SlicelmError
 from slicelm.recover.config import FinetuneConfig
 from slicelm.recover.losses import LOGITS, Head, TopK, forward_hidden, top_k
 from slicelm.recover.parallel import Processes
 from slicelm.recover.windows import own_batches
+
+
+def teacher_device(name: str | None, student: torch.device | str, processes: int = 1) -> torch.device:
+    """Where the teacher is held and run: ``name`` (``--teacher-device``), else beside the student.
+
+    Its outputs are moved to the student's device for the loss. With several processes each process
+    holds its own teacher, and a device named here would be the same device for all of them: only
+    ``cpu`` is taken (the default already puts each process's teacher on its own student's device).
+    An unusable device is one line (:func:`slicelm.core.devices.resolve_device`).
+    """
+    if name is None:
+        return torch.device(student)
+    if processes > 1 and name != "cpu":
+        raise SlicelmError(
+            f"--teacher-device {name} with {processes} processes would put every process's teacher on one device; "
+            "drop it (each teacher then runs beside its process's student) or use --teacher-device cpu"
+        )
+    return resolve_device(name, flag="--teacher-device")
 
 
 @dataclass
@@ -27,13 +47,18 @@ class TeacherTargets:
     hidden: list[torch.Tensor]
     head: Head
 
+    def to(self, device) -> TeacherTargets:
+        """The same targets with the head on ``device``, where the loss is computed (the hidden states
+        stay on the CPU: each batch's are moved when scored)."""
+        return TeacherTargets(self.hidden, self.head.to(device))
+
 
 @torch.no_grad()
 def teacher_targets(
     teacher, windows, config: FinetuneConfig, pad_id: int, device, processes: Processes | None = None
 ) -> TeacherTargets:
     """The teacher's held-out outputs, computed once per run (the teacher never changes), on this
-    process's share of the held-out batches.
+    process's share of the held-out batches, run on ``device`` (the teacher's).
 
     Its final hidden states are kept rather than its logits: H numbers per token instead of V (576
     against 49,152 on SmolLM2), exact, and the KD loss projects them block by block.
