@@ -41,8 +41,8 @@ from slicelm.config import SliceConfig
 from slicelm.core.arch import Layout
 from slicelm.core.resources import count_parameters
 from slicelm.errors import SlicelmError
-from slicelm.modeling.modeling_slicelm import split_layer_call
-from slicelm.steps.local import layer_counts, local_steps, model_layers, plan_local, slice_locally
+from slicelm.modeling.modeling_slicelm import get_module, split_layer_call
+from slicelm.steps.local import layer_counts, local_steps, plan_local, slice_locally
 
 SEARCHED = ("auto", "layers")  # the schedules whose local plan is chosen here
 BUDGET_TOLERANCE = 0.01  # auto's candidates have at least 99% of the uniform MLP plan's parameters
@@ -78,7 +78,7 @@ class HeldOutKL:
     def layer_skip_sensitivity(self, model: nn.Module, layout: Layout, progress: bool = False) -> list[float]:
         """For each decoder layer alone: the KL when it is skipped (its output is its input)."""
         result = []
-        for layer in tqdm(model_layers(model, layout), desc="layer sensitivity", disable=not progress):
+        for layer in tqdm(get_module(model, layout.layers), desc="layer sensitivity", disable=not progress):
             handle = layer.register_forward_hook(_skip, with_kwargs=True)
             try:
                 result.append(self.score(model))
@@ -105,16 +105,15 @@ def choose_local(
     """The local plan for ``config``'s budget (``auto``: scored candidates; ``layers``: the step alone)."""
     start = time.perf_counter()
     held, search = split_calibration(calibration)
-    num_layers = len(model_layers(model, layout))
+    num_layers = len(get_module(model, layout.layers))
     counts = layer_counts(num_layers)
     before = count_parameters(model)
     layers = replace(config, schedule="layers")
     # Which layers go is measured below, once some layer candidate is feasible (all layers weigh the same).
     candidates: dict[str, tuple[SliceConfig, tuple[int, ...]]] = {}
-    if config.schedule == "layers":
-        if not counts:
-            raise SlicelmError("--schedule layers: a one-layer model has no layer to remove")
-        candidates[f"layers-{counts[0]}"] = (layers, tuple(range(counts[0])))
+    if config.schedule == "layers":  # a one-layer model (no count) is refused by plan_local below
+        k = counts[0] if counts else 1
+        candidates[f"layers-{k}"] = (layers, tuple(range(k)))
     else:
         candidates["uniform-mlp"] = (replace(config, schedule="mlp"), ())
         candidates["heads"] = (replace(config, schedule="heads"), ())

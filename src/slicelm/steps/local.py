@@ -220,10 +220,6 @@ class LocalPlan:
         return self.widths | (head_fields(self.heads) if self.heads is not None else {})
 
     @property
-    def changes(self) -> bool:
-        return self.widths != self.original or self.heads is not None or bool(self.drop)
-
-    @property
     def prunes(self) -> bool:
         """Something inside the kept layers changes (their MLP widths or heads): a calibration walk."""
         return self.widths != self.original or self.heads is not None
@@ -259,7 +255,9 @@ def plan_local(
                 f"--schedule heads: stock {type(model.config).__name__} refuses a milder removal ({refused}): "
                 f"every layer keeps {heads.heads} query heads of {now.heads} ({heads.kv_heads} KV of {now.kv_heads})"
             )
-    structure = _heads_words(now, heads) if heads is not None else _layers_words(drop, len(model_layers(model, layout)))
+    structure = (
+        _heads_words(now, heads) if heads is not None else _layers_words(drop, len(get_module(model, layout.layers)))
+    )
     if layout.rotation is not None:
         spent = "MLP channels only" if structure is None else f"{structure} and MLP channels"
         warnings.append(
@@ -328,10 +326,6 @@ def plan_local(
     return LocalPlan(widths, original, planning, warnings, heads, drop)
 
 
-def model_layers(model: nn.Module, layout: Layout) -> nn.ModuleList:
-    return get_module(model, layout.layers)
-
-
 def _layers_words(drop: tuple[int, ...], num_layers: int) -> str | None:
     if not drop:
         return None
@@ -347,7 +341,7 @@ def check_layers_droppable(model: nn.Module, layout: Layout, drop: Sequence[int]
     parameters' shapes (Qwen-MoE's dense ``mlp_only_layers`` do not) and the one-basis stream has no
     shortcut matrices. Layers must be given (``--schedule layers`` measures which).
     """
-    layers = model_layers(model, layout)
+    layers = get_module(model, layout.layers)
     if len(layers) < 2:
         raise SlicelmError("--schedule layers: this model has one decoder layer, none to remove; use --schedule mlp")
     if not drop:
@@ -385,15 +379,14 @@ def check_local_config(model_config: Any, config: SliceConfig) -> bool:
     if not serves_locally(layout, config):
         return False
     before = count_parameters(model)
-    if "layers" in local_steps(config):  # the fewest layers the schedule removes (which ones is measured)
-        drop = range(layer_counts(len(model_layers(model, layout)))[0]) if model_config.num_hidden_layers > 1 else ()
-        plan = plan_local(model, layout, config, before, tuple(drop))
+    counts = layer_counts(model_config.num_hidden_layers)  # which layers go is measured; their count is not
+    if "layers" in local_steps(config):  # the fewest the schedule removes (a one-layer model is refused)
+        plan = plan_local(model, layout, config, before, tuple(range(counts[0] if counts else 1)))
     else:
         try:
             plan = plan_local(model, layout, config, before)
         except SlicelmError:
             # auto also scores whole layers removed: the budget is refused only if the most of them fails too
-            counts = layer_counts(len(model_layers(model, layout)))
             if config.schedule != "auto" or not counts:
                 raise
             plan = plan_local(model, layout, replace(config, schedule="layers"), before, tuple(range(counts[-1])))
