@@ -95,7 +95,7 @@ def run_point(args: argparse.Namespace, method: str, target: float) -> dict:
         "c4", tokenizer, n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=42, data_dir=data_dir
     )
     ids = load_eval_ids("wikitext2", tokenizer, data_dir=data_dir)
-    result = {"method": method, "target": target, "dense_params": dense}
+    result = {"method": method, "target": target, "dense_params": dense, "threads": args.threads}
     if method == "dense":
         params, report = dense, None
         seconds = 0.0
@@ -427,11 +427,12 @@ def default_against_uniform(by_name: dict, targets: list[float], protocol: str) 
 def auto_cost(by_name: dict, targets: list[float]) -> list[str]:
     """The default's compression time and peak memory beside uniform MLP's, per target."""
     out = [
-        "Compression cost of the default beside uniform MLP's (each point in its own process, "
-        "`--threads 2` on a 2-core machine shared with other jobs, so seconds are upper bounds):",
+        "Compression cost of the default beside uniform MLP's (each point in its own process with the torch threads "
+        "shown, on a 2-core machine shared with other jobs, so seconds are upper bounds and a ratio between points "
+        "with different threads is not a like-for-like cost):",
         "",
-        "| target | auto slicing s | auto end-to-end evaluations | auto peak RSS GiB | mlp slicing s "
-        "(of which statistics s) | mlp peak RSS GiB | auto / mlp time |",
+        "| target | auto slicing s (threads) | auto end-to-end evaluations | auto peak RSS GiB | mlp slicing s "
+        "(of which statistics s) (threads) | mlp peak RSS GiB | auto / mlp time |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     shown = False
@@ -441,12 +442,21 @@ def auto_cost(by_name: dict, targets: list[float]) -> list[str]:
             continue
         shown = True
         ratio = f"{auto['slice_seconds'] / mlp['slice_seconds']:.1f}x" if mlp else ""
-        mlp_cells = f"{mlp['slice_seconds']:.0f} ({statistics_cell(mlp)}) | {mlp['peak_rss_gib']:.2f}" if mlp else " | "
+        mlp_cells = (
+            f"{mlp['slice_seconds']:.0f} ({statistics_cell(mlp)}) ({threads_cell(mlp)}) | {mlp['peak_rss_gib']:.2f}"
+            if mlp
+            else " | "
+        )
         out.append(
-            f"| {t:g} | {auto['slice_seconds']:.0f} | {auto['planning'].get('evaluations')} | "
+            f"| {t:g} | {auto['slice_seconds']:.0f} ({threads_cell(auto)}) | {auto['planning'].get('evaluations')} | "
             f"{auto['peak_rss_gib']:.2f} | {mlp_cells} | {ratio} |"
         )
     return [*out, ""] if shown else []
+
+
+def threads_cell(row: dict) -> str:
+    """The torch threads a point ran with; points written before the count was recorded say so."""
+    return str(row["threads"]) if "threads" in row else "not recorded"
 
 
 def statistics_cell(row: dict) -> str:

@@ -17,6 +17,14 @@ settings under a label:
 (``OMP_NUM_THREADS=1``; ``--note`` says what a label measures. With several processes the peak is the
 largest process's: ``ru_maxrss`` of the children.)
 
+One process against data-parallel and sharded processes at the same global batch and seed, each
+output scored by ``slicelm ppl`` on the first ``--ppl-windows`` WikiText-2 test windows of 2048:
+
+    for extra in "" "--num-processes 2" "--num-processes 2 --fsdp"; do
+        python benchmarks/recovery_scale.py --base runs-local/plain-0.85 --label ... --steps 8 --eval-every 2 \
+            --ppl-windows 16 --extra $extra
+    done
+
 Writes docs/results/recovery_scale.{json,md} (entries are merged by label).
 """
 
@@ -53,7 +61,8 @@ def measure(args: argparse.Namespace) -> dict:
         out = scratch / "out"
         cmd = [sys.executable, "-m", "slicelm", "finetune", args.base, "--out", out, "--loss", "kd"]
         cmd += ["--data", "c4", "--data-dir", args.data_dir, "--steps", args.steps, "--seqlen", args.seqlen]
-        cmd += ["--batch-size", args.batch_size, "--eval-windows", args.eval_windows, "--eval-every", args.steps]
+        cmd += ["--batch-size", args.batch_size, "--eval-windows", args.eval_windows]
+        cmd += ["--eval-every", args.eval_every or args.steps]
         cmd += ["--quiet", *args.extra]
         env = os.environ | {"PYTHONPATH": str(src), "TOKENIZERS_PARALLELISM": "false"}
         t0 = time.perf_counter()
@@ -68,7 +77,15 @@ def measure(args: argparse.Namespace) -> dict:
             sys.exit(f"finetune failed ({run.returncode}):\n{run.stderr[-3000:]}")
         peak = int(run.stdout.strip().splitlines()[-1])
         finetune = json.loads((out / "slicelm_report.json").read_text())["finetune"]
-    return {
+        scored = {}
+        if args.ppl_windows:
+            ppl = [sys.executable, "-m", "slicelm", "ppl", str(out), "--max-windows", str(args.ppl_windows)]
+            ppl += ["--data-dir", args.data_dir, "--quiet"]
+            t0 = time.perf_counter()
+            done = subprocess.run(ppl, env=env, capture_output=True, text=True, check=True)
+            scored = json.loads(done.stdout.strip().splitlines()[-1])
+            scored = {"ppl": scored["ppl"], "ppl_windows": args.ppl_windows, "ppl_seconds": time.perf_counter() - t0}
+    return scored | {
         "label": args.label,
         "note": args.note,
         "rev": args.rev or "working tree",
@@ -82,6 +99,8 @@ def measure(args: argparse.Namespace) -> dict:
         "eval_windows": args.eval_windows,
         "gradient_checkpointing": finetune.get("gradient_checkpointing"),
         "processes": finetune.get("processes", 1),
+        "distributed": finetune.get("distributed", "single"),
+        "finetune_seconds": finetune.get("seconds"),
         "tokens_per_process": finetune.get("tokens_per_process"),
         "curve": finetune["curve"],
         "threads": os.environ.get("OMP_NUM_THREADS", "default"),
@@ -124,7 +143,38 @@ def write_markdown(data: dict) -> None:
         "",
     ]
     lines += [f"- {e['label']}: `{e['command']}`" for e in data["runs"]]
+    lines += processes_table([e for e in data["runs"] if "ppl" in e])
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+
+
+def processes_table(runs: list[dict]) -> list[str]:
+    """One process against data-parallel (DDP) and sharded (FSDP) processes: curves, perplexity, time."""
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## One process, DDP and FSDP at the same global batch and seed",
+        "",
+        f"Base `{Path(runs[0]['command'].split()[2]).name}`; the same command, run on 1 process, on 2 gloo processes "
+        "data-parallel (`--num-processes 2`) and on 2 gloo processes sharded (`--num-processes 2 --fsdp`: each "
+        "process holds half of every weight of the student, torch's FSDP2). Perplexity: `slicelm ppl` of the merged "
+        "output, WikiText-2 test, first windows of 2048 as stated. Each process ran on one thread "
+        "(`OMP_NUM_THREADS=1`) of a shared 2-core machine: wall-clock compares the runs only roughly.",
+        "",
+        "| label | processes | mode | tokens (per process) | train loss by step | held-out KD by evaluation "
+        "| WikiText-2 ppl (windows) | peak RSS GiB | finetune s |",
+        "|---|---:|---|---|---|---|---:|---:|---:|",
+    ]
+    for e in runs:
+        train = ", ".join(f"{p['train_loss']:.5f}" for p in e["curve"] if "train_loss" in p)
+        kd = ", ".join(f"{p['heldout_kd']:.5f}" for p in e["curve"] if "heldout_kd" in p)
+        per = " + ".join(f"{t:,}" for t in e.get("tokens_per_process") or [e["tokens"]])
+        lines.append(
+            f"| {e['label']} | {e['processes']} | {e.get('distributed', 'single')} | {e['tokens']:,} ({per}) "
+            f"| {train} | {kd} | {e['ppl']:.3f} ({e['ppl_windows']}) | {e['peak_rss_gib']:.2f} "
+            f"| {e.get('finetune_seconds') or e['wall_seconds']:.0f} |"
+        )
+    return lines
 
 
 def main() -> None:
@@ -137,6 +187,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: --steps)")
+    p.add_argument("--ppl-windows", type=int, default=0, help="score the output on this many WikiText-2 windows")
     p.add_argument("--data-dir", default=os.environ.get("SLICELM_DATA_DIR", str(REPO.parent / "shared" / "data")))
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more finetune flags")
     p.add_argument("--report-only", action="store_true")

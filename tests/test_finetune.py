@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,6 +301,7 @@ def test_finetune_cli_interrupt_then_resume(tiny_sliced_folder, tmp_path, data_d
         (["--tokens", "0"], "--tokens must be a positive integer"),
         (["--teacher", "OTHER_VOCAB"], "another vocabulary"),
         (["--model", "NOT_A_MODEL"], "has no config.json"),
+        (["--fsdp"], "--fsdp shards the model across processes: add --num-processes 2"),
     ],
 )
 def test_finetune_bad_input_is_one_line_and_writes_nothing(
@@ -410,30 +412,102 @@ def test_two_processes_interrupted_and_resumed_train_the_one_process_run(tmp_pat
         torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12, msg=key)
 
 
+def _sharded_interrupted_then_resumed(student, teacher, data, heldout, work, out, full):
+    """As :func:`_interrupted_then_resumed`, with the student sharded by FSDP2 across the two processes."""
+    import copy
+
+    from slicelm.recover.parallel import Accelerated
+
+    processes = Accelerated("cpu", shard=True)
+    assert processes.world == 2 and processes.kind == "fsdp" and processes.sharded
+    prepare, halves = processes.prepare, []
+
+    def sharding(module, units=()):  # every weight is a DTensor of which this process holds about half
+        out = prepare(module, units)
+        halves.extend(p.to_local().numel() / p.numel() for p in module.parameters())
+        return out
+
+    processes.prepare = sharding
+    config = FinetuneConfig(loss="lm" if full else "kd", lora_rank=None if full else 4, **DDP)
+    common = dict(teacher=None if full else teacher, work_dir=work, progress=False, processes=processes)
+    with pytest.raises(KeyboardInterrupt):
+        train(copy.deepcopy(student), data, heldout, config, stop_after=1, **common)
+    processes.barrier()  # rank 0's checkpoint is written
+    model, report = train(copy.deepcopy(student), data, heldout, config, resume=True, **common)
+    assert halves and all(share <= 0.5 + 1e-9 for share in halves) and max(halves) > 0.4, halves
+    if processes.main:
+        torch.save({"state": model.state_dict(), "report": report.to_dict()}, out)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_sharded_processes_interrupted_and_resumed_train_the_one_process_run(tmp_path, full):
+    """FSDP (torch's fully_shard on 2 gloo processes, each holding half of every weight): LoRA distillation,
+    and full fine-tuning where the tied head/embedding trains through the loss inside the wrapped forward,
+    interrupted after a step and resumed from the gathered checkpoint, give the weights and losses of one
+    uninterrupted process."""
+    import copy
+
+    from accelerate import debug_launcher
+
+    student = sliced_tiny().double()
+    teacher = build_tiny_model("llama", seed=3, tie_word_embeddings=True).double()
+    data, heldout = ragged(24, seed=1), ragged(6, seed=2)
+    config = FinetuneConfig(loss="lm" if full else "kd", lora_rank=None if full else 4, **DDP)
+    expected, one = train(
+        copy.deepcopy(student), data, heldout, config, teacher=None if full else teacher, progress=False
+    )
+    out = tmp_path / "two.pt"
+    args = (student, teacher, data, heldout, tmp_path / "work", out, full)
+    debug_launcher(_sharded_interrupted_then_resumed, args, 2)
+    two = torch.load(out)
+    report = two["report"]
+    assert report["processes"] == 2 and report["resumed_from"] == 1 and report["distributed"] == "fsdp"
+    assert sum(report["tokens_per_process"]) == report["tokens"] == one.tokens
+    for a, b in zip(one.curve, report["curve"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) <= 1e-9 * max(abs(a[key]), 1), (key, a, b)
+    got = two["state"]
+    changed = 0
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-12, msg=key)
+        changed += not torch.equal(value, student.state_dict()[key])
+    assert changed > 0  # it trained
+    if full:  # the tied matrix trained, and the merged model keeps it tied
+        emb = expected.get_input_embeddings().weight
+        assert not torch.equal(emb, student.get_input_embeddings().weight)
+
+
 def test_finetune_cli_on_two_processes_writes_the_one_process_result(tiny_sliced_folder, tmp_path, data_dir):
-    """--num-processes 2 (accelerate's launcher, gloo) at the same global batch: the same merged weights
-    (float32, up to the order of sums) and held-out losses; the report says how the batch was split."""
+    """--num-processes 2 (accelerate's launcher, gloo) at the same global batch, data-parallel and sharded
+    (--fsdp): the same merged weights (float32, up to the order of sums) and held-out losses; the report
+    says how the batch was split and how the processes held the model."""
     from safetensors.torch import load_file
 
     _, sliced = tiny_sliced_folder
     argv = ["finetune", str(sliced), "--data-dir", str(data_dir), "--steps", "2", "--seqlen", "32"]
     argv += ["--batch-size", "2", "--eval-windows", "2", "--quiet", "--lr", "1e-3"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "sharded"
     assert main([*argv, "--out", str(one)]) == 0
     assert main([*argv, "--out", str(two), "--num-processes", "2"]) == 0
-    reports = [json.loads((out / "slicelm_report.json").read_text())["finetune"] for out in (one, two)]
-    assert [r["processes"] for r in reports] == [1, 2] and [r["global_batch"] for r in reports] == [2, 2]
-    assert reports[1]["tokens_per_process"] == [64, 64] and reports[0]["tokens_per_process"] == [128]
-    assert reports[0]["tokens"] == reports[1]["tokens"] == 128 and reports[1]["distributed"] == "multi_cpu"
-    for a, b in zip(reports[0]["curve"], reports[1]["curve"], strict=True):
-        for key in ("train_loss", "heldout_lm", "heldout_kd"):
-            if key in a:  # a KL is a difference of cross-entropies (~10 nats here): float32 rounds at that scale
-                assert abs(a[key] - b[key]) <= 1e-5 * max(abs(a[key]), 1), (key, a, b)
-    expected, got = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    assert not (tmp_path / "two.slicelm-work").exists()
+    assert main([*argv, "--out", str(sharded), "--num-processes", "2", "--fsdp"]) == 0
+    reports = [json.loads((out / "slicelm_report.json").read_text())["finetune"] for out in (one, two, sharded)]
+    assert [r["processes"] for r in reports] == [1, 2, 2] and [r["global_batch"] for r in reports] == [2, 2, 2]
+    assert reports[0]["tokens_per_process"] == [128]
+    assert reports[1]["tokens_per_process"] == reports[2]["tokens_per_process"] == [64, 64]
+    assert [r["tokens"] for r in reports] == [128] * 3
+    assert [r["distributed"] for r in reports[1:]] == ["multi_cpu", "fsdp"]
+    expected = load_file(one / "model.safetensors")
+    for other, out in zip(reports[1:], (two, sharded), strict=True):
+        for a, b in zip(reports[0]["curve"], other["curve"], strict=True):
+            for key in ("train_loss", "heldout_lm", "heldout_kd"):
+                if key in a:  # a KL is a difference of cross-entropies (~10 nats here): float32 rounds there
+                    assert abs(a[key] - b[key]) <= 1e-5 * max(abs(a[key]), 1), (key, a, b)
+        got = load_file(out / "model.safetensors")
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert not Path(f"{out}.slicelm-work").exists()
 
 
 def test_resume_with_another_number_of_processes_is_refused(

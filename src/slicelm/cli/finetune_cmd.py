@@ -107,6 +107,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="data-parallel processes through accelerate's launcher (DDP; --batch-size stays the global batch). "
         "Or start the command with accelerate launch -m slicelm finetune ... (multi-node, FSDP, mixed precision)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the student across the processes (FSDP: each holds a part of every weight, for models that "
+        "do not fit one device); with --num-processes, or under accelerate launch (--use_fsdp says the same)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
@@ -151,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     if args.num_processes is not None and args.num_processes < 1:
         raise SlicelmError("--num-processes must be a positive integer")
+    if args.fsdp and not launched() and (args.num_processes or 1) < 2:
+        raise SlicelmError("--fsdp shards the model across processes: add --num-processes 2 or more")
     device = resolve_device(args.device)
     if args.dtype == "bfloat16" and device.type == "cpu":
         raise SlicelmError("--dtype bfloat16 is for GPUs; train in float32 on the CPU")
@@ -185,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         with claim_folders(args.num_processes):  # refused here, in one line, before any process starts
             pass
         return launch(args, args.num_processes)
-    processes = Processes.from_environment(device)
+    processes = Processes.from_environment(device, shard=args.fsdp or None)
     if args.num_processes is not None and args.num_processes != processes.world:
         raise SlicelmError(f"--num-processes {args.num_processes}, but the launcher started {processes.world}")
     claim = problem = None
@@ -287,7 +295,9 @@ def launch(args: argparse.Namespace, processes: int) -> int:
     with socket.socket() as probe:  # a free port for the processes' rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
+    # FSDP: the processes shard the student themselves (slicelm.recover.parallel); each loads the same weights
+    kind = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_sync_module_states", "false"] if args.fsdp else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *kind, "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
     cmd += ["--dynamo_backend", "no", "--quiet", "-m", "slicelm", *argv]
     return subprocess.run(cmd).returncode

@@ -23,6 +23,7 @@ from torch import nn
 
 from slicelm.errors import SlicelmError, first_line
 from slicelm.io.outputs import to_json, write_manifest
+from slicelm.recover.parallel import like, whole
 from slicelm.recover.report import FinetuneReport
 
 CHECKPOINT = "checkpoint"  # folder in the work dir: state.safetensors + state.json
@@ -50,27 +51,37 @@ def windows_digest(*groups: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+State = tuple[dict[str, torch.Tensor], list[dict]]  # a checkpoint's tensors and the optimizer's parameter groups
 
 
-def save_checkpoint(work: Path, student, optimizer, scheduler, report: FinetuneReport, step: int, identity) -> None:
-    """Atomically replace the work folder's checkpoint: trainable weights and optimizer moments as
-    safetensors, step, schedule and report as JSON (nothing pickled)."""
+def checkpoint_state(student: nn.Module, optimizer) -> State:
+    """What a checkpoint holds of the training: its tensors (trainable weights ``param.NAME``, optimizer
+    moments ``optim.INDEX.KEY``) whole, and the optimizer's parameter groups. Sharded (FSDP) tensors are
+    gathered: then every process calls it, and rank 0 writes."""
+    tensors = {
+        f"param.{n}": whole(p.detach()).clone().contiguous() for n, p in student.named_parameters() if p.requires_grad
+    }
+    optim = optimizer.state_dict()
+    for index, entry in optim["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = whole(torch.as_tensor(value).detach()).clone().contiguous()
+    return tensors, optim["param_groups"]
+
+
+def save_checkpoint(work: Path, state: State, scheduler, report: FinetuneReport, step: int, identity) -> None:
+    """Atomically replace the work folder's checkpoint: ``state`` (:func:`checkpoint_state`: trainable weights
+    and optimizer moments) as safetensors, step, schedule and report as JSON (nothing pickled)."""
     created = not work.exists()
     if created:
         work.mkdir(parents=True)
         write_manifest(work, WORK_KIND)
-    tensors = {f"param.{n}": t.contiguous() for n, t in trainable_state(student).items()}
-    optim = optimizer.state_dict()
-    for index, entry in optim["state"].items():
-        for key, value in entry.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().clone().contiguous()
+    tensors, param_groups = state
+    tensors = {k: v.cpu() for k, v in tensors.items()}
     meta = {
         "step": step,
         "processes": report.processes,  # a checkpoint resumes with as many processes as took it
         "identity": identity,
-        "param_groups": optim["param_groups"],
+        "param_groups": param_groups,
         "scheduler": scheduler.state_dict(),
         "report": report.to_dict(),
     }
@@ -178,21 +189,25 @@ def load_checkpoint(
     if wrong is not None:
         raise damaged(f"{wrong} is {tuple(params[wrong].shape)}, the model's is {tuple(names[wrong].shape)}")
     state: dict[int, dict[str, torch.Tensor]] = {}
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
     try:
         with torch.no_grad():
             for name, value in params.items():
-                names[name].copy_(value)
+                names[name].copy_(like(value, names[name]))  # a sharded weight keeps its own shard
             for key, value in tensors.items():
                 kind, rest = key.split(".", 1)
                 if kind == "optim":
                     index, name = rest.split(".", 1)
+                    param = ordered[int(index)]
+                    if value.shape == param.shape:  # a moment of a sharded weight is sharded as it is
+                        value = like(value, param)
                     state.setdefault(int(index), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(meta["scheduler"])
         for key in ("curve", "tokens", "teacher_seconds", "seconds", "data"):
             setattr(report, key, meta["report"][key])
         report.tokens_per_process = meta["report"].get("tokens_per_process") or [report.tokens]
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as exc:
         raise damaged(f"{type(exc).__name__}: {first_line(exc)}") from None
     report.resumed_from = step
     return step

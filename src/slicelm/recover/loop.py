@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,34 @@ from slicelm.core.calibration import pad_batches
 from slicelm.core.resources import PeakMemory
 from slicelm.errors import SlicelmError
 from slicelm.io.streaming_io import map_large_allocations
-from slicelm.recover.checkpoints import load_checkpoint, save_checkpoint, weights_digest, windows_digest
+from slicelm.recover.checkpoints import (
+    checkpoint_state,
+    load_checkpoint,
+    save_checkpoint,
+    weights_digest,
+    windows_digest,
+)
 from slicelm.recover.config import FinetuneConfig
-from slicelm.recover.losses import BlockTargets, chunked_loss, forward_hidden, kd_loss, kd_top_k_loss, lm_loss
-from slicelm.recover.parallel import Processes
+from slicelm.recover.losses import (
+    BlockTargets,
+    Head,
+    TopK,
+    WithLoss,
+    chunked_loss,
+    forward_hidden,
+    kd_loss,
+    kd_top_k_loss,
+    lm_loss,
+)
+from slicelm.recover.parallel import Processes, gather_into, meta_twin
 from slicelm.recover.report import FinetuneReport
-from slicelm.recover.student import enable_checkpointing, merged, needs_checkpointing, prepare_student
+from slicelm.recover.student import (
+    decoder_layers,
+    enable_checkpointing,
+    merged,
+    needs_checkpointing,
+    prepare_student,
+)
 from slicelm.recover.teacher import TeacherTargets, TeacherTopK, teacher_device, teacher_targets
 from slicelm.recover.windows import own_batches
 
@@ -45,6 +68,36 @@ def first_non_finite(model: nn.Module) -> str | None:
     return None
 
 
+def _heldout_losses(hidden, head, *, ids, mask, kd_targets: BlockTargets | None):
+    """A held-out batch's mean next-token loss and (against ``kd_targets``) KD loss."""
+    lm = lm_loss(hidden, ids, mask, head)
+    if kd_targets is None:
+        return lm, None
+    return lm, chunked_loss(hidden[:, :-1][mask[:, 1:].bool()], head, kd_targets, None)
+
+
+def _training_loss(
+    hidden,
+    head: Head,
+    *,
+    ids,
+    mask,
+    temperature: float,
+    top_k: TopK | None = None,
+    teacher: tuple[torch.Tensor, Head] | None = None,
+):
+    """A training micro-batch's loss: KD against the teacher's cached ``top_k`` or its (hidden states, head),
+    else next-token."""
+    if top_k is not None:
+        return kd_top_k_loss(hidden[:, :-1], top_k, mask[:, 1:], temperature, student_head=head)
+    if teacher is not None:
+        t_hidden, t_head = teacher
+        return kd_loss(
+            hidden[:, :-1], t_hidden[:, :-1], mask[:, 1:], temperature, student_head=head, teacher_head=t_head
+        )
+    return lm_loss(hidden, ids, mask, head)
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -54,23 +107,26 @@ def evaluate(
     device,
     targets: TeacherTargets | None = None,
     processes: Processes | None = None,
+    run: nn.Module | None = None,
 ) -> dict[str, float]:
     """Held-out next-token loss (and KD loss against ``targets``, the teacher's cached
-    :func:`teacher_targets`), mean over the windows' real tokens (of all processes together)."""
+    :func:`teacher_targets`), mean over the windows' real tokens (of all processes together).
+    run: what the losses are computed through (the training's wrapped :class:`WithLoss` of ``model``)."""
     processes = processes or Processes()
+    run = run if run is not None else WithLoss(model)
     was = model.training
     model.eval()
     totals = {"heldout_lm": 0.0, "heldout_kd": 0.0}
     count = 0
     for index, (ids, mask) in enumerate(own_batches(windows, pad_id, config, processes)):
         ids, mask = ids.to(device), mask.to(device)
-        hidden, head = forward_hidden(model, ids, mask)
-        n = int(mask[:, 1:].sum())
-        totals["heldout_lm"] += lm_loss(hidden, ids, mask, head).item() * n
+        kd_targets = None
         if targets is not None:
-            keep = mask[:, 1:].bool()
             kd_targets = BlockTargets("kd", targets.hidden[index].to(device), targets.head, config.temperature)
-            kd = chunked_loss(hidden[:, :-1][keep], head, kd_targets, None)
+        lm, kd = run(ids, mask, partial(_heldout_losses, ids=ids, mask=mask, kd_targets=kd_targets))
+        n = int(mask[:, 1:].sum())
+        totals["heldout_lm"] += lm.item() * n
+        if kd is not None:
             totals["heldout_kd"] += kd.item() * n
         count += n
     model.train(was)
@@ -118,12 +174,13 @@ def train(
     if config.loss == "kd" and teacher is None:
         raise SlicelmError("--loss kd needs a teacher model")
     processes = processes or Processes()
-    if not (processes.kind in ("single", "no") or processes.kind.startswith("multi_")):
+    if not (processes.sharded or processes.kind in ("single", "no") or processes.kind.startswith("multi_")):
         raise SlicelmError(
-            f"accelerate's {processes.kind} mode is not supported by finetune yet (the blocked losses read the "
-            "head's weight outside the model's forward, which sharding splits); launch data-parallel (DDP): "
-            "accelerate launch --multi_gpu ..."
+            f"accelerate's {processes.kind} mode is not supported by finetune; launch data-parallel (DDP, "
+            "accelerate launch --multi_gpu ...) or sharded (FSDP, accelerate launch --use_fsdp ...)"
         )
+    if processes.sharded and monitor is not None:
+        raise SlicelmError("a monitor runs the model on one process, which a sharded (FSDP) run cannot; drop it")
     device = processes.device or device
     world, rank = processes.world, processes.rank
     # where the teacher runs; what the loss reads of it (hidden states, head, top k) comes to `device`
@@ -152,7 +209,9 @@ def train(
         "teacher": weights_digest(teacher) if teacher is not None else None,
         "data": windows_digest(train_windows, heldout_windows),
     }
-    student = prepare_student(model, config).to(device)
+    student = prepare_student(model, config)
+    if not processes.sharded:  # sharding moves each process's shards to its device (the whole may not fit)
+        student = student.to(device)
     student.train()
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
@@ -161,7 +220,10 @@ def train(
         base = student.get_base_model() if hasattr(student, "get_base_model") else student
         enable_checkpointing(base)
         map_large_allocations()
-    run = processes.prepare(student)  # what the training forward goes through (DDP under accelerate)
+    # the merged output is gathered into a weightless copy of the student: a sharded one holds a part of each weight
+    twin = meta_twin(student) if processes.sharded else None
+    # what the training forward goes through: the loss inside the forward, DDP- or FSDP-wrapped under accelerate
+    run = processes.prepare(WithLoss(student), decoder_layers(student) if processes.sharded else ())
     if teacher is not None:
         teacher.eval().to(t_device)
         for param in teacher.parameters():
@@ -223,15 +285,17 @@ def train(
         if not heldout_windows:
             return {}
         with processes.autocast():
-            return evaluate(student, heldout_windows, config, pad_id, device, targets, processes)
+            return evaluate(student, heldout_windows, config, pad_id, device, targets, processes, run)
 
     def measured() -> dict[str, float]:  # the monitor runs on rank 0, whose report is written
         return monitor(student) if monitor is not None and processes.main else {}
 
     def checkpoint() -> None:
         report.seconds = time.perf_counter() - t0
+        # sharded weights and moments are gathered whole by every process; rank 0 writes them
+        state = checkpoint_state(student, optimizer) if processes.main or processes.sharded else None
         if processes.main:
-            save_checkpoint(work, student, optimizer, scheduler, report, step, identity)
+            save_checkpoint(work, state, scheduler, report, step, identity)
             if cache is not None and world == 1 and not cache.saved:  # what is left of it, once
                 cache.save(work, identity)
 
@@ -249,33 +313,20 @@ def train(
             for micro in range(config.grad_accum):
                 index = step * config.grad_accum + micro
                 ids, mask = micro_batch(index)
-                hidden, head = forward_hidden(run, ids, mask, student)  # the logits exist one block at a time
+                targets_of = {}  # what the loss compares the student with (next tokens without them)
                 if cache is not None:
-                    loss = kd_top_k_loss(
-                        hidden[:, :-1],
-                        cache.take(index).to(device),
-                        mask[:, 1:],
-                        config.temperature,
-                        student_head=head,
-                    )
+                    targets_of["top_k"] = cache.take(index).to(device)
                 elif config.loss == "kd":
                     t_start = time.perf_counter()
                     with torch.no_grad(), processes.autocast():
                         t_hidden, t_head = forward_hidden(teacher, ids.to(t_device), mask.to(t_device))
-                    t_hidden = t_hidden.to(device)  # (B, T, H_t)
                     if teacher_head is None:
                         teacher_head = t_head.to(device)
+                    targets_of["teacher"] = (t_hidden.to(device), teacher_head)  # (B, T, H_t)
                     report.teacher_seconds += time.perf_counter() - t_start
-                    loss = kd_loss(
-                        hidden[:, :-1],
-                        t_hidden[:, :-1],
-                        mask[:, 1:],
-                        config.temperature,
-                        student_head=head,
-                        teacher_head=teacher_head,
-                    )
-                else:
-                    loss = lm_loss(hidden, ids, mask, head)
+                # the logits exist one block at a time, inside the forward
+                loss_of = partial(_training_loss, ids=ids, mask=mask, temperature=config.temperature, **targets_of)
+                loss = run(ids, mask, loss_of)
                 value, tokens = loss.item(), int(mask.sum())
                 if world > 1:  # the batch's mean over all processes' tokens; DDP averages the gradients
                     n = int(mask[:, 1:].sum())
@@ -323,4 +374,6 @@ def train(
         bar.close()
     report.seconds = time.perf_counter() - t0
     report.peak_memory = memory.as_dict()
+    if processes.sharded:
+        return merged(gather_into(student, twin)), report
     return merged(student.to("cpu")), report

@@ -6,6 +6,7 @@ next tokens (:class:`TopK`, ``FinetuneConfig.kd_top_k``), an approximation that 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -279,3 +280,16 @@ def forward_hidden(
     finally:
         del head.forward
     return hidden, Head(head.weight, head.bias)
+
+
+class WithLoss(nn.Module):
+    """``model`` whose forward returns a loss of its final hidden states: ``loss(hidden, head)``
+    (:func:`forward_hidden`), computed inside the forward. There a sharded (FSDP) model's weights are
+    whole, and the head's gradient flows back through the wrapper like any other weight's (DDP, FSDP)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, loss: Callable[[torch.Tensor, Head], torch.Tensor]):
+        return loss(*forward_hidden(self.model, ids, mask))

@@ -11,6 +11,7 @@ from torch import nn
 from slicelm.core.arch import Layout, resolve
 from slicelm.core.resources import available_memory_bytes
 from slicelm.errors import SlicelmError
+from slicelm.modeling.modeling_slicelm import get_module
 from slicelm.recover.config import FinetuneConfig
 from slicelm.recover.losses import LOGIT_BLOCK
 
@@ -19,8 +20,7 @@ def lora_targets(model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
     """Names of the linears LoRA adapts: every linear of the decoder blocks' attention and MLP;
     with ``extra``, also the shortcut matrices (``shortcuts``) and a kept tie's final projection
     (``final``) of a sliced model."""
-    info = getattr(model.config, "slicelm", None)
-    layout = Layout.from_dict(info["layout"]) if isinstance(info, dict) else resolve(model)
+    layout = _layout(model)
     prefix = layout.layers + "."
     names = []
     for name, module in model.named_modules():
@@ -42,6 +42,18 @@ def lora_targets(model: nn.Module, extra: Sequence[str] = ()) -> list[str]:
             "its tied head has one)"
         )
     return sorted(names)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of ``model`` (through a peft wrapper): the units a sharded run gathers one at a time."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(get_module(base, _layout(base).layers))
+
+
+def _layout(model: nn.Module) -> Layout:
+    """A sliced model's recorded layout, else the family's."""
+    info = getattr(model.config, "slicelm", None)
+    return Layout.from_dict(info["layout"]) if isinstance(info, dict) else resolve(model)
 
 
 def prepare_student(model: nn.Module, config: FinetuneConfig) -> nn.Module:
