@@ -162,3 +162,31 @@ def test_wikitext2_calibration_never_uses_the_test_split(tiny_folder, tmp_path, 
         capsys,
     )
     assert code == 2 and "train" in stderr and stderr.count("\n") == 1
+
+
+def test_help_and_import_load_no_torch():
+    """`slicelm --help` (every command's parser) and `import slicelm` stay free of torch, transformers and
+    the harness: their names come from light modules, the API on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, slicelm\n"
+        "from slicelm.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert slicelm.slice_model.__module__ == 'slicelm.slicing' and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_light_names_are_the_registries():
+    """The names the parsers show without loading the registries are the registries' own."""
+    from slicelm.io import data, models, names
+    from slicelm.layouts.checkpoint import FORMATS
+
+    assert names.FORMAT_NAMES == FORMATS
+    assert tuple(models.DTYPES) == names.DTYPE_NAMES
+    assert data.EVAL_SETS is names.EVAL_SETS and data.CALIBRATION_SETS is names.CALIBRATION_SETS

@@ -22,6 +22,8 @@ FLOORS: dict[int, tuple[str, ...]] = {
         *FOLDERS,
         "errors",
         "version",
+        "lazy",
+        "io.names",
         "modeling.modeling_slicelm",
         "modeling.configuration_decilm",
         "modeling.modeling_decilm",

@@ -8,48 +8,28 @@ slicelm.save_sliced(model, "out/smollm2-sliced", tokenizer)
 model = slicelm.load_sliced("out/smollm2-sliced")
 """
 
-from slicelm.allocate.planning import plan  # noqa: E402
-from slicelm.config import SliceConfig  # noqa: E402
-from slicelm.core.plan import SlicingPlan  # noqa: E402
-from slicelm.errors import SlicelmError  # noqa: E402
-from slicelm.io.models import load_model  # noqa: E402
-from slicelm.layouts.checkpoint import load_sliced, save_sliced  # noqa: E402
-from slicelm.recover.config import FinetuneConfig  # noqa: E402
-from slicelm.slicing import slice_model  # noqa: E402
-from slicelm.steps.executor import SliceReport, execute  # noqa: E402
+from slicelm.errors import SlicelmError
+from slicelm.lazy import lazy_exports
 from slicelm.version import __version__
 
+# The public API, imported on first use (PEP 562): ``import slicelm`` and ``slicelm --help`` load no torch,
+# and fine-tuning's and the data's dependencies load only when their functions are used.
+_EXPORTS = {
+    "FinetuneConfig": "slicelm.recover.config",
+    "SliceConfig": "slicelm.config",
+    "SliceReport": "slicelm.steps.executor",
+    "SlicingPlan": "slicelm.core.plan",
+    "execute": "slicelm.steps.executor",
+    "finetune": "slicelm.recover.recovery",
+    "load_calibration": "slicelm.io.data",
+    "load_model": "slicelm.io.models",
+    "load_sliced": "slicelm.layouts.checkpoint",
+    "plan": "slicelm.allocate.planning",
+    "save_sliced": "slicelm.layouts.checkpoint",
+    "slice_model": "slicelm.slicing",
+}
 
-def finetune(*args, **kwargs):
-    """See :func:`slicelm.recover.recovery.finetune` (imported when called: ``import slicelm`` stays
-    free of the training loop and its dependencies)."""
-    # lazy on purpose: the recovery modules load when fine-tuning runs (peft only for LoRA)
-    from slicelm.recover.recovery import finetune as _finetune
 
-    return _finetune(*args, **kwargs)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
-
-def load_calibration(*args, **kwargs):
-    """See :func:`slicelm.io.data.load_calibration` (imported when called)."""
-    # lazy on purpose: `import slicelm` leaves io.data out; datasets loads inside it only for hub data
-    from slicelm.io.data import load_calibration as _load
-
-    return _load(*args, **kwargs)
-
-
-__all__ = [
-    "FinetuneConfig",
-    "SliceConfig",
-    "SliceReport",
-    "SlicelmError",
-    "SlicingPlan",
-    "finetune",
-    "load_calibration",
-    "load_model",
-    "execute",
-    "load_sliced",
-    "plan",
-    "save_sliced",
-    "slice_model",
-    "__version__",
-]
+__all__ = ["SlicelmError", "__version__", *sorted(_EXPORTS)]

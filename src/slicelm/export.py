@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slicelm.errors import SlicelmError
-from slicelm.layouts.decilm import serving_problems
 
 LLAMA_CPP_ENV = "LLAMA_CPP_DIR"
 CONVERTER = "convert_hf_to_gguf.py"
@@ -219,6 +218,8 @@ def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16", llama
         raise SlicelmError(f"unknown --outtype {outtype}; use one of {', '.join(CONVERTER_TYPES + QUANTIZE_TYPES)}")
     config = check_exportable(folder)
     if is_decilm(config):
+        from slicelm.layouts.decilm import serving_problems  # torch: only a DeciLM folder's export needs it
+
         problems = serving_problems(config)["llama.cpp"]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -76,7 +76,7 @@ def add_parser(subparsers) -> None:
         "JSON object, the metric the SliceGPT paper reports for each task and their average.",
     )
     # imported when the parser is built, not when this module is: the module itself stays free of torch
-    from slicelm.io.models import DEFAULT_MODEL
+    from slicelm.io.names import DEFAULT_MODEL
 
     parser.add_argument(
         "model",

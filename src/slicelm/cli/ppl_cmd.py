@@ -13,8 +13,7 @@ DEFAULT_SEQLEN = 2048
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     # imported when the parser is built, not when this module is: the module itself stays free of torch
-    from slicelm.io.data import DATA_DIR_ENV, EVAL_SETS
-    from slicelm.io.models import DEFAULT_MODEL, DTYPES
+    from slicelm.io.names import DATA_DIR_ENV, DEFAULT_MODEL, DTYPE_NAMES, EVAL_SETS
 
     parser = subparsers.add_parser(
         "ppl",
@@ -45,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="score only predictions from this position of each window on (default 0: all; llama.cpp's "
         "llama-perplexity scores the second half, i.e. seqlen/2)",
     )
-    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPES)} (default: float32)")
+    parser.add_argument("--dtype", default="float32", help=f"one of {', '.join(DTYPE_NAMES)} (default: float32)")
     parser.add_argument(
         "--data-dir",
         default=None,

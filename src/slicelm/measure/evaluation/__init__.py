@@ -1,7 +1,13 @@
 """Zero-shot evaluation with lm-evaluation-harness, on dense or sliced models, online or offline."""
 
+from slicelm.lazy import lazy_exports
 from slicelm.measure.evaluation.tasks import PAPER_METRICS, PAPER_TASKS, offline_task_config, resolve_tasks
-from slicelm.measure.evaluation.zeroshot import evaluate_zeroshot, make_lm, run_lm_eval, summarize, task_specs
+
+# the harness's side (torch, lm-eval) loads on first use: the command line reads the task names without it
+_ZEROSHOT = ("evaluate_zeroshot", "make_lm", "run_lm_eval", "summarize", "task_specs")
+__getattr__, __dir__ = lazy_exports(
+    __name__, globals(), dict.fromkeys(_ZEROSHOT, "slicelm.measure.evaluation.zeroshot")
+)
 
 __all__ = [
     "PAPER_METRICS",
