@@ -348,6 +348,32 @@ def vllm_server_check(
                 server.wait()
 
 
+def compare_server_texts(check: dict, tokenizer, greedy: list[list[int]]) -> None:
+    """Set ``check``'s ``identical`` and ``first_mismatch``: the server's texts against transformers' greedy
+    tokens decoded as the server decodes them, special tokens (<|im_end|> ...) skipped, as its users see it."""
+    expected = [tokenizer.decode(t, skip_special_tokens=True) for t in greedy]
+    check["identical"] = check["texts"] == expected
+    pairs = enumerate(zip(expected, check["texts"], strict=True))
+    mismatches = [{"prompt": i, "expected": e, "got": g} for i, (e, g) in pairs if e != g]
+    check["first_mismatch"] = mismatches[0] if mismatches else None
+
+
+def recheck_server(result: dict, prompts: int, new_tokens: int) -> None:
+    """Compare the stored server texts again, with :func:`compare_server_texts`, against transformers' greedy
+    tokens recomputed from each folder (for a JSON written before the comparison skipped special tokens)."""
+    for name, row in result.get("vllm", {}).get("folders", {}).items():
+        check = row.get("server") or {}
+        if not check.get("ok"):
+            continue
+        folder = Path(result["folders"][name]["folder"])
+        model, tokenizer = load_reference(folder)
+        greedy = [greedy_tokens(model, tokenizer(x)["input_ids"], new_tokens) for x in PROMPTS[:prompts]]
+        before = check.get("identical")
+        compare_server_texts(check, tokenizer, greedy)
+        check["rechecked"] = f"identical {before} -> {check['identical']} (special tokens skipped in the reference)"
+        log(f"vLLM server {name}: {check['rechecked']}")
+
+
 def interleaved(names: list[str], rounds: int, measure) -> dict[str, list[float]]:
     """``measure(name)`` for every name in each round, the order reversed every other round."""
     values: dict[str, list[float]] = {n: [] for n in names}
@@ -445,12 +471,7 @@ def run_vllm(args, folders: dict[str, Path], refs: dict[str, dict], eval_ids: li
                 args.vllm_python, folder, list(PROMPTS[: args.prompts]), args.new_tokens, max_model_len, args.timeout
             )
             if check["ok"]:
-                # the server's text skips special tokens (<|im_end|> ...), as its users see it
-                expected = [ref["tokenizer"].decode(t, skip_special_tokens=True) for t in ref["greedy"]]
-                check["identical"] = check["texts"] == expected
-                pairs = enumerate(zip(expected, check["texts"], strict=True))
-                mismatches = [{"prompt": i, "expected": e, "got": g} for i, (e, g) in pairs if e != g]
-                check["first_mismatch"] = mismatches[0] if mismatches else None
+                compare_server_texts(check, ref["tokenizer"], ref["greedy"])
             result["folders"][name]["server"] = check
             log(f"vLLM server {name}: {check.get('identical', check.get('error'))}")
     result["settings"] = {"max_model_len": max_model_len, "dtype": "float32", "prefix_caching": False}
@@ -604,6 +625,8 @@ def write_report(result: dict, out: Path) -> None:
             div = g["first_divergence"]
             where = "none" if div is None else f"prompt {div['prompt']}, token {div['position']}"
             served = srv.get("identical", srv.get("error", "not run"))
+            if srv.get("rechecked"):
+                served = f"{served} (compared again without special tokens)"
             lines.append(
                 f"| {n} | yes ({row['load_seconds']} s) | {g['identical']} ({g['matching_tokens']}/"
                 f"{g['prompts'] * g['new_tokens']} tokens) | {where} | {p['vllm']:.4f} | {p['slicelm']:.4f} | "
@@ -780,6 +803,12 @@ def main() -> None:
         "--merge", metavar="JSON", help="with --report-only: add the engine sections only this other run's JSON has"
     )
     p.add_argument("--timeout", type=float, default=900, help="seconds for an engine to load")
+    p.add_argument(
+        "--recheck-server",
+        action="store_true",
+        help="with --report-only: compare the stored server texts again with transformers' greedy tokens, "
+        "recomputed from the folders (the vLLM side is not rerun)",
+    )
     args = p.parse_args()
     if args.report_only:
         measured = Path(args.out).with_suffix(".json")
@@ -788,6 +817,9 @@ def main() -> None:
         result = json.loads(measured.read_text())
         if args.merge:
             result = merge_runs(result, json.loads(Path(args.merge).read_text()))
+        if args.recheck_server:
+            recheck_server(result, result["settings"]["prompts"], result["settings"]["new_tokens"])
+        if args.merge or args.recheck_server:
             measured.write_text(json.dumps(result, indent=2, default=str) + "\n")
         write_report(result, Path(args.out))
         log(f"rewrote {Path(args.out).with_suffix('.md')} from {measured}")
