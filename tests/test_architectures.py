@@ -727,3 +727,37 @@ def test_layers_schedule_refusals_are_one_line_before_loading(tmp_path, smollm2_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--plan-only" in err and "drop --plan-only" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_moe_auto_scores_the_rotation_beside_the_local_steps(model_type, monkeypatch):
+    """The default budget on a mixture of experts that rotates: its experts lose channels only on the local
+    tier, so auto is measured there, with the rotation's uniform plan (SliceGPT at the budget) one more scored
+    candidate. The lowest KL is kept; when the rotation's plan scores lowest, it is run on the rotation's path
+    and gives the model `--schedule uniform` gives (here forced by a stand-in scorer)."""
+    from slicelm.allocate import local
+    from slicelm.core.resources import count_parameters
+
+    model = build_tiny_model(model_type)
+    samples = calibration(**MOE_CALIBRATION)
+    measured = copy.deepcopy(model)
+    report = slice_model(measured, samples, SliceConfig(target_params=0.85, round_to=4), progress=False)
+    scores = report.planning["candidates"]
+    assert {"uniform-mlp", "uniform-stream"} <= set(scores) and report.planning["chosen"] == min(scores, key=scores.get)
+    assert any(w.startswith("--schedule auto chose ") for w in report.warnings)
+
+    hidden = model.config.hidden_size
+
+    def rotated_scores_lowest(self, candidate):  # a stand-in scorer: 0 for a rotated (narrower) stream
+        return 0.0 if candidate.get_input_embeddings().weight.shape[1] < hidden else 1.0
+
+    monkeypatch.setattr(local.HeldOutKL, "score", rotated_scores_lowest)
+    chosen = copy.deepcopy(model)
+    report = slice_model(chosen, samples, SliceConfig(target_params=0.85, round_to=4), progress=False)
+    assert report.planning["chosen"] == "uniform-stream" and report.planning["schedule"] == "auto"
+    assert any(w.startswith("--schedule auto chose uniform-stream") for w in report.warnings)
+    uniform = copy.deepcopy(model)
+    slice_model(uniform, samples, SliceConfig(target_params=0.85, round_to=4, schedule="uniform"), progress=False)
+    ids, mask = padded_batch(96)
+    assert count_parameters(chosen) == count_parameters(uniform) < count_parameters(model)
+    torch.testing.assert_close(logits(chosen, ids, mask), logits(uniform, ids, mask), rtol=0, atol=0)

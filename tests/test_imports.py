@@ -74,9 +74,10 @@ FLOORS: dict[int, tuple[str, ...]] = {
     3: ("layouts.checkpoint", "layouts.decilm", "allocate.counting", "allocate.budget", "allocate.checks"),
     # 4. loading any model (sliced folders included) and doing: the executor, the structure-local path
     4: ("io.models", "steps.executor", "steps.local"),
-    # 5-6. deciding: the measured allocator follows candidates with the executor; planning joins them
-    5: ("allocate.measured", "allocate.local"),
-    6: ("allocate.planning",),
+    # 5-6. deciding: the measured allocator follows candidates with the executor; planning joins them; the
+    # local tier's measured choice plans the rotation's uniform plan too (mixtures of experts)
+    5: ("allocate.measured",),
+    6: ("allocate.planning", "allocate.local"),
     # 7. front doors and workflows
     7: ("slicing", "streaming", "export", "recover.recovery", "measure.plots"),
     8: ("measure.sweep",),

@@ -71,28 +71,31 @@ def slice_model(
         statistics = ModelStatistics.load(cache, store)
     given = statistics
     layout = resolve(model)
+    chosen: LocalChoice | None = None  # the local tier's measured choice, when it chose the rotation's plan
     if plan is None and serves_locally(layout, config):
         # Structure-local steps only (MLP channels, the stream untouched): families without the
         # rotation, mixtures of experts, unregistered families recognised by their roles.
         choice = LocalChoice(config)
         if needs_choice(config):  # auto and layers: measured on the calibration data
             choice = choose_local(model, layout, calibration, config, pad_token_id=pad_token_id, progress=progress)
-        report = slice_locally(
-            model,
-            layout,
-            calibration,
-            choice.config,
-            pad_token_id=pad_token_id,
-            progress=progress,
-            access=access,
-            store=store,
-            device=device,
-            drop=choice.drop,
-        )
-        if choice.planning:
-            report.planning.update(choice.planning)
-            report.warnings.append(choice_words(report.planning))
-        return report
+        if not choice.rotation:
+            report = slice_locally(
+                model,
+                layout,
+                calibration,
+                choice.config,
+                pad_token_id=pad_token_id,
+                progress=progress,
+                access=access,
+                store=store,
+                device=device,
+                drop=choice.drop,
+            )
+            if choice.planning:
+                report.planning.update(choice.planning)
+                report.warnings.append(choice_words(report.planning))
+            return report
+        chosen, config = choice, choice.config  # a mixture of experts' auto chose the rotation's uniform plan
     if plan is None:
         plan, statistics = plan_with_statistics(
             model,
@@ -120,7 +123,7 @@ def slice_model(
         )
     if cache is not None and statistics is not None and statistics is not given:
         statistics.save(cache)
-    return execute(
+    report = execute(
         model,
         calibration,
         plan,
@@ -132,6 +135,10 @@ def slice_model(
         device=device,
         statistics=statistics,
     )
+    if chosen is not None:
+        report.planning.update(chosen.planning)
+        report.warnings.append(choice_words(report.planning))
+    return report
 
 
 def _needs_moments(plan: SlicingPlan) -> bool:

@@ -19,6 +19,11 @@ alike: a stock config holds one width), attention heads (every layer alike) and 
    :data:`BUDGET_TOLERANCE` fewer parameters than the uniform MLP plan is not run (the report says
    why). The lowest KL wins; the uniform MLP plan is always scored, so the choice never scores worse
    than it. ``--schedule layers`` takes the 1/16 share without scoring (the step alone).
+4. **Mixtures of experts with the rotation** (Mixtral, Qwen3-MoE): their experts lose channels only here,
+   so ``auto`` is measured here too, and the rotation's uniform plan (SliceGPT at the budget, planned and
+   executed as ``--schedule uniform`` is) is one more scored candidate, ``uniform-stream``. Its
+   combination with MLP channels is not a candidate: experts cannot lose channels beside the rotation.
+   When it wins, :func:`slicelm.slicing.slice_model` runs it on the rotation's path.
 
 Nothing here is tuned to a model: the layers come from measurements on the calibration data; the
 shares are the candidates tried, reported with every plan.
@@ -37,24 +42,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slicelm.allocate.measured import kl_sum, split_calibration, window_log_probs
+from slicelm.allocate.planning import plan as plan_rotation
 from slicelm.config import SliceConfig
 from slicelm.core.arch import Layout
 from slicelm.core.resources import count_parameters
 from slicelm.errors import SlicelmError
 from slicelm.modeling.modeling_slicelm import get_module, split_layer_call
+from slicelm.steps.executor import execute
 from slicelm.steps.local import layer_counts, local_steps, plan_local, slice_locally
 
 SEARCHED = ("auto", "layers")  # the schedules whose local plan is chosen here
+STREAM = "uniform-stream"  # the rotation's uniform plan, a candidate for mixtures of experts that rotate
 BUDGET_TOLERANCE = 0.01  # auto's candidates have at least 99% of the uniform MLP plan's parameters
 
 
 @dataclass
 class LocalChoice:
-    """What the local run does: its config (the chosen schedule), the layers it removes, and the record."""
+    """What the local run does: its config (the chosen schedule), the layers it removes, and the record.
+    rotation: the choice is the rotation's uniform plan (:data:`STREAM`), run on the rotation's path."""
 
     config: SliceConfig
     drop: tuple[int, ...] = ()
     planning: dict[str, Any] = field(default_factory=dict)
+    rotation: bool = False
 
 
 def needs_choice(config: SliceConfig) -> bool:
@@ -119,18 +129,24 @@ def choose_local(
         candidates["heads"] = (replace(config, schedule="heads"), ())
         for k in counts:
             candidates[f"layers-{k}"] = (layers, tuple(range(k)))
+    if config.schedule == "auto" and layout.rotation is None:
+        candidates[STREAM] = (replace(config, schedule="uniform"), ())
     refused: dict[str, str] = {}
     reference: int | None = None  # the uniform MLP plan's count: the others are compared at it
     for name, (candidate, drop) in list(candidates.items()):
         try:  # a budget the candidate cannot meet, heads the family cannot lose: not a candidate
-            planned = plan_local(model, layout, candidate, before, drop).planning["planned_count"]
+            if name == STREAM:
+                planned = plan_rotation(model, search, candidate, pad_token_id=pad_token_id, progress=False)
+                planned = planned.planning["planned_count"]
+            else:
+                planned = plan_local(model, layout, candidate, before, drop).planning["planned_count"]
         except SlicelmError as error:
             refused[name] = str(error)
             del candidates[name]
             continue
         reference = planned if reference is None else reference
         short = 1 - planned / reference
-        if config.schedule == "auto" and short > BUDGET_TOLERANCE:
+        if config.schedule == "auto" and short > BUDGET_TOLERANCE and name != STREAM:  # a uniform plan: always
             # compared at equal size: a candidate whose structure alone removes more is another model
             refused[name] = f"{short:.1%} fewer parameters than the uniform MLP plan (its structure alone removes more)"
             del candidates[name]
@@ -149,7 +165,13 @@ def choose_local(
     if measure is not None and len(candidates) > 1:
         for name, (candidate, drop) in tqdm(candidates.items(), desc="scoring candidates", disable=not progress):
             trial = copy.deepcopy(model)
-            slice_locally(trial, layout, search, candidate, pad_token_id=pad_token_id, progress=False, drop=drop)
+            if name != STREAM:
+                slice_locally(trial, layout, search, candidate, pad_token_id=pad_token_id, progress=False, drop=drop)
+            else:  # the rotation's plan, as slice_model runs it
+                planned = plan_rotation(trial, search, candidate, pad_token_id=pad_token_id, progress=False)
+                execute(
+                    trial, search, planned, batch_size=candidate.batch_size, pad_token_id=pad_token_id, progress=False
+                )
             scores[name] = measure.score(trial)
             del trial
     chosen = min(scores, key=scores.get) if scores else next(iter(candidates))
@@ -166,7 +188,7 @@ def choose_local(
         "score_tokens": measure.tokens if measure is not None else 0,
         "search_tokens": sum(len(ids) for ids in search),
     }
-    return LocalChoice(chosen_config, drop, planning)
+    return LocalChoice(chosen_config, drop, planning, rotation=chosen == STREAM)
 
 
 def choice_words(planning: dict[str, Any]) -> str:

@@ -98,6 +98,10 @@ def serves_locally(layout: Layout, config: SliceConfig) -> bool:
         if config.target_params is None and config.sparsity > 0:
             raise SlicelmError(rotation_refusal(layout))
         return True
+    if layout.experts is not None and config.target_params is not None and config.schedule == "auto":
+        # Experts lose channels only here (not beside the rotation): auto measures the local candidates and
+        # the rotation's uniform plan side by side (slicelm.allocate.local), then runs the one it chose.
+        return True
     if not keeps_stream(config):
         return False
     if "layers" in local_steps(config):  # whole layers go from the stock architecture on every family
