@@ -761,3 +761,23 @@ def test_moe_auto_scores_the_rotation_beside_the_local_steps(model_type, monkeyp
     ids, mask = padded_batch(96)
     assert count_parameters(chosen) == count_parameters(uniform) < count_parameters(model)
     torch.testing.assert_close(logits(chosen, ids, mask), logits(uniform, ids, mask), rtol=0, atol=0)
+
+
+def test_moe_default_budget_only_the_rotation_meets_runs_through_the_cli(tmp_path, smollm2_tokenizer, data_dir, capsys):
+    """The real tokenizer's embeddings hold most of a tiny Qwen3-MoE's parameters: MLP channels, heads and
+    whole layers cannot reach 0.85, the rotation can. The default command checks that before loading (the
+    rotation's uniform plan is one of auto's candidates there), runs, and writes a folder that reloads."""
+    from slicelm.cli import main
+
+    source = tmp_path / "moe"
+    build_tiny_model("qwen3_moe", vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
+    smollm2_tokenizer.save_pretrained(source)
+    capsys.readouterr()
+    argv = ["slice", source, "--target-params", 0.85, *CALIB, "--out", tmp_path / "out", "--data-dir", data_dir]
+    assert main([str(a) for a in argv]) == 0
+    assert "--schedule auto: only uniform-stream could be planned" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "slicelm_report.json").read_text())
+    assert report["planning"]["chosen"] == "uniform-stream"
+    assert report["params_after"] <= 0.85 * report["params_before"]
+    reloaded = load_sliced(tmp_path / "out")
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params_after"]

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slicelm.allocate.checks import check_against_config
 from slicelm.allocate.context import mlp_width
 from slicelm.config import SliceConfig
 from slicelm.core.arch import Layout, resolve, rotation_refusal
@@ -389,11 +390,20 @@ def check_local_config(model_config: Any, config: SliceConfig) -> bool:
     else:
         try:
             plan = plan_local(model, layout, config, before)
-        except SlicelmError:
+        except SlicelmError as refusal:
             # auto also scores whole layers removed: the budget is refused only if the most of them fails too
-            if config.schedule != "auto" or not counts:
+            if config.schedule != "auto" or (not counts and layout.rotation is not None):
                 raise
-            plan = plan_local(model, layout, replace(config, schedule="layers"), before, tuple(range(counts[-1])))
+            try:
+                if not counts:
+                    raise refusal
+                plan = plan_local(model, layout, replace(config, schedule="layers"), before, tuple(range(counts[-1])))
+            except SlicelmError:
+                if layout.rotation is not None:
+                    raise
+                # a mixture of experts that rotates: auto also scores the rotation's uniform plan
+                check_against_config(model_config, replace(config, schedule="uniform"))
+                return True
     stock_config(model_config, plan.fields)
     return True
 
