@@ -393,7 +393,7 @@ def test_two_processes_interrupted_and_resumed_train_the_one_process_run(tmp_pat
 
     student = sliced_tiny().double()  # float64: the processes' other order of sums is invisible at 1e-9
     teacher = build_tiny_model("llama", seed=3, tie_word_embeddings=True).double()
-    data, heldout = ragged(24, seed=1), ragged(6, seed=2)
+    data, heldout = ragged(24, seed=1), ragged(10, seed=2)  # 3 held-out batches: 2 on rank 0, 1 on rank 1
     config = FinetuneConfig(loss="kd", lora_rank=4, **DDP)
     expected, one = train(copy.deepcopy(student), data, heldout, config, teacher=teacher, progress=False)
     out = tmp_path / "two.pt"
@@ -451,7 +451,7 @@ def test_sharded_processes_interrupted_and_resumed_train_the_one_process_run(tmp
 
     student = sliced_tiny().double()
     teacher = build_tiny_model("llama", seed=3, tie_word_embeddings=True).double()
-    data, heldout = ragged(24, seed=1), ragged(6, seed=2)
+    data, heldout = ragged(24, seed=1), ragged(10, seed=2)  # 3 held-out batches: 2 on rank 0, 1 on rank 1
     config = FinetuneConfig(loss="lm" if full else "kd", lora_rank=None if full else 4, **DDP)
     expected, one = train(
         copy.deepcopy(student), data, heldout, config, teacher=None if full else teacher, progress=False

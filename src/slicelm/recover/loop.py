@@ -111,19 +111,28 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out next-token loss (and KD loss against ``targets``, the teacher's cached
     :func:`teacher_targets`), mean over the windows' real tokens (of all processes together).
-    run: what the losses are computed through (the training's wrapped :class:`WithLoss` of ``model``)."""
+
+    run: a sharded (FSDP) run's wrapped :class:`WithLoss` of ``model``, which every process computes
+    through together: each runs as many forwards (one with fewer batches reruns a batch and discards it).
+    Otherwise each process scores its own batches on ``model`` alone, with no collective in between."""
     processes = processes or Processes()
-    run = run if run is not None else WithLoss(model)
+    scored = run if run is not None else WithLoss(model)
     was = model.training
     model.eval()
     totals = {"heldout_lm": 0.0, "heldout_kd": 0.0}
     count = 0
-    for index, (ids, mask) in enumerate(own_batches(windows, pad_id, config, processes)):
-        ids, mask = ids.to(device), mask.to(device)
+    mine = list(own_batches(windows, pad_id, config, processes))
+    rounds = max(processes.gather(len(mine))) if run is not None else len(mine)
+    for index in range(rounds):
+        if index >= len(mine):  # a sharded model computes on every process at once: keep in step
+            ids, mask = (t.to(device) for t in next(pad_batches(windows, config.batch_size, pad_id)))
+            scored(ids, mask, partial(_heldout_losses, ids=ids, mask=mask, kd_targets=None))
+            continue
+        ids, mask = (t.to(device) for t in mine[index])
         kd_targets = None
         if targets is not None:
             kd_targets = BlockTargets("kd", targets.hidden[index].to(device), targets.head, config.temperature)
-        lm, kd = run(ids, mask, partial(_heldout_losses, ids=ids, mask=mask, kd_targets=kd_targets))
+        lm, kd = scored(ids, mask, partial(_heldout_losses, ids=ids, mask=mask, kd_targets=kd_targets))
         n = int(mask[:, 1:].sum())
         totals["heldout_lm"] += lm.item() * n
         if kd is not None:
@@ -285,7 +294,8 @@ def train(
         if not heldout_windows:
             return {}
         with processes.autocast():
-            return evaluate(student, heldout_windows, config, pad_id, device, targets, processes, run)
+            sharded = run if processes.sharded else None  # DDP's forward is a collective: score on the student
+            return evaluate(student, heldout_windows, config, pad_id, device, targets, processes, sharded)
 
     def measured() -> dict[str, float]:  # the monitor runs on rank 0, whose report is written
         return monitor(student) if monitor is not None and processes.main else {}
