@@ -314,6 +314,14 @@ def test_new_families_zero_removal_and_quarter_mlp_removal_reload_in_stock_trans
             assert shape[1] == 2 * widths.get("moe_intermediate_size", widths.get("intermediate_size"))
 
 
+def folder_with_tokenizer(tmp_path, model_type: str, tokenizer):
+    """A tiny model of ``model_type`` saved with the real tokenizer (its vocabulary sizes the embeddings)."""
+    source = tmp_path / model_type
+    build_tiny_model(model_type, vocab_size=len(tokenizer)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    return source
+
+
 def test_new_families_cli_budget_plans_local_steps_only(tmp_path, smollm2_tokenizer, data_dir, capsys):
     """A budget on a family without the rotation spends the structure-local steps only (auto: the
     measured best of MLP channels, heads and whole layers) and says so
@@ -321,9 +329,7 @@ def test_new_families_cli_budget_plans_local_steps_only(tmp_path, smollm2_tokeni
     an explicit --sparsity there is a one-line refusal that writes nothing."""
     from slicelm.cli import main
 
-    source = tmp_path / "gemma2"
-    build_tiny_model("gemma2", vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
-    smollm2_tokenizer.save_pretrained(source)
+    source = folder_with_tokenizer(tmp_path, "gemma2", smollm2_tokenizer)
     capsys.readouterr()
     argv = ["slice", source, "--sparsity", 0.25, *CALIB, "--out", tmp_path / "refused", "--data-dir", data_dir]
     assert main([str(a) for a in argv]) == 2
@@ -769,9 +775,7 @@ def test_moe_default_budget_only_the_rotation_meets_runs_through_the_cli(tmp_pat
     rotation's uniform plan is one of auto's candidates there), runs, and writes a folder that reloads."""
     from slicelm.cli import main
 
-    source = tmp_path / "moe"
-    build_tiny_model("qwen3_moe", vocab_size=len(smollm2_tokenizer)).save_pretrained(source)
-    smollm2_tokenizer.save_pretrained(source)
+    source = folder_with_tokenizer(tmp_path, "qwen3_moe", smollm2_tokenizer)
     capsys.readouterr()
     argv = ["slice", source, "--target-params", 0.85, *CALIB, "--out", tmp_path / "out", "--data-dir", data_dir]
     assert main([str(a) for a in argv]) == 0
