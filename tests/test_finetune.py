@@ -530,3 +530,16 @@ def test_resume_with_another_number_of_processes_is_refused(
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("slicelm: error: --resume: the checkpoint was taken with 1 process(es)")
     assert not out.exists() and state.read_text() == before
+
+
+@pytest.mark.parametrize("variable", ["FSDP_OFFLOAD_PARAMS", "FSDP_CPU_RAM_EFFICIENT_LOADING"])
+def test_sharded_settings_slicelm_cannot_honour_are_refused(variable, monkeypatch):
+    """accelerate's FSDP settings that the sharded path would silently get wrong are one-line refusals:
+    parameter offload, and loading on rank 0 only (transformers then leaves the other ranks' weights for a
+    broadcast slicelm does not do: measured, the 2-process run trained other weights)."""
+    from slicelm.errors import SlicelmError
+    from slicelm.recover.parallel import Accelerated
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(SlicelmError, match="false|offload"):
+        Accelerated("cpu", shard=True)

@@ -296,7 +296,10 @@ def launch(args: argparse.Namespace, processes: int) -> int:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # FSDP: the processes shard the student themselves (slicelm.recover.parallel); each loads the same weights
-    kind = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_sync_module_states", "false"] if args.fsdp else ["--multi_gpu"]
+    kind = ["--multi_gpu"]
+    if args.fsdp:
+        kind = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_sync_module_states", "false"]
+        kind += ["--fsdp_cpu_ram_efficient_loading", "false"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *kind, "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no"]
     cmd += ["--dynamo_backend", "no", "--quiet", "-m", "slicelm", *argv]

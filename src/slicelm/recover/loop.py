@@ -218,6 +218,10 @@ def train(
         "teacher": weights_digest(teacher) if teacher is not None else None,
         "data": windows_digest(train_windows, heldout_windows),
     }
+    if processes.sharded:  # FSDP shards each process's own copy (DDP copies rank 0's): all must hold the same
+        differs = float(processes.broadcast(identity["student"]) != identity["student"])
+        if processes.sum([differs])[0]:  # every process stops, not only those that differ
+            raise SlicelmError("the sharded processes loaded different student weights; launch them on one folder")
     student = prepare_student(model, config)
     if not processes.sharded:  # sharding moves each process's shards to its device (the whole may not fit)
         student = student.to(device)

@@ -141,6 +141,13 @@ class Accelerated(Processes):
             raise SlicelmError(
                 "finetune does not offload sharded parameters to the CPU yet; launch without --fsdp_offload_params"
             )
+        if self.sharded and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+            # transformers then loads the weights on rank 0 only, for accelerate's prepare to broadcast; slicelm
+            # shards with torch itself, so every process loads them (measured: other ranks trained other weights)
+            raise SlicelmError(
+                "finetune's sharded processes each load the weights: launch with --fsdp_cpu_ram_efficient_loading "
+                "false (slicelm finetune --num-processes N --fsdp does)"
+            )
         self.reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() != "false"
         try:
             self.accelerator = Accelerator(cpu=torch.device(device).type == "cpu")
