@@ -28,6 +28,7 @@ STEPS = ["--steps", "2", "--seqlen", "32", "--batch-size", "2", "--eval-windows"
 
 def refused(argv: list[str], capsys) -> str:
     """The one line of a refused command (exit 2)."""
+    capsys.readouterr()  # what came before (a fixture that sliced a folder first) is not this command's
     code = main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and err[0].startswith("slicelm: error: "), err[-3:]
