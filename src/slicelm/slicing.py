@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slicelm.allocate.local import LocalChoice, choice_words, choose_local, needs_choice
+from slicelm.allocate.local import LocalChoice, choose_local, needs_choice
 from slicelm.allocate.planning import gather_statistics, plan_with_statistics
 from slicelm.config import BASES, LAYOUTS, SCHEDULES, Basis, LayoutKind, SliceConfig
 from slicelm.core.arch import resolve
@@ -91,10 +91,7 @@ def slice_model(
                 device=device,
                 drop=choice.drop,
             )
-            if choice.planning:
-                report.planning.update(choice.planning)
-                report.warnings.append(choice_words(report.planning))
-            return report
+            return choice.record(report)
         chosen, config = choice, choice.config  # a mixture of experts' auto chose the rotation's uniform plan
     if plan is None:
         plan, statistics = plan_with_statistics(
@@ -135,10 +132,7 @@ def slice_model(
         device=device,
         statistics=statistics,
     )
-    if chosen is not None:
-        report.planning.update(chosen.planning)
-        report.warnings.append(choice_words(report.planning))
-    return report
+    return chosen.record(report) if chosen is not None else report
 
 
 def _needs_moments(plan: SlicingPlan) -> bool:

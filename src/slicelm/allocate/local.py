@@ -66,6 +66,14 @@ class LocalChoice:
     planning: dict[str, Any] = field(default_factory=dict)
     rotation: bool = False
 
+    def record(self, report: Any) -> Any:
+        """``report`` (a :class:`~slicelm.steps.executor.SliceReport`) with this choice's planning record and its
+        one-line warning, when the choice was measured."""
+        if self.planning:
+            report.planning.update(self.planning)
+            report.warnings.append(choice_words(report.planning))
+        return report
+
 
 def needs_choice(config: SliceConfig) -> bool:
     return config.target_params is not None and config.schedule in SEARCHED
@@ -133,11 +141,12 @@ def choose_local(
         candidates[STREAM] = (replace(config, schedule="uniform"), ())
     refused: dict[str, str] = {}
     reference: int | None = None  # the uniform MLP plan's count: the others are compared at it
+    rotation = None  # the rotation's uniform plan, planned once and followed on its trial copy
     for name, (candidate, drop) in list(candidates.items()):
         try:  # a budget the candidate cannot meet, heads the family cannot lose: not a candidate
             if name == STREAM:
-                planned = plan_rotation(model, search, candidate, pad_token_id=pad_token_id, progress=False)
-                planned = planned.planning["planned_count"]
+                rotation = plan_rotation(model, search, candidate, pad_token_id=pad_token_id, progress=False)
+                planned = rotation.planning["planned_count"]
             else:
                 planned = plan_local(model, layout, candidate, before, drop).planning["planned_count"]
         except SlicelmError as error:
@@ -168,10 +177,8 @@ def choose_local(
             if name != STREAM:
                 slice_locally(trial, layout, search, candidate, pad_token_id=pad_token_id, progress=False, drop=drop)
             else:  # the rotation's plan, as slice_model runs it
-                planned = plan_rotation(trial, search, candidate, pad_token_id=pad_token_id, progress=False)
-                execute(
-                    trial, search, planned, batch_size=candidate.batch_size, pad_token_id=pad_token_id, progress=False
-                )
+                batch = candidate.batch_size
+                execute(trial, search, rotation, batch_size=batch, pad_token_id=pad_token_id, progress=False)
             scores[name] = measure.score(trial)
             del trial
     chosen = min(scores, key=scores.get) if scores else next(iter(candidates))

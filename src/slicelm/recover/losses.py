@@ -261,17 +261,16 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def forward_hidden(
-    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, owner: nn.Module | None = None
-) -> tuple[torch.Tensor, Head]:
+def forward_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Head]:
     """The model's final hidden states (B, T, H) and its :class:`Head`, without computing the logits.
 
     The head's forward is swapped for the identity during the call, so the model returns what its
     head would have read (the (B, T, V) logits are what fills memory at a large vocabulary; the
     losses project block by block). A model without a bypassable head returns its logits and
-    :data:`LOGITS`. owner: the model whose head it is when ``model`` wraps it (DDP).
+    :data:`LOGITS`. A wrapped model (DDP, FSDP) computes through :class:`WithLoss`, which calls this on the
+    model itself.
     """
-    head = output_head(owner if owner is not None else model)
+    head = output_head(model)
     if head is None:
         return model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits, LOGITS
     head.forward = _identity

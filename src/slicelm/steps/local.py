@@ -390,18 +390,21 @@ def check_local_config(model_config: Any, config: SliceConfig) -> bool:
     else:
         try:
             plan = plan_local(model, layout, config, before)
-        except SlicelmError as refusal:
-            # auto also scores whole layers removed: the budget is refused only if the most of them fails too
-            if config.schedule != "auto" or (not counts and layout.rotation is not None):
+        except SlicelmError:
+            if config.schedule != "auto":
                 raise
-            try:
-                if not counts:
-                    raise refusal
-                plan = plan_local(model, layout, replace(config, schedule="layers"), before, tuple(range(counts[-1])))
-            except SlicelmError:
+            # auto also scores the most layers removed and, on a mixture of experts that rotates, the
+            # rotation's uniform plan: the budget is refused only if they fail too (the last refusal says why)
+            plan = None
+            if counts:
+                layers = replace(config, schedule="layers")
+                try:
+                    plan = plan_local(model, layout, layers, before, tuple(range(counts[-1])))
+                except SlicelmError as error:
+                    refusal = error
+            if plan is None:
                 if layout.rotation is not None:
-                    raise
-                # a mixture of experts that rotates: auto also scores the rotation's uniform plan
+                    raise refusal from None
                 check_against_config(model_config, replace(config, schedule="uniform"))
                 return True
     stock_config(model_config, plan.fields)
